@@ -1,0 +1,665 @@
+"""Hugging Face Qwen2.5-VL checkpoints: load them into our params pytree and write them back.
+
+A Hugging Face folder holds ``config.json`` and the weights as safetensors, either one
+``model.safetensors`` or shards ``model-0000k-of-0000n.safetensors`` listed in
+``model.safetensors.index.json``. Tensor names come in two layouts, both accepted on load:
+
+* the published layout (``visual.blocks.0.attn.qkv.weight``, ``model.layers.0.mlp.up_proj.weight``,
+  ``model.embed_tokens.weight``, ``lm_head.weight``), which the Qwen releases use and which
+  transformers 4.x and 5.x both write and read, as does vLLM;
+* the module layout of transformers >= 4.52 (``model.visual.*``, ``model.language_model.*``).
+
+``save_pretrained`` writes the published layout.
+
+One table, ``_ROWS``, maps tensor families between the two naming schemes (Hugging Face name
+template, our param path template and the transform between the layouts); load reads it
+forwards and save backwards. Transforms: torch ``Linear`` weights are ``[out, in]`` and our
+kernels ``[in, out]`` (a transpose); the patch-embedding ``Conv3d`` weight ``[Dv, C, T, P, P]``
+becomes the kernel ``[C*T*P*P, Dv]``; norms, biases and the embedding are copied.
+
+Both directions stream one tensor at a time: load memory-maps the files, converts a tensor on
+the host and places it (directly into its shards when a mesh is given); save gathers one
+parameter to the host, converts it and appends it to the open file. Nothing is ever unpickled:
+pickle checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from imagent_jax.models.config import ModelConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_SHARD_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+# Buffers some exporters write that carry no learned weights (recomputed from the config).
+_HARMLESS_RE = re.compile(r"(^|\.)(inv_freq|rotary_emb\.[A-Za-z_]+)$")
+# transformers >= 4.52 module layout -> published layout.
+_LAYOUT_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
+
+# --------------------------------------------------------------------------- the name table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  """One tensor family: a Hugging Face name template, our param path template and a transform.
+
+  Templates hold ``{name}`` placeholders; ``{i}`` is a layer index (digits), the others take the
+  alternatives listed in ``choices``. ``kind`` is ``copy`` (same layout), ``linear`` (transpose)
+  or ``patch`` (Conv3d weight <-> flattened patch kernel).
+  """
+
+  hf: str
+  ours: str
+  kind: str
+  choices: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+  def _regex(self, template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)
+    out = []
+    for k, part in enumerate(parts):
+      if k % 2 == 0:
+        out.append(re.escape(part))
+      else:
+        out.append(f"(?P<{part}>{self.choices.get(part, r'[0-9]+')})")
+    return re.compile("^" + "".join(out) + "$")
+
+  def hf_to_ours(self, name: str) -> str | None:
+    m = self._regex(self.hf).match(name)
+    return self.ours.format(**m.groupdict()) if m else None
+
+  def ours_to_hf(self, path: str) -> str | None:
+    m = self._regex(self.ours).match(path)
+    return self.hf.format(**m.groupdict()) if m else None
+
+
+_PROJ = "q_proj|k_proj|v_proj|o_proj"
+_MLP = "gate_proj|up_proj|down_proj"
+_ROWS: tuple[_Row, ...] = (
+    # Vision tower.
+    _Row("visual.patch_embed.proj.weight", "visual/patch_embed/kernel", "patch"),
+    _Row("visual.blocks.{i}.{n}.weight", "visual/blocks_{i}/{n}/scale", "copy", {"n": "norm1|norm2"}),
+    _Row("visual.blocks.{i}.attn.{m}.weight", "visual/blocks_{i}/attn/{m}/kernel", "linear", {"m": "qkv|proj"}),
+    _Row("visual.blocks.{i}.attn.{m}.bias", "visual/blocks_{i}/attn/{m}/bias", "copy", {"m": "qkv|proj"}),
+    _Row("visual.blocks.{i}.mlp.{m}.weight", "visual/blocks_{i}/mlp/{m}/kernel", "linear", {"m": _MLP}),
+    _Row("visual.blocks.{i}.mlp.{m}.bias", "visual/blocks_{i}/mlp/{m}/bias", "copy", {"m": _MLP}),
+    _Row("visual.merger.ln_q.weight", "visual/merger/ln_q/scale", "copy"),
+    _Row("visual.merger.mlp.{j}.weight", "visual/merger/mlp_{j}/kernel", "linear", {"j": "0|2"}),
+    _Row("visual.merger.mlp.{j}.bias", "visual/merger/mlp_{j}/bias", "copy", {"j": "0|2"}),
+    # Text decoder.
+    _Row("model.embed_tokens.weight", "embed_tokens/embedding", "copy"),
+    _Row("model.layers.{i}.{n}.weight", "layers_{i}/{n}/scale", "copy",
+         {"n": "input_layernorm|post_attention_layernorm"}),
+    _Row("model.layers.{i}.self_attn.{m}.weight", "layers_{i}/self_attn/{m}/kernel", "linear", {"m": _PROJ}),
+    _Row("model.layers.{i}.self_attn.{m}.bias", "layers_{i}/self_attn/{m}/bias", "copy", {"m": _PROJ}),
+    _Row("model.layers.{i}.mlp.{m}.weight", "layers_{i}/mlp/{m}/kernel", "linear", {"m": _MLP}),
+    _Row("model.layers.{i}.mlp.{m}.bias", "layers_{i}/mlp/{m}/bias", "copy", {"m": _MLP}),
+    _Row("model.norm.weight", "norm/scale", "copy"),
+    _Row("lm_head.weight", "lm_head/kernel", "linear"),
+)
+
+
+def canonical_hf_key(key: str) -> str:
+  """Rewrites a tensor name of the transformers >= 4.52 module layout into the published layout.
+
+  ``model.visual.X`` -> ``visual.X`` and ``model.language_model.X`` -> ``model.X``; other names are
+  returned unchanged.
+  """
+  for old, new in _LAYOUT_PREFIXES:
+    if key.startswith(old):
+      return new + key[len(old):]
+  return key
+
+
+def hf_key_to_param_path(key: str) -> str | None:
+  """Our ``/``-joined param path for a Hugging Face tensor name (either layout), or None if unknown.
+
+  E.g. ``model.language_model.layers.3.self_attn.q_proj.weight`` -> ``layers_3/self_attn/q_proj/kernel``.
+  """
+  row_path = _match_hf(canonical_hf_key(key))
+  return row_path[1] if row_path else None
+
+
+def param_path_to_hf_key(path: str | Sequence[str]) -> str:
+  """The published-layout Hugging Face tensor name of one of our params (path ``/``-joined or a tuple)."""
+  return _match_ours(path if isinstance(path, str) else "/".join(path))[1]
+
+
+def _match_hf(name: str) -> tuple[_Row, str] | None:
+  for row in _ROWS:
+    ours = row.hf_to_ours(name)
+    if ours is not None:
+      return row, ours
+  return None
+
+
+def _match_ours(path: str) -> tuple[_Row, str]:
+  for row in _ROWS:
+    hf = row.ours_to_hf(path)
+    if hf is not None:
+      return row, hf
+  raise KeyError(f"param {path!r} has no Hugging Face name; hf_io._ROWS needs a row for it")
+
+
+def _patch_shape(config: ModelConfig) -> tuple[int, int, int, int]:
+  v = config.vision
+  return (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+
+
+def _hf_shape(kind: str, shape: Sequence[int], config: ModelConfig) -> tuple[int, ...]:
+  """The Hugging Face shape of a tensor whose shape in our layout is ``shape``."""
+  shape = tuple(int(s) for s in shape)
+  if kind == "copy":
+    return shape
+  if kind == "linear":
+    return shape[::-1]
+  if kind == "patch":  # [C*T*P*P, Dv] -> [Dv, C, T, P, P]
+    return (shape[1],) + _patch_shape(config)
+  raise ValueError(kind)
+
+
+def _to_ours(kind: str, x: np.ndarray) -> np.ndarray:
+  """Hugging Face layout -> ours (a view where possible; no copy)."""
+  if kind == "linear":
+    return x.T
+  if kind == "patch":
+    return x.reshape(x.shape[0], -1).T
+  return x
+
+
+def _to_hf(kind: str, x: np.ndarray, hf_shape: Sequence[int]) -> np.ndarray:
+  """Our layout -> Hugging Face layout ``hf_shape``."""
+  if kind == "linear":
+    return x.T
+  if kind == "patch":
+    return x.T.reshape(hf_shape)
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One expected tensor: our path, its Hugging Face name and both shapes."""
+
+  path: str
+  hf_name: str
+  kind: str
+  shape: tuple[int, ...]
+  hf_shape: tuple[int, ...]
+
+
+def _expected_tensors(config: ModelConfig) -> dict[str, _Tensor]:
+  """Every tensor the model of ``config`` has, keyed by our param path (from ``abstract_params``)."""
+  from imagent_jax.models import qwen2_5_vl  # pylint: disable=import-outside-toplevel
+
+  out = {}
+  for path, leaf in _flatten(qwen2_5_vl.abstract_params(config)).items():
+    row, hf_name = _match_ours(path)
+    out[path] = _Tensor(path, hf_name, row.kind, tuple(leaf.shape), _hf_shape(row.kind, leaf.shape, config))
+  return out
+
+
+# --------------------------------------------------------------------------- pytree helpers
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+# --------------------------------------------------------------------------- safetensors files
+
+_ST_TO_NP = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+class _SafetensorsReader:
+  """A memory-mapped safetensors file: the header is parsed up front, tensors are read on demand.
+
+  We read the format ourselves (8-byte little-endian header length, a JSON header of
+  ``{name: {dtype, shape, data_offsets}}``, then the raw bytes) so that every dtype, bfloat16
+  included, comes back as a numpy array (via ``ml_dtypes``) without any framework.
+  """
+
+  def __init__(self, filename: str):
+    self.filename = filename
+    size = os.path.getsize(filename)
+    with open(filename, "rb") as f:
+      head = f.read(8)
+      n = int.from_bytes(head, "little") if len(head) == 8 else -1
+      if not 0 < n <= min(size - 8, _MAX_HEADER):
+        raise ValueError(f"{filename} is not a safetensors file (header length {n}, file size {size})")
+      try:
+        header = json.loads(f.read(n))
+      except ValueError as e:
+        raise ValueError(f"{filename} is not a safetensors file (unreadable JSON header: {e})") from None
+    self.metadata = header.pop("__metadata__", None) or {}
+    self._start = 8 + n
+    self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+    for name, e in header.items():
+      try:
+        dtype = _ST_TO_NP[e["dtype"]]
+        shape = tuple(int(s) for s in e["shape"])
+        begin, end = (int(o) for o in e["data_offsets"])
+      except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{filename}: tensor {name!r} has an unsupported or malformed header entry {e!r}") from None
+      if end - begin != math.prod(shape) * dtype.itemsize or self._start + end > size or begin < 0:
+        raise ValueError(f"{filename}: tensor {name!r} has data offsets {[begin, end]} that do not fit its shape "
+                         f"{list(shape)} and dtype {e['dtype']} or the file size {size}; the file is truncated "
+                         "or corrupt")
+      self.entries[name] = (dtype, shape, begin, end)
+    self._mmap: np.memmap | None = None
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.entries[name][1]
+
+  def read(self, name: str) -> np.ndarray:
+    """A read-only view of tensor ``name`` on the mapped file (no copy)."""
+    dtype, shape, begin, end = self.entries[name]
+    if begin == end:
+      return np.zeros(shape, dtype)
+    if self._mmap is None:
+      self._mmap = np.memmap(self.filename, dtype=np.uint8, mode="r")
+    raw = self._mmap[self._start + begin:self._start + end]
+    x = raw.view(dtype).reshape(shape)
+    return x if sys.byteorder == "little" else x.byteswap().view(dtype.newbyteorder())
+
+  def close(self):
+    self._mmap = None
+
+
+def _write_safetensors(filename: str, items: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+                       fetch: Callable[[str], np.ndarray | None], metadata: Mapping[str, str]) -> None:
+  """Writes a safetensors file, pulling one tensor at a time from ``fetch(name)``.
+
+  The header is written first (offsets follow from shapes and dtypes), then each tensor's bytes.
+  The file appears atomically under ``filename`` once complete.
+  """
+  header: dict[str, Any] = {"__metadata__": dict(metadata)}
+  offset = 0
+  for name, dtype, shape in items:
+    nbytes = math.prod(shape) * dtype.itemsize
+    header[name] = {"dtype": _NP_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+  tmp = filename + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name, dtype, shape in items:
+      x = np.ascontiguousarray(fetch(name))
+      if x.dtype != dtype or x.shape != tuple(shape):
+        raise AssertionError(f"{name}: got {x.dtype}{list(x.shape)}, planned {dtype}{list(shape)}")
+      if sys.byteorder != "little":
+        x = x.byteswap()
+      f.write(x.reshape(-1).view(np.uint8).data)
+  os.replace(tmp, filename)
+
+
+# --------------------------------------------------------------------------- folder handling
+
+
+def _check_folder(path: str | os.PathLike) -> str:
+  folder = os.fspath(path)
+  if not os.path.isdir(folder):
+    hint = (" It looks like a Hub id: download it first, e.g. `huggingface-cli download "
+            f"{folder} --local-dir DIR`, and pass DIR." if re.fullmatch(r"[\w.-]+/[\w.-]+", folder)
+            and not os.path.exists(folder) else "")
+    raise FileNotFoundError(f"{folder!r} is not a local folder holding a Hugging Face checkpoint.{hint}")
+  return folder
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+  """Reads ``config.json`` of a Hugging Face Qwen2.5-VL folder into a ``ModelConfig``."""
+  folder = _check_folder(path)
+  filename = os.path.join(folder, CONFIG_NAME)
+  if not os.path.isfile(filename):
+    raise FileNotFoundError(f"{folder!r} has no {CONFIG_NAME}; a Hugging Face Qwen2.5-VL folder needs its "
+                            f"config.json beside the weights (found: {sorted(os.listdir(folder))[:20]})")
+  try:
+    with open(filename, encoding="utf-8") as f:
+      d = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{filename} is not valid JSON: {e}") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{filename} must hold a JSON object, got {type(d).__name__}")
+  try:
+    return ModelConfig.from_hf_dict(d)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{filename}: {e}") from e
+
+
+def _weight_files(folder: str) -> list[str]:
+  """The safetensors files of a checkpoint folder; refuses pickle-only folders."""
+  index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+      names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {e!r}") from None
+    absent = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if absent:
+      raise FileNotFoundError(f"{index} lists shard files that are not in {folder!r}: {absent}")
+    return [os.path.join(folder, n) for n in names]
+  if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+    return [os.path.join(folder, WEIGHTS_NAME)]
+  files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+  if files:
+    return [os.path.join(folder, n) for n in files]
+  pickles = sorted(n for n in os.listdir(folder) if n.endswith(_PICKLE_SUFFIXES))
+  if pickles:
+    raise ValueError(
+        f"{folder!r} holds only pickle checkpoint files {pickles}; they are refused because unpickling can run "
+        "arbitrary code, and nothing was read from them. Convert the checkpoint to safetensors first, in an "
+        "environment you trust, e.g. `python -c \"import transformers as t; "
+        "t.Qwen2_5_VLForConditionalGeneration.from_pretrained('SRC').save_pretrained('DST', "
+        "safe_serialization=True)\"` (or `safetensors.torch.save_file(state_dict, 'model.safetensors')`), "
+        "then load DST.")
+  raise FileNotFoundError(f"{folder!r} has no weights: expected {WEIGHTS_NAME} or sharded "
+                          f"model-0000k-of-0000n.safetensors with {WEIGHTS_INDEX_NAME}")
+
+
+def _format_shape(shape: Sequence[int]) -> str:
+  return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _progress_bar(total: int, desc: str, enabled: bool | None):
+  """A tqdm bar over ``total`` tensors, or None; ``enabled=None`` shows it on a terminal for many tensors."""
+  if enabled is None:
+    enabled = total >= 64 and sys.stderr.isatty()
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, desc=desc, unit="tensor", leave=False)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                    rules: Any = None, *, progress: bool | None = None) -> tuple[ModelConfig, dict[str, Any]]:
+  """Loads a local Hugging Face Qwen2.5-VL checkpoint folder, tensor by tensor.
+
+  Reads ``config.json`` and the safetensors weights (one file, or shards with
+  ``model.safetensors.index.json``; names in either the published or the transformers >= 4.52
+  layout). Each tensor is memory-mapped, converted to our layout on the host, cast to ``dtype`` and
+  placed at once, so the host holds at most one converted tensor besides the page cache. With a
+  ``mesh`` each tensor goes straight into its shards (``imagent_jax.parallel.param_shardings``);
+  without one it goes to the default device.
+
+  Every check runs before any tensor is read: a mismatch with the model that ``config.json``
+  describes raises one ``ValueError`` naming every missing, unexpected, duplicated and mis-shaped
+  tensor. Rotary ``inv_freq`` buffers are ignored, and so is ``lm_head.weight`` when the config ties
+  the embeddings (the model then has no ``lm_head`` params).
+
+  Args:
+    path: local folder with ``config.json`` and ``*.safetensors``.
+    dtype: dtype of the returned floating-point params (e.g. ``jnp.bfloat16``); None keeps the
+      checkpoint's dtypes.
+    mesh: optional device mesh; the params are then sharded by ``param_shardings(config, mesh, rules)``.
+    rules: optional logical-axis rules passed on to ``param_shardings``.
+    progress: show a tqdm bar; None shows it on a terminal when there are many tensors.
+
+  Returns:
+    ``(config, params)``: the ``ModelConfig`` and the params pytree (nested dict of ``jax.Array``)
+    with the structure and shapes of ``qwen2_5_vl.abstract_params(config)``, e.g.
+    ``layers_0/self_attn/q_proj/kernel`` of shape ``[hidden, heads * head_dim]``.
+
+  Raises:
+    FileNotFoundError: the folder, its ``config.json`` or its weights are missing.
+    ValueError: pickle-only checkpoint (refused, never unpickled), corrupt files, or tensors that
+      do not match the config.
+  """
+  folder = _check_folder(path)
+  config = load_config(folder)
+  readers = [_SafetensorsReader(f) for f in _weight_files(folder)]
+  expected = _expected_tensors(config)
+
+  found: dict[str, tuple[_SafetensorsReader, str]] = {}
+  unexpected, duplicated, misshaped = [], [], []
+  for reader in readers:
+    for key in reader.entries:
+      name = canonical_hf_key(key)
+      if _HARMLESS_RE.search(name):
+        continue
+      if name == "lm_head.weight" and config.tie_word_embeddings and "lm_head/kernel" not in expected:
+        continue  # a tied head some exporters still write; the model reads the embedding instead
+      match = _match_hf(name)
+      if match is None or match[1] not in expected:
+        unexpected.append(f"{key} {_format_shape(reader.shape(key))} ({os.path.basename(reader.filename)})")
+        continue
+      our_path = match[1]
+      if our_path in found:
+        other_reader, other_key = found[our_path]
+        duplicated.append(f"{key} ({os.path.basename(reader.filename)}) and {other_key} "
+                          f"({os.path.basename(other_reader.filename)})")
+        continue
+      found[our_path] = (reader, key)
+      want = expected[our_path].hf_shape
+      if reader.shape(key) != want:
+        misshaped.append(f"{key}: expected {_format_shape(want)}, got {_format_shape(reader.shape(key))}")
+  missing = [f"{t.hf_name} {_format_shape(t.hf_shape)}" for p, t in expected.items() if p not in found]
+  if missing or unexpected or duplicated or misshaped:
+    counts = ", ".join(f"{len(v)} {k}" for k, v in (("missing", missing), ("unexpected", unexpected),
+                                                      ("duplicated", duplicated), ("mis-shaped", misshaped)) if v)
+    lines = [f"checkpoint {folder!r} does not match the model its config.json describes ({counts}):"]
+    lines += [f"  missing: {m}" for m in missing]
+    lines += [f"  unexpected: {u}" for u in unexpected]
+    lines += [f"  duplicated: {d}" for d in duplicated]
+    lines += [f"  wrong shape: {s}" for s in misshaped]
+    raise ValueError("\n".join(lines))
+
+  shardings = None
+  if mesh is not None:
+    from imagent_jax import parallel  # pylint: disable=import-outside-toplevel
+    shardings = _flatten(parallel.param_shardings(config, mesh, rules))
+  target = None if dtype is None else np.dtype(dtype)
+
+  flat = {}
+  bar = _progress_bar(len(expected), "loading", progress)
+  for our_path in expected:
+    t = expected[our_path]
+    reader, key = found[our_path]
+    src = _to_ours(t.kind, reader.read(key))
+    out_dtype = target if target is not None and jnp.issubdtype(src.dtype, jnp.inexact) else src.dtype
+    host = np.empty(src.shape, out_dtype)
+    np.copyto(host, src, casting="unsafe")  # the single host copy: mmap -> converted, cast tensor
+    del src
+    if shardings is None:
+      flat[our_path] = jax.device_put(host)
+    else:
+      flat[our_path] = jax.make_array_from_callback(host.shape, shardings[our_path], lambda idx, h=host: h[idx])
+    del host
+    if bar is not None:
+      bar.update()
+  if bar is not None:
+    bar.close()
+  for reader in readers:
+    reader.close()
+  return config, _unflatten(flat)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _parse_size(size: int | str) -> int:
+  """``5GB`` -> 5 * 10**9, ``2GiB`` -> 2 * 2**30, ``500KB``, ``123`` (bytes)."""
+  if isinstance(size, (int, np.integer)):
+    return int(size)
+  m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+  if not m:
+    raise ValueError(f"max_shard_size {size!r} is not a size like 5GB, 500MB, 2GiB or a number of bytes")
+  unit = (m.group(2) or "B").upper()
+  scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+  return int(float(m.group(1)) * scale)
+
+
+def _to_host(x: Any) -> np.ndarray:
+  """One param on the host, gathered from all devices (and all hosts when it spans several)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mapping[str, Any],
+                    max_shard_size: int | str = "5GB", dtype: Any = None, *, progress: bool | None = None) -> None:
+  """Writes a Hugging Face Qwen2.5-VL checkpoint folder that transformers and vLLM load.
+
+  Writes ``config.json`` (``config.to_hf_dict()`` plus the weights dtype), ``generation_config.json``
+  and the weights in the published tensor layout as safetensors: ``model.safetensors``, or shards
+  ``model-0000k-of-0000n.safetensors`` of at most ``max_shard_size`` bytes each (a single larger
+  tensor gets a shard of its own) with ``model.safetensors.index.json``. Parameters are gathered to
+  the host one at a time. Earlier ``model*.safetensors`` files in the folder are replaced. In a
+  multi-host run every process must call this (parameters are all-gathered); process 0 writes.
+
+  Args:
+    path: output folder (created if needed).
+    config: the model config.
+    params: params pytree with the structure of ``qwen2_5_vl.abstract_params(config)``
+      (``jax.Array`` or numpy leaves, sharded or not).
+    max_shard_size: bytes per shard, as an int or a string such as ``"5GB"`` or ``"500MB"``.
+    dtype: dtype of the saved floating-point tensors (e.g. ``jnp.bfloat16``); None keeps each
+      param's dtype.
+    progress: show a tqdm bar; None shows it on a terminal when there are many tensors.
+
+  Raises:
+    ValueError: params do not match ``config`` (every missing, unexpected and mis-shaped param named).
+  """
+  folder = os.fspath(path)
+  limit = _parse_size(max_shard_size)
+  expected = _expected_tensors(config)
+  flat = _flatten(params)
+  missing = [f"{p} {_format_shape(t.shape)}" for p, t in expected.items() if p not in flat]
+  unexpected = [p for p in flat if p not in expected]
+  misshaped = [f"{p}: expected {_format_shape(expected[p].shape)}, got {_format_shape(np.shape(x))}"
+               for p, x in flat.items() if p in expected and tuple(np.shape(x)) != expected[p].shape]
+  if missing or unexpected or misshaped:
+    lines = ["params do not match the model of the config:"]
+    lines += [f"  missing: {m}" for m in missing] + [f"  unexpected: {u}" for u in unexpected]
+    lines += [f"  wrong shape: {s}" for s in misshaped]
+    raise ValueError("\n".join(lines))
+
+  target = None if dtype is None else np.dtype(dtype)
+  plan = []  # (hf_name, our_path, dtype, hf_shape), in Hugging Face name order
+  for p, t in expected.items():
+    leaf_dtype = np.dtype(flat[p].dtype)
+    out_dtype = target if target is not None and jnp.issubdtype(leaf_dtype, jnp.inexact) else leaf_dtype
+    if out_dtype not in _NP_TO_ST:
+      raise ValueError(f"param {p} has dtype {out_dtype}, which safetensors cannot store")
+    plan.append((t.hf_name, p, out_dtype, t.hf_shape))
+  plan.sort()
+
+  shards: list[list[tuple[str, str, np.dtype, tuple[int, ...]]]] = [[]]
+  shard_bytes = 0
+  for item in plan:
+    nbytes = math.prod(item[3]) * item[2].itemsize
+    if shards[-1] and shard_bytes + nbytes > limit:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(item)
+    shard_bytes += nbytes
+  n = len(shards)
+  names = [WEIGHTS_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(folder, exist_ok=True)
+    for old in os.listdir(folder):
+      if _SHARD_FILE_RE.match(old) or old == WEIGHTS_INDEX_NAME:
+        os.remove(os.path.join(folder, old))
+
+  by_name = {item[0]: item for item in plan}
+  bar = _progress_bar(len(plan), "saving", progress if writer else False)
+
+  def fetch(hf_name: str) -> np.ndarray:
+    _, p, out_dtype, hf_shape = by_name[hf_name]
+    host = _to_host(flat[p])
+    if bar is not None:
+      bar.update()
+    return _to_hf(expected[p].kind, host.astype(out_dtype, copy=False), hf_shape)
+
+  for name, shard in zip(names, shards):
+    items = [(hf_name, out_dtype, hf_shape) for hf_name, _, out_dtype, hf_shape in shard]
+    if writer:
+      _write_safetensors(os.path.join(folder, name), items, fetch, {"format": "pt"})
+    else:
+      for hf_name, _, _ in items:  # take part in the all-gathers, write nothing
+        fetch(hf_name)
+
+  if bar is not None:
+    bar.close()
+  if not writer:
+    return
+  if n > 1:
+    total = sum(math.prod(s) * d.itemsize for _, _, d, s in plan)
+    index = {"metadata": {"total_size": total, "total_parameters": sum(math.prod(s) for *_, s in plan)},
+             "weight_map": {hf_name: names[k] for k, shard in enumerate(shards) for hf_name, *_ in shard}}
+    _write_json(os.path.join(folder, WEIGHTS_INDEX_NAME), index)
+  dtypes = [d for _, _, d, _ in plan if jnp.issubdtype(d, jnp.inexact)]
+  dtype_name = max(set(dtypes), key=dtypes.count).name if dtypes else "float32"
+  hf_config = config.to_hf_dict()
+  hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name
+  if isinstance(hf_config.get("text_config"), dict):
+    hf_config["text_config"]["dtype"] = hf_config["text_config"]["torch_dtype"] = dtype_name
+  _write_json(os.path.join(folder, CONFIG_NAME), hf_config)
+  generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+  if config.pad_token_id is not None:
+    generation["pad_token_id"] = config.pad_token_id
+  _write_json(os.path.join(folder, GENERATION_CONFIG_NAME), generation)
+
+
+def _write_json(filename: str, obj: Any) -> None:
+  tmp = filename + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, filename)
+
+
+__all__ = [
+    "load_pretrained", "save_pretrained", "load_config", "canonical_hf_key", "hf_key_to_param_path",
+    "param_path_to_hf_key",
+]

@@ -1,0 +1,420 @@
+"""Qwen2.5-VL in Flax linen: vision tower, patch merger and M-RoPE text decoder.
+
+Public contract (DESIGN.md §5)::
+
+    logits = Qwen25VL(config).apply({'params': params}, input_ids=..., attention_mask=...,
+                                    pixel_values=..., image_grid_thw=...)   # [B, L, V]
+
+with the inputs laid out exactly as transformers' ``Qwen2_5_VLForConditionalGeneration`` takes
+them. The vision tower works on static shapes: the patch layout (window order, 2-D rotary
+positions, attention segments) is computed in ``jnp`` from ``image_grid_thw`` as data, so one
+compiled program serves every mix of image sizes with the same total patch count, and padded
+patch slots (beyond ``sum(t*h*w)``) are allowed and ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imagent_jax.models.config import ModelConfig, VisionConfig
+from imagent_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, dense, masked_softmax_attention,
+                                       mrope_cos_sin, rope_inv_freq, _MASK_VALUE)
+from imagent_jax.processing.positions import mrope_positions
+
+Dtype = Any
+VISION_ROPE_THETA = 10000.0
+
+
+class ImageTokenMismatchError(ValueError):
+  """The number of image placeholder tokens differs from the number of merged image features."""
+
+
+# ----------------------------------------------------------------------------------------- vision
+
+
+def vision_layout(image_grid_thw, num_patches: int, cfg: VisionConfig) -> dict[str, jax.Array]:
+  """Where every patch goes in the vision tower, computed from the grids as data.
+
+  The processor emits patches image by image, frame by frame, in 2x2 merge-unit order. The tower
+  reorders them window by window (``window_units`` merged units a side), runs window attention in
+  most blocks and per-frame full attention in ``fullatt_block_indexes``, and restores the order
+  after the merger. Patches past ``sum(t*h*w)`` are padding: they form their own segment.
+
+  Args:
+    image_grid_thw: ``[N, 3]`` int ``(t, h, w)`` in patches.
+    num_patches: ``P``, the static length of ``pixel_values``; a multiple of ``merge_unit``.
+    cfg: the vision config.
+
+  Returns:
+    dict with ``perm [P]`` (window order: ``x_windowed = x[perm]``), ``row``/``col [P]`` (2-D
+    rotary positions, window order), ``window_seg``/``frame_seg [P]`` (attention segment ids,
+    window order) and ``unit_inverse [P // merge_unit]`` (merged output back to processor order).
+  """
+  m = cfg.spatial_merge_size
+  ws = cfg.window_units
+  g = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
+  t, h, w = g[:, 0], g[:, 1], g[:, 2]
+  n = t * h * w
+  ends = jnp.cumsum(n)
+  starts = ends - n
+  p = jnp.arange(num_patches, dtype=jnp.int32)
+  img = jnp.searchsorted(ends, p, side="right").astype(jnp.int32)
+  is_pad = img >= g.shape[0]
+  img = jnp.minimum(img, g.shape[0] - 1)
+  q = p - starts[img]
+  hi, wi = h[img], w[img]
+  frame = q // jnp.maximum(hi * wi, 1)
+  r = q % jnp.maximum(hi * wi, 1)
+  unit, within = r // (m * m), r % (m * m)
+  units_w = jnp.maximum(wi // m, 1)
+  urow, ucol = unit // units_w, unit % units_w
+  row = urow * m + within // m
+  col = ucol * m + within % m
+
+  cdiv = lambda a, b: (a + b - 1) // b
+  win_rows, win_cols = cdiv(h // m, ws), cdiv(w // m, ws)
+  wins_per_img = t * win_rows * win_cols
+  win_start = jnp.cumsum(wins_per_img) - wins_per_img
+  window_id = (win_start[img] + frame * (win_rows * win_cols)[img] + (urow // ws) * win_cols[img]
+               + ucol // ws)
+  frames_before = jnp.cumsum(t) - t
+  frame_id = frames_before[img] + frame
+  big = jnp.int32(2 ** 30)
+  window_id = jnp.where(is_pad, big, window_id)
+  frame_id = jnp.where(is_pad, big, frame_id)
+
+  perm = jnp.argsort(window_id, stable=True)
+  unit_perm = perm[:: m * m] // (m * m)
+  return dict(perm=perm, row=row[perm], col=col[perm], window_seg=window_id[perm],
+              frame_seg=frame_id[perm], unit_inverse=jnp.argsort(unit_perm))
+
+
+def vision_rope(row, col, head_dim: int):
+  """2-D rotary tables ``(cos, sin) [P, head_dim]``: a quarter of the channels per axis, twice."""
+  inv = rope_inv_freq(head_dim // 2, VISION_ROPE_THETA)  # [hd/4]
+  f = jnp.concatenate([row[:, None] * inv, col[:, None] * inv], axis=-1).astype(jnp.float32)
+  emb = jnp.concatenate([f, f], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+class VisionAttention(nn.Module):
+  cfg: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, seg):
+    """``x [P, Dv]``; attention only between patches with equal ``seg [P]``."""
+    c = self.cfg
+    kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = dense(3 * c.hidden_size, ("vision_embed", "vision_heads"), name="qkv", **kw)(x)
+    qkv = qkv.reshape(x.shape[0], 3, c.num_heads, c.head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
+    k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
+    mask = seg[:, None] == seg[None, :]
+    out = masked_softmax_attention(q[None, :, :, None], k[None], v[None], mask[None], scale=c.head_dim ** -0.5)
+    out = out.reshape(x.shape[0], c.hidden_size)
+    return dense(c.hidden_size, ("vision_heads", "vision_embed"), name="proj", **kw)(out)
+
+
+class VisionBlock(nn.Module):
+  cfg: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, seg):
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + VisionAttention(c, name="attn", **kw)(RMSNorm(c.rms_norm_eps, name="norm1", **kw)(x), cos, sin, seg)
+    mlp = GatedMLP(c.hidden_size, c.intermediate_size, use_bias=True, axes=("vision_embed", "vision_mlp"),
+                   name="mlp", **kw)
+    return x + mlp(RMSNorm(c.rms_norm_eps, name="norm2", **kw)(x))
+
+
+class VisionTower(nn.Module):
+  """Patch embedding → blocks (window / full attention) → 2x2 merger, in processor token order."""
+
+  cfg: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, pixel_values, image_grid_thw):
+    """``pixel_values [P, C*T*p*p]``, ``image_grid_thw [N, 3]`` -> merged features ``[P // 4, D]``."""
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    num_patches = pixel_values.shape[0]
+    if num_patches % c.merge_unit:
+      raise ValueError(f"pixel_values has {num_patches} patches, not a multiple of {c.merge_unit}")
+    lay = vision_layout(image_grid_thw, num_patches, c)
+    x = dense(c.hidden_size, ("patch", "vision_embed"), use_bias=False, name="patch_embed", **kw)(
+        jnp.asarray(pixel_values, self.dtype))
+    x = x[lay["perm"]]
+    cos, sin = vision_rope(lay["row"], lay["col"], c.head_dim)
+    block = nn.remat(VisionBlock) if self.remat else VisionBlock
+    for i in range(c.depth):
+      seg = lay["frame_seg"] if i in c.fullatt_block_indexes else lay["window_seg"]
+      x = block(c, name=f"blocks_{i}", **kw)(x, cos, sin, seg)
+    x = PatchMerger(c, name="merger", **kw)(x)
+    return x[lay["unit_inverse"]]
+
+
+class PatchMerger(nn.Module):
+  cfg: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = RMSNorm(1e-6, name="ln_q", **kw)(x).reshape(-1, c.hidden_size * c.merge_unit)
+    x = dense(x.shape[-1], ("vision_merge", "vision_merge_hidden"), use_bias=True, name="mlp_0", **kw)(x)
+    x = nn.gelu(x, approximate=False)
+    return dense(c.out_hidden_size, ("vision_merge_hidden", "embed"), use_bias=True, name="mlp_2", **kw)(x)
+
+
+# ------------------------------------------------------------------------------------------- text
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with q/k/v bias and M-RoPE; optional KV cache."""
+
+  cfg: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    c = self.cfg
+    b, l, _ = x.shape
+    hd, hq, hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = dense(hq * hd, ("embed", "heads"), use_bias=True, name="q_proj", **kw)(x).reshape(b, l, hq, hd)
+    k = dense(hkv * hd, ("embed", "kv_heads"), use_bias=True, name="k_proj", **kw)(x).reshape(b, l, hkv, hd)
+    v = dense(hkv * hd, ("embed", "kv_heads"), use_bias=True, name="v_proj", **kw)(x).reshape(b, l, hkv, hd)
+    cos, sin = cos.astype(self.dtype), sin.astype(self.dtype)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    new_cache = None
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
+    out = masked_softmax_attention(q.reshape(b, l, hkv, hq // hkv, hd), k, v, mask, scale=hd ** -0.5)
+    out = dense(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out.reshape(b, l, hq * hd))
+    return out, new_cache
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h, new_cache = Attention(c, name="self_attn", **kw)(
+        RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, cache, cache_index)
+    x = x + h
+    mlp = GatedMLP(c.hidden_size, c.intermediate_size, use_bias=False, name="mlp", **kw)
+    x = x + mlp(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
+    return x, new_cache
+
+
+def merge_image_features(inputs_embeds, input_ids, image_features, image_token_id: int):
+  """Writes ``image_features [N, D]`` over the image placeholder tokens, in row-major order.
+
+  ``inputs_embeds [B, L, D]``; the count of ``image_token_id`` in ``input_ids [B, L]`` must equal
+  ``N``. When ``input_ids`` is concrete, a mismatch raises ``ImageTokenMismatchError`` at once;
+  under ``jit`` the check runs on the host as a callback and the error surfaces from the call.
+  """
+  is_img = input_ids == image_token_id
+  n_feat = image_features.shape[0]
+  _check_image_token_count(is_img, n_feat)
+  idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+  gathered = image_features[jnp.clip(idx, 0, max(n_feat - 1, 0))].astype(inputs_embeds.dtype)
+  return jnp.where(is_img[..., None], gathered, inputs_embeds)
+
+
+def _mismatch_message(n_tok: int, n_feat: int) -> str:
+  return (f"Image features and image tokens do not match: the prompt has {n_tok} image placeholder "
+          f"tokens but the images give {n_feat} merged features (sum of t*h*w/4 over image_grid_thw). "
+          "Build prompts with imagent_jax.processing.Processor, which expands each <|image_pad|> to "
+          "its image's token count, and pass every image of the batch in order.")
+
+
+def _check_image_token_count(is_img, n_feat: int):
+  if not isinstance(is_img, jax.core.Tracer):
+    n_tok = int(np.asarray(is_img).sum())
+    if n_tok != n_feat:
+      raise ImageTokenMismatchError(_mismatch_message(n_tok, n_feat))
+    return
+
+  def check(n_tok):
+    if int(n_tok) != n_feat:
+      raise ImageTokenMismatchError(_mismatch_message(int(n_tok), n_feat))
+
+  jax.debug.callback(check, is_img.sum())
+
+
+def causal_mask(attention_mask, num_queries: int, cache_index=0):
+  """``[B, Lq, S]`` mask: key ``s`` is real (``attention_mask [B, S]``) and not after the query.
+
+  Query ``i`` sits at cache index ``cache_index + i``; without a cache ``S == Lq`` and
+  ``cache_index == 0``.
+  """
+  s = attention_mask.shape[1]
+  qpos = cache_index + jnp.arange(num_queries)
+  allowed = jnp.arange(s)[None, :] <= qpos[:, None]
+  return allowed[None] & attention_mask.astype(bool)[:, None, :]
+
+
+class Qwen25VL(nn.Module):
+  """Qwen2.5-VL for conditional generation.
+
+  Attributes:
+    config: the architecture.
+    dtype: compute dtype (activations, matmuls); norms, softmax and rotary run in float32.
+    param_dtype: dtype the parameters are created in (loading casts to the dtype asked for).
+    remat: rematerialise each block in the backward pass (training memory).
+  """
+
+  config: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.visual = VisionTower(c.vision, remat=self.remat, **kw)
+    self.embed_tokens = nn.Embed(
+        c.vocab_size, c.hidden_size, **kw,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+    layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
+    self.layers = [layer(c, **kw) for _ in range(c.num_hidden_layers)]
+    self.norm = RMSNorm(c.rms_norm_eps, **kw)
+    if not c.tie_word_embeddings:
+      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
+
+  def encode_images(self, pixel_values, image_grid_thw):
+    """``pixel_values [P, C*T*p*p]``, ``image_grid_thw [N, 3]`` -> ``[P // 4, D]`` merged features."""
+    return self.visual(pixel_values, image_grid_thw)
+
+  def embed(self, input_ids, image_features=None):
+    """Token embeddings ``[B, L, D]`` with ``image_features [N, D]`` over the placeholders."""
+    x = self.embed_tokens(jnp.asarray(input_ids))
+    if image_features is not None:
+      x = merge_image_features(x, input_ids, image_features, self.config.image_token_id)
+    elif not isinstance(input_ids, jax.core.Tracer):
+      _check_image_token_count(np.asarray(input_ids) == self.config.image_token_id, 0)
+    return x
+
+  def decode(self, inputs_embeds, positions, attention_mask, cache=None, cache_index=0):
+    """Runs the decoder.
+
+    Args:
+      inputs_embeds: ``[B, Lq, D]``.
+      positions: ``[3, B, Lq]`` M-RoPE positions.
+      attention_mask: ``[B, S]`` key mask over the whole cache (``S == Lq`` without a cache).
+      cache: optional list (one per layer) of ``{'k', 'v': [B, S, Hkv, hd]}``.
+      cache_index: where the ``Lq`` new tokens are written in the cache.
+
+    Returns:
+      ``(logits [B, Lq, V] float32, new cache or None)``.
+    """
+    c = self.config
+    x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", "embed_act"))
+    cos, sin = mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
+    mask = causal_mask(attention_mask, x.shape[1], cache_index)
+    new_cache = [] if cache is not None else None
+    for i, layer in enumerate(self.layers):
+      x, lc = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(lc)
+    x = self.norm(x)
+    if c.tie_word_embeddings:
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32), new_cache
+
+  def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               position_ids=None):
+    """Logits ``[B, L, V]`` (float32) for the inputs transformers' forward takes.
+
+    Args:
+      input_ids: ``[B, L]`` int, image placeholders already expanded.
+      attention_mask: ``[B, L]`` 1 = token, 0 = padding (left or right); default all ones.
+      pixel_values: ``[P, C*T*p*p]`` patches of all images of the batch, or None.
+      image_grid_thw: ``[N, 3]`` grid of every image, or None.
+      position_ids: ``[3, B, L]`` M-RoPE positions; computed by ``mrope_positions`` when None.
+    """
+    input_ids = jnp.asarray(input_ids) if not isinstance(input_ids, jax.core.Tracer) else input_ids
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    features = None
+    if pixel_values is not None:
+      if image_grid_thw is None:
+        raise ValueError("pixel_values were given without image_grid_thw")
+      features = self.encode_images(pixel_values, image_grid_thw)
+    x = self.embed(input_ids, features)
+    if position_ids is None:
+      position_ids, _ = mrope_positions(input_ids, attention_mask, image_grid_thw,
+                                        image_token_id=self.config.image_token_id,
+                                        spatial_merge_size=self.config.vision.spatial_merge_size)
+    logits, _ = self.decode(x, position_ids, attention_mask)
+    return logits
+
+
+# ------------------------------------------------------------------------------- params and cache
+
+
+def _dummy_inputs(config: ModelConfig):
+  m = config.vision.spatial_merge_size
+  grid = np.array([[1, m, m]], np.int32)
+  pixels = np.zeros((m * m, config.vision.patch_dim), np.float32)
+  ids = np.full((1, 1), config.image_token_id, np.int32)
+  return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+
+
+def _boxed_init(config: ModelConfig, rng, param_dtype):
+  return Qwen25VL(config, param_dtype=param_dtype).init(rng, **_dummy_inputs(config))["params"]
+
+
+def logical_axes(config: ModelConfig):
+  """Pytree (same structure as params) of ``PartitionSpec`` over logical axis names."""
+  boxed = jax.eval_shape(lambda r: _boxed_init(config, r, jnp.float32), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def init_params(config: ModelConfig, rng, param_dtype=jnp.float32):
+  """Random parameters (a plain pytree of arrays), normal(0.02) weights, zero biases, unit norms."""
+  return nn.unbox(jax.jit(lambda r: _boxed_init(config, r, param_dtype))(rng))
+
+
+def abstract_params(config: ModelConfig, param_dtype=jnp.float32):
+  """``jax.ShapeDtypeStruct`` pytree of the parameters, without allocating them."""
+  return jax.eval_shape(lambda r: nn.unbox(_boxed_init(config, r, param_dtype)), jax.random.key(0))
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32):
+  """Empty KV cache: one ``{'k', 'v': [B, max_len, Hkv, hd]}`` per decoder layer."""
+  shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
