@@ -1,0 +1,146 @@
+"""Device mesh, logical-axis sharding rules and sharded parameter creation.
+
+Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ``vocab`` …, see
+``imagent_jax.models.layers``). A rule table maps each logical axis onto mesh axes
+(``data``, ``fsdp``, ``tensor``); ``param_shardings`` turns the two into ``NamedSharding``s and
+``init_sharded_params`` creates the parameters directly in their shards with
+``jax.jit(init, out_shardings=...)`` (what ``pjit`` became), never whole on one device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). First match wins.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed_act", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("patch", None),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vision_merge", "fsdp"),
+    ("vision_merge_hidden", "tensor"),
+)
+
+
+def mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves one ``-1`` entry to fill the devices; raises a clear error when the mesh does not fit.
+
+  Args:
+    axes: sizes by mesh axis name, e.g. ``{'data': 1, 'fsdp': -1, 'tensor': 2}``.
+    num_devices: devices available.
+  """
+  unknown = set(axes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+  sizes = {a: int(axes.get(a, 1)) for a in MESH_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {fill}")
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"mesh axis sizes must be positive or -1, got {sizes}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ValueError(f"mesh {sizes} does not fit {num_devices} devices: {num_devices} is not a multiple of "
+                       f"the fixed axes' product {fixed}")
+    sizes[fill[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are available; "
+                     "set one axis to -1 to fill the rest")
+  return sizes
+
+
+def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``Mesh`` with axes ``('data', 'fsdp', 'tensor')``; default: all devices on ``fsdp``."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(axes or {"fsdp": -1}, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    dev = mesh_utils.create_device_mesh(shape, devices)  # topology-aware on TPU/GPU
+  except Exception:  # noqa: BLE001 - fall back to a plain reshape (CPU, odd shapes)
+    dev = np.asarray(devices).reshape(shape)
+  return Mesh(dev, MESH_AXES)
+
+
+def logical_to_mesh_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, rules=None) -> PartitionSpec:
+  """Maps a logical ``PartitionSpec`` onto mesh axes for an array of ``shape``.
+
+  A dimension keeps a mesh axis only if the axis divides it and no earlier dimension took that
+  axis; otherwise it is replicated (a 7B model's 4 kv heads on an 8-way tensor axis, for one).
+  """
+  table = dict(DEFAULT_RULES if rules is None else rules)
+  used: set[str] = set()
+  out = []
+  for name, size in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
+    target = table.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    keep = []
+    for a in axes:
+      n = mesh.shape[a]
+      if a in used or n == 1:
+        continue
+      if size % (math.prod(mesh.shape[k] for k in keep) * n) == 0:
+        keep.append(a)
+    used.update(keep)
+    out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+  return PartitionSpec(*out)
+
+
+def param_shardings(config, mesh: Mesh, rules=None):
+  """``NamedSharding`` pytree (the params' structure) for a model ``config`` on ``mesh``."""
+  from imagent_jax.models import qwen2_5_vl  # local import: parallel.py stays model-agnostic at import time
+
+  logical = qwen2_5_vl.logical_axes(config)
+  shapes = qwen2_5_vl.abstract_params(config)
+  return jax.tree_util.tree_map(
+      lambda spec, s: NamedSharding(mesh, logical_to_mesh_spec(spec, s.shape, mesh, rules)), logical, shapes,
+      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def init_sharded_params(config, rng, mesh: Mesh, rules=None, param_dtype=None):
+  """Random parameters created directly in their shards (``jax.jit(init, out_shardings=...)``)."""
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from imagent_jax.models import qwen2_5_vl
+
+  shardings = param_shardings(config, mesh, rules)
+  init = lambda r: nn.unbox(qwen2_5_vl._boxed_init(config, r, param_dtype or jnp.float32))
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Sharding of a batch-major array: dimension 0 over ``('data', 'fsdp')``, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Multi-host start-up: ``jax.distributed.initialize`` when more than one process is expected.
+
+  On TPU pods and SLURM/GPU clusters the arguments are discovered from the environment; pass them
+  to override. A single-process run (a laptop, one GPU box) does nothing.
+  """
+  if coordinator_address is None and num_processes in (None, 1):
+    import os
+    if not any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS")):
+      return
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
