@@ -11,11 +11,14 @@ the jitted rollout (``image_grid_thw`` is data, not a static argument).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
+@functools.partial(jax.jit, static_argnames=("image_token_id", "spatial_merge_size"))
 def mrope_positions(input_ids, attention_mask, image_grid_thw, *, image_token_id: int,
                     spatial_merge_size: int = 2):
   """Computes M-RoPE positions for a (padded) batch.

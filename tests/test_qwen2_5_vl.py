@@ -1,0 +1,215 @@
+"""Numerical parity of our Flax Qwen2.5-VL with transformers' PyTorch implementation.
+
+A tiny random model (window attention + full-attention vision blocks, GQA, uneven mrope_section,
+random non-zero biases and norm weights) is built and saved by transformers, loaded by our
+``load_pretrained``, and both are run on the same inputs. Pixel values come from transformers' own
+image processor, so these tests isolate the model from our processor.
+"""
+
+import functools
+
+import hf_fixtures
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagent_jax.models import hf_io
+from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.processing.positions import mrope_positions
+
+TOL = 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(config, dtype=jnp.float32):
+  """Jitted apply: compiling once per shape is much faster than op-by-op eager dispatch on CPU."""
+  model = qvl.Qwen25VL(config, dtype=dtype, param_dtype=dtype)
+  return jax.jit(lambda p, ids, m, pv, g: model.apply({"params": p}, input_ids=ids, attention_mask=m,
+                                                       pixel_values=pv, image_grid_thw=g))
+IMAGE_SIZES = [(60, 90), (200, 56), (150, 330), (84, 84)]  # (height, width): wide, tall, odd, square
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  path = hf_fixtures.save_tiny_hf_checkpoint(tmp_path_factory.mktemp("parity"), seed=3)
+  torch_model = hf_fixtures.make_tiny_hf_model(seed=3)
+  config, params = hf_io.load_pretrained(path)
+  return config, params, torch_model
+
+
+@pytest.fixture(scope="module")
+def images():
+  from transformers import Qwen2VLImageProcessor
+  rng = np.random.RandomState(0)
+  pil = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
+  proc = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 256)
+  out = proc(images=pil, return_tensors="np")
+  grid = out["image_grid_thw"].astype(np.int32)
+  bounds = np.concatenate([[0], np.cumsum(grid.prod(-1))])
+  return [(out["pixel_values"][bounds[i]:bounds[i + 1]], grid[i]) for i in range(len(pil))]
+
+
+def _row(config, rng, parts):
+  """Token ids for a row described by parts: ints are text lengths, arrays are image grids."""
+  ids = []
+  for part in parts:
+    if isinstance(part, int):
+      ids += list(rng.randint(0, config.vocab_size - 16, size=part))
+    else:
+      n = int(np.prod(part)) // config.vision.merge_unit
+      ids += [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id]
+  return ids
+
+
+def _batch(config, rows, side="left"):
+  width = max(len(r) for r in rows)
+  ids = np.full((len(rows), width), config.pad_token_id, np.int64)
+  mask = np.zeros((len(rows), width), np.int64)
+  for i, r in enumerate(rows):
+    sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+    ids[i, sl], mask[i, sl] = r, 1
+  return ids, mask
+
+
+def _torch_logits(model, config, ids, mask, pixel_values, grid):
+  ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+  grid_t = None if grid is None else torch.tensor(grid)
+  # transformers only builds 3-D positions itself when images are present; take them from its own
+  # get_rope_index in every case so that left-padded text rows are positioned the same way too.
+  pos, _ = model.model.get_rope_index(ids_t, (ids_t == config.image_token_id).int(), image_grid_thw=grid_t,
+                                      attention_mask=mask_t)
+  with torch.no_grad():
+    out = model(input_ids=ids_t, attention_mask=mask_t, position_ids=pos, image_grid_thw=grid_t,
+                pixel_values=None if pixel_values is None else torch.tensor(pixel_values))
+  return out.logits.numpy(), pos.numpy()
+
+
+def _compare(models, ids, mask, imgs):
+  config, params, torch_model = models
+  pv = np.concatenate([p for p, _ in imgs]) if imgs else None
+  grid = np.stack([g for _, g in imgs]) if imgs else None
+  ref, _ = _torch_logits(torch_model, config, ids, mask, pv, grid)
+  ours = _forward(config)(params, ids, mask, pv, grid)
+  ours = np.asarray(ours)
+  valid = mask.astype(bool)
+  assert ours.shape == ref.shape
+  err = np.abs(ours[valid] - ref[valid]).max()
+  assert err < TOL, f"max |logit diff| {err:.2e} over {valid.sum()} tokens (logit scale {np.abs(ref).max():.2f})"
+  return ours
+
+
+def test_text_only(models):
+  config = models[0]
+  ids, mask = _batch(config, [_row(config, np.random.RandomState(1), [12])])
+  _compare(models, ids, mask, [])
+
+
+def test_text_only_left_padded_batch(models):
+  config = models[0]
+  rng = np.random.RandomState(2)
+  ids, mask = _batch(config, [_row(config, rng, [5]), _row(config, rng, [11])])
+  _compare(models, ids, mask, [])
+
+
+def test_one_image(models, images):
+  config = models[0]
+  ids, mask = _batch(config, [_row(config, np.random.RandomState(3), [4, images[2][1], 6])])
+  _compare(models, ids, mask, [images[2]])
+
+
+def test_many_images_of_different_sizes_in_one_prompt(models, images):
+  config = models[0]
+  parts = [3, images[0][1], 2, images[1][1], images[2][1], 4, images[3][1], 5]
+  ids, mask = _batch(config, [_row(config, np.random.RandomState(4), parts)])
+  _compare(models, ids, mask, images)
+
+
+def test_left_padded_batch_with_different_images(models, images):
+  config = models[0]
+  rng = np.random.RandomState(5)
+  rows = [_row(config, rng, [3, images[0][1], 7]), _row(config, rng, [2, images[2][1], images[1][1], 2])]
+  ids, mask = _batch(config, rows)
+  assert (mask == 0).any(axis=1).any()
+  _compare(models, ids, mask, [images[0], images[2], images[1]])
+
+
+def test_jit_matches_eager_and_grids_are_data(models, images):
+  """One compiled program serves different image sizes with the same patch count."""
+  config, params, _ = models
+  model = qvl.Qwen25VL(config)
+  fwd = _forward(config)
+  rng = np.random.RandomState(6)
+  ids, mask = _batch(config, [_row(config, rng, [3, images[0][1], 4])])
+  eager = model.apply({"params": params}, input_ids=ids, attention_mask=mask, pixel_values=images[0][0],
+                      image_grid_thw=images[0][1][None])
+  jitted = fwd(params, ids, mask, images[0][0], images[0][1][None])
+  np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-5)
+  # A transposed grid has the same number of patches: same compiled program, different layout.
+  grid_t = images[0][1][[0, 2, 1]]
+  before = fwd._cache_size()
+  transposed = fwd(params, ids, mask, images[0][0], grid_t[None])
+  assert fwd._cache_size() == before
+  assert not np.allclose(np.asarray(transposed), np.asarray(jitted), atol=1e-3)
+
+
+def test_bfloat16_params_and_compute(models, images):
+  config, params, _ = models
+  ids, mask = _batch(config, [_row(config, np.random.RandomState(7), [3, images[1][1], 4])])
+  kw = dict(input_ids=ids, attention_mask=mask, pixel_values=images[1][0], image_grid_thw=images[1][1][None])
+  f32 = np.asarray(_forward(config)(params, *kw.values()))
+  p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+  assert p16["layers_0"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+  b16 = _forward(config, jnp.bfloat16)(p16, *kw.values())
+  assert b16.dtype == jnp.float32  # logits are returned in float32 for stable log-probs
+  assert np.abs(np.asarray(b16) - f32).max() < 0.1 * np.abs(f32).max()
+  assert (np.asarray(b16).argmax(-1) == f32.argmax(-1)).mean() > 0.9
+
+
+def test_placeholder_feature_count_mismatch_is_a_clear_error(models, images):
+  config, params, _ = models
+  ids, mask = _batch(config, [_row(config, np.random.RandomState(8), [3, images[1][1], 4])])
+  ids = ids[:, 1:]  # drop one token so that one placeholder goes missing…
+  ids[0, 3] = config.image_token_id if ids[0, 3] != config.image_token_id else 1
+  ids = np.concatenate([ids[:, :5], ids[:, 6:]], axis=1)
+  mask = np.ones_like(ids)
+  model = qvl.Qwen25VL(config)
+  kw = dict(pixel_values=images[1][0], image_grid_thw=images[1][1][None])
+  with pytest.raises(qvl.ImageTokenMismatchError, match="Image features and image tokens do not match"):
+    model.apply({"params": params}, input_ids=ids, attention_mask=mask, **kw)
+  fwd = jax.jit(lambda p, i, m: model.apply({"params": p}, input_ids=i, attention_mask=m, **kw))
+  with pytest.raises(Exception, match="image tokens do not match"):
+    jax.block_until_ready(fwd(params, ids, mask))
+  # image tokens but no images at all
+  with pytest.raises(qvl.ImageTokenMismatchError):
+    model.apply({"params": params}, input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_positions_match_transformers_get_rope_index(models, images, side):
+  config, _, torch_model = models
+  rng = np.random.RandomState(9)
+  cases = [
+      ([[6]], []),
+      ([[4, images[0][1], 3]], [images[0]]),
+      ([[2, images[0][1], images[1][1], 1, images[2][1], 2]], images[:3]),
+      ([[3, images[2][1], 5], [1, images[1][1], 2, images[3][1], 9]], [images[2], images[1], images[3]]),
+      ([[3], [2, images[3][1], 1]], [images[3]]),
+  ]
+  for rows_parts, imgs in cases:
+    ids, mask = _batch(config, [_row(config, rng, p) for p in rows_parts], side=side)
+    grid = np.stack([g for _, g in imgs]) if imgs else None
+    ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+    ref, ref_delta = torch_model.model.get_rope_index(
+        ids_t, (ids_t == config.image_token_id).int(), image_grid_thw=None if grid is None else torch.tensor(grid),
+        attention_mask=mask_t)
+    pos, delta = mrope_positions(ids, mask, grid, image_token_id=config.image_token_id)
+    valid = np.broadcast_to(mask.astype(bool)[None], pos.shape)
+    np.testing.assert_array_equal(np.asarray(pos)[valid], ref.numpy()[valid])
+    # Our delta is relative to the padded length (cache index); transformers 5 counts real tokens
+    # only. Both must place the next decoded token at max(position) + 1.
+    np.testing.assert_array_equal(ids.shape[1] + np.asarray(delta),
+                                  mask.sum(1) + ref_delta.numpy().reshape(-1))
+    np.testing.assert_array_equal(ids.shape[1] + np.asarray(delta), np.asarray(pos).max(axis=(0, 2)) + 1)
