@@ -312,7 +312,6 @@ def _write_safetensors(filename: str, items: Sequence[tuple[str, np.dtype, tuple
   """Writes a safetensors file, pulling one tensor at a time from ``fetch(name)``.
 
   The header is written first (offsets follow from shapes and dtypes), then each tensor's bytes.
-  The file appears atomically under ``filename`` once complete.
   """
   header: dict[str, Any] = {"__metadata__": dict(metadata)}
   offset = 0
@@ -322,8 +321,7 @@ def _write_safetensors(filename: str, items: Sequence[tuple[str, np.dtype, tuple
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
   blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
-  tmp = filename + ".tmp"
-  with open(tmp, "wb") as f:
+  with open(filename, "wb") as f:
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for name, dtype, shape in items:
@@ -333,7 +331,6 @@ def _write_safetensors(filename: str, items: Sequence[tuple[str, np.dtype, tuple
       if sys.byteorder != "little":
         x = x.byteswap()
       f.write(x.reshape(-1).view(np.uint8).data)
-  os.replace(tmp, filename)
 
 
 # --------------------------------------------------------------------------- folder handling
@@ -497,9 +494,12 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
     shardings = _flatten(parallel.param_shardings(config, mesh, rules))
   target = None if dtype is None else np.dtype(dtype)
 
+  # Read in file order, so that large checkpoints stream sequentially from disk.
+  rank = {id(r): k for k, r in enumerate(readers)}
+  order = sorted(expected, key=lambda p: (rank[id(found[p][0])], found[p][0].entries[found[p][1]][2]))
   flat = {}
-  bar = _progress_bar(len(expected), "loading", progress)
-  for our_path in expected:
+  bar = _progress_bar(len(order), "loading", progress)
+  for our_path in order:
     t = expected[our_path]
     reader, key = found[our_path]
     src = _to_ours(t.kind, reader.read(key))
@@ -518,7 +518,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
     bar.close()
   for reader in readers:
     reader.close()
-  return config, _unflatten(flat)
+  return config, _unflatten({p: flat[p] for p in expected})
 
 
 # --------------------------------------------------------------------------- save
@@ -552,7 +552,8 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
   and the weights in the published tensor layout as safetensors: ``model.safetensors``, or shards
   ``model-0000k-of-0000n.safetensors`` of at most ``max_shard_size`` bytes each (a single larger
   tensor gets a shard of its own) with ``model.safetensors.index.json``. Parameters are gathered to
-  the host one at a time. Earlier ``model*.safetensors`` files in the folder are replaced. In a
+  the host one at a time. An earlier checkpoint in the folder is replaced once the new weights are
+  completely written (its leftover ``model*.safetensors`` shards are removed). In a
   multi-host run every process must call this (parameters are all-gathered); process 0 writes.
 
   Args:
@@ -607,9 +608,6 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(folder, exist_ok=True)
-    for old in os.listdir(folder):
-      if _SHARD_FILE_RE.match(old) or old == WEIGHTS_INDEX_NAME:
-        os.remove(os.path.join(folder, old))
 
   by_name = {item[0]: item for item in plan}
   bar = _progress_bar(len(plan), "saving", progress if writer else False)
@@ -623,16 +621,23 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
 
   for name, shard in zip(names, shards):
     items = [(hf_name, out_dtype, hf_shape) for hf_name, _, out_dtype, hf_shape in shard]
-    if writer:
-      _write_safetensors(os.path.join(folder, name), items, fetch, {"format": "pt"})
-    else:
-      for hf_name, _, _ in items:  # take part in the all-gathers, write nothing
-        fetch(hf_name)
+    if writer:  # under a temporary name: an earlier checkpoint here stays intact until all is written
+      _write_safetensors(os.path.join(folder, name + ".tmp"), items, fetch, {"format": "pt"})
+    else:  # take part in the all-gathers of params that span hosts, write nothing
+      for hf_name, _, _ in items:
+        x = flat[by_name[hf_name][1]]
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+          _to_host(x)
 
   if bar is not None:
     bar.close()
   if not writer:
     return
+  for name in names:
+    os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+  for old in os.listdir(folder):  # shards and index of an earlier save that this one does not overwrite
+    if (_SHARD_FILE_RE.match(old) and old not in names) or (old == WEIGHTS_INDEX_NAME and n == 1):
+      os.remove(os.path.join(folder, old))
   if n > 1:
     total = sum(math.prod(s) * d.itemsize for _, _, d, s in plan)
     index = {"metadata": {"total_size": total, "total_parameters": sum(math.prod(s) for *_, s in plan)},
