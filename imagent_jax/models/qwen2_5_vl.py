@@ -14,7 +14,7 @@ patch slots (beyond ``sum(t*h*w)``) are allowed and ignored.
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -237,15 +237,33 @@ def merge_image_features(inputs_embeds, input_ids, image_features, image_token_i
   """Writes ``image_features [N, D]`` over the image placeholder tokens, in row-major order.
 
   ``inputs_embeds [B, L, D]``; the count of ``image_token_id`` in ``input_ids [B, L]`` must equal
-  ``N``. When ``input_ids`` is concrete, a mismatch raises ``ImageTokenMismatchError`` at once;
-  under ``jit`` the check runs on the host as a callback and the error surfaces from the call.
+  ``N``. When ``input_ids`` is concrete, a mismatch raises ``ImageTokenMismatchError`` at once.
+  Under ``jit`` nothing may raise (an exception in one device's callback would leave the others
+  waiting in a collective, and the process aborts), so a mismatch logs the same message as an
+  error from a host callback and turns every embedding into NaN: the logits, the loss and the
+  trainer's non-finite check all show it. Host-side code should call ``check_image_tokens`` on
+  its batches before they enter jitted code.
   """
   is_img = input_ids == image_token_id
   n_feat = image_features.shape[0]
-  _check_image_token_count(is_img, n_feat)
   idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
   gathered = image_features[jnp.clip(idx, 0, max(n_feat - 1, 0))].astype(inputs_embeds.dtype)
-  return jnp.where(is_img[..., None], gathered, inputs_embeds)
+  out = jnp.where(is_img[..., None], gathered, inputs_embeds)
+  return _guard_image_token_count(out, is_img, n_feat)
+
+
+def check_image_tokens(input_ids, image_grid_thw, config: ModelConfig) -> None:
+  """Host-side check: raises ``ImageTokenMismatchError`` unless the placeholders fit the grids.
+
+  Args:
+    input_ids: ``[B, L]`` concrete token ids.
+    image_grid_thw: ``[N, 3]`` or None.
+    config: model config (image token id, merge size).
+  """
+  n_tok = int((np.asarray(input_ids) == config.image_token_id).sum())
+  n_feat = 0 if image_grid_thw is None else int(np.asarray(image_grid_thw).prod(-1).sum()) // config.vision.merge_unit
+  if n_tok != n_feat:
+    raise ImageTokenMismatchError(_mismatch_message(n_tok, n_feat))
 
 
 def _mismatch_message(n_tok: int, n_feat: int) -> str:
@@ -255,18 +273,20 @@ def _mismatch_message(n_tok: int, n_feat: int) -> str:
           "its image's token count, and pass every image of the batch in order.")
 
 
-def _check_image_token_count(is_img, n_feat: int):
+def _guard_image_token_count(x, is_img, n_feat: int):
   if not isinstance(is_img, jax.core.Tracer):
     n_tok = int(np.asarray(is_img).sum())
     if n_tok != n_feat:
       raise ImageTokenMismatchError(_mismatch_message(n_tok, n_feat))
-    return
+    return x
+  n_tok = is_img.sum()
 
-  def check(n_tok):
-    if int(n_tok) != n_feat:
-      raise ImageTokenMismatchError(_mismatch_message(int(n_tok), n_feat))
+  def report(n):
+    if int(n) != n_feat:
+      logging.getLogger("imagent_jax").error("%s (inside jit: logits are NaN)", _mismatch_message(int(n), n_feat))
 
-  jax.debug.callback(check, is_img.sum())
+  jax.debug.callback(report, n_tok)
+  return jnp.where(n_tok == n_feat, x, jnp.nan)
 
 
 def causal_mask(attention_mask, num_queries: int, cache_index=0):
@@ -318,8 +338,8 @@ class Qwen25VL(nn.Module):
     x = self.embed_tokens(jnp.asarray(input_ids))
     if image_features is not None:
       x = merge_image_features(x, input_ids, image_features, self.config.image_token_id)
-    elif not isinstance(input_ids, jax.core.Tracer):
-      _check_image_token_count(np.asarray(input_ids) == self.config.image_token_id, 0)
+    else:
+      x = _guard_image_token_count(x, input_ids == self.config.image_token_id, 0)
     return x
 
   def decode(self, inputs_embeds, positions, attention_mask, cache=None, cache_index=0):
