@@ -1,0 +1,11 @@
+"""The fastest run that exercises every stage (CI runs it):
+
+    python -m imagent_jax.main --config configs/smoke.py --workdir /tmp/smoke
+"""
+
+from imagent_jax import default_config
+
+
+def get_config(arg=None):
+  del arg
+  return default_config.get_config("smoke")

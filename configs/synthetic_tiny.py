@@ -1,0 +1,10 @@
+"""The embedded default: tiny Qwen2.5-VL, synthetic multi-image data, CPU.
+
+    python -m imagent_jax.main --config configs/synthetic_tiny.py --workdir runs/tiny
+"""
+
+from imagent_jax import default_config
+
+
+def get_config(arg=None):
+  return default_config.get_config(arg)

@@ -1,0 +1,1 @@
+"""Analyses and plots (attention analysis comes with the trained agents)."""

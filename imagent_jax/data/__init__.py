@@ -1,0 +1,1 @@
+"""Datasets: procedural synthetic scenes and (later) multi-image QA builders and pipelines."""

@@ -1,0 +1,97 @@
+"""The embedded default config (synthetic data, tiny model, CPU) and the config schema.
+
+Every config file under ``configs/`` starts from ``get_config()`` here and changes values; the
+returned ``ConfigDict`` is locked, so ``--config.some.typo=1`` fails at start instead of being
+ignored. ``validate`` checks impossible combinations before anything compiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+STAGES = ("model",)  # stages that exist so far; rollout / warmup / rl / eval / analyze come next
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The embedded default: the tiny Qwen2.5-VL on procedural multi-image inputs, on CPU.
+
+  Args:
+    arg: ``"smoke"`` shrinks everything to the fastest run that still exercises each stage.
+  """
+  c = ml_collections.ConfigDict()
+  c.stages = "model"  # comma-separated, run in order
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # imagent_jax.models.presets name; ignored when checkpoint is set
+  c.model.checkpoint = ""  # local Hugging Face Qwen2.5-VL folder (config.json + *.safetensors)
+  c.model.tokenizer = ""  # local tokenizer folder; default: the checkpoint's, or a tiny one built in the workdir
+  c.model.dtype = "float32"  # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.export_hf = True  # model stage: save_pretrained into <workdir>/hf_export and check the reload
+
+  c.processor = ml_collections.ConfigDict()
+  c.processor.min_pixels = 56 * 56
+  c.processor.max_pixels = 28 * 28 * 64  # small images: tiny model, CPU
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1: all remaining devices
+  c.mesh.tensor = 1
+
+  c.demo = ml_collections.ConfigDict()  # the model stage's synthetic prompt
+  c.demo.num_images = 3
+  c.demo.min_side = 64
+  c.demo.max_side = 320
+  c.demo.batch_size = 2
+
+  if arg == "smoke":
+    c.demo.num_images = 2
+    c.demo.max_side = 160
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
+  c.lock()
+  return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ``ValueError`` naming every problem of ``config`` (before anything compiles)."""
+  from imagent_jax import parallel
+  from imagent_jax.models import presets
+
+  errors = []
+  stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+  unknown = [s for s in stages if s not in STAGES]
+  if not stages:
+    errors.append("config.stages is empty")
+  if unknown:
+    errors.append(f"unknown stages {unknown}; available: {list(STAGES)}")
+  m = config.model
+  if m.checkpoint:
+    if not os.path.isfile(os.path.join(os.path.expanduser(m.checkpoint), "config.json")):
+      errors.append(f"config.model.checkpoint={m.checkpoint!r} is not a folder with a config.json (a local Hugging "
+                    "Face Qwen2.5-VL checkpoint; nothing is downloaded)")
+  elif m.preset not in presets.PRESETS:
+    errors.append(f"config.model.preset={m.preset!r} is not one of {sorted(presets.PRESETS)}")
+  elif m.preset != "tiny" and not m.tokenizer:
+    errors.append(f"config.model.preset={m.preset!r} without a checkpoint needs config.model.tokenizer (a local "
+                  "tokenizer folder); only 'tiny' builds its own")
+  for name in ("dtype", "param_dtype"):
+    if m[name] not in DTYPES:
+      errors.append(f"config.model.{name}={m[name]!r} is not one of {DTYPES}")
+  if not 0 < config.processor.min_pixels <= config.processor.max_pixels:
+    errors.append("need 0 < config.processor.min_pixels <= config.processor.max_pixels")
+  if config.demo.num_images < 0 or config.demo.batch_size < 1:
+    errors.append("config.demo.num_images must be >= 0 and config.demo.batch_size >= 1")
+  if not 0 < config.demo.min_side <= config.demo.max_side:
+    errors.append("need 0 < config.demo.min_side <= config.demo.max_side")
+  if num_devices is not None:
+    try:
+      parallel.mesh_shape(dict(config.mesh), num_devices)
+    except ValueError as e:
+      errors.append(f"config.mesh: {e}")
+  if errors:
+    raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,67 @@
+"""What a run leaves in its workdir: ``metrics.jsonl`` (one JSON object per logged step) and
+``report.md`` (sections of Markdown with PNG plots beside it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Sequence
+
+
+class MetricsWriter:
+  """Appends one JSON object per call to ``<workdir>/metrics.jsonl``."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, stage: str, **metrics: Any) -> None:
+    record = {"step": int(step), "stage": stage, "time": round(time.time(), 3)}
+    record.update({k: _plain(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _plain(v: Any) -> Any:
+  try:
+    import numpy as np
+    if isinstance(v, np.generic) or (hasattr(v, "shape") and v.shape == ()):
+      return v.item()
+  except ImportError:  # pragma: no cover
+    pass
+  return v
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub-flavoured Markdown table."""
+  fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """The same table aligned for a terminal."""
+  fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
+  cells = [list(map(str, header))] + [[fmt(x) for x in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+  out.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(out)
+
+
+class Report:
+  """Collects Markdown sections and writes ``<workdir>/report.md``."""
+
+  def __init__(self, workdir: str, title: str):
+    self.workdir = workdir
+    self.sections: list[str] = [f"# {title}\n"]
+
+  def add(self, heading: str, body: str) -> None:
+    self.sections.append(f"## {heading}\n\n{body.strip()}\n")
+
+  def write(self) -> str:
+    path = os.path.join(self.workdir, "report.md")
+    with open(path, "w") as f:
+      f.write("\n".join(self.sections))
+    return path

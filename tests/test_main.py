@@ -1,0 +1,49 @@
+"""The main job as a user runs it: a subprocess on the smoke config, and config errors at start."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, timeout=600):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run([sys.executable, "-m", "imagent_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_smoke_config_end_to_end(tmp_path):
+  res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path))
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "=== stage model done" in res.stdout
+  assert "reloaded max |logit diff| = 0.00e+00" in res.stdout
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert records[0]["stage"] == "model" and records[0]["params"] > 0 and records[0]["images"] == 3
+  report = (tmp_path / "report.md").read_text()
+  assert "| total |" in report and "vision_windows.png" in report
+  assert (tmp_path / "vision_windows.png").stat().st_size > 1000
+  assert (tmp_path / "hf_export" / "model.safetensors").exists()
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["preset"] == "tiny"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.mesh.tensor=3", "config.mesh: mesh"),
+    ("--config.stages=model,fly", "unknown stages ['fly']"),
+    ("--config.model.dtype=float8", "config.model.dtype='float8'"),
+    ("--config.model.checkpoint=/nonexistent", "is not a folder with a config.json"),
+])
+def test_invalid_config_fails_before_compiling(tmp_path, override, message):
+  res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path), override, timeout=120)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert message in res.stderr
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+  res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.model.presett=tiny", timeout=120)
+  assert res.returncode != 0
+  assert "presett" in res.stderr
