@@ -1,0 +1,1 @@
+"""Jitted sampling: prefill + decode over a preallocated KV cache."""

@@ -1,0 +1,194 @@
+"""Jitted prefill + decode over a preallocated KV cache.
+
+``generate`` is the public contract (DESIGN.md §5). It is built from three pure pieces that the
+agent rollout reuses: ``prefill`` (prompt, images and all, into a fresh cache), ``decode_step``
+(one token for every row) and ``sample_logits``. The G rollouts of one prompt share one prefill:
+the prompt is prefilled once and its cache broadcast to the group (``group_size``).
+
+Log-probs: ``logprobs[b, i]`` is ``log softmax(logits / temperature)`` of the sampled token
+(plain ``log softmax`` for greedy); top-k / top-p shape which token is drawn but not the
+reported log-prob, which is what the training forward pass recomputes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.models.config import ModelConfig
+from imagent_jax.processing.positions import mrope_positions
+
+_NEG = -1e30
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Everything the decode loop carries. Shapes: ``B`` rows, ``S`` cache slots, ``V`` vocabulary."""
+
+  cache: Any  # list of {'k', 'v': [B, S, Hkv, hd]}
+  key_mask: jax.Array  # [B, S] bool: cache slots that hold real tokens
+  index: jax.Array  # [] int32: next cache slot to write
+  deltas: jax.Array  # [B] int32: M-RoPE position of slot c is c + deltas
+  logits: jax.Array  # [B, V] float32: next-token logits
+
+
+def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+  """Draws one token per row and returns ``(tokens [B], logprobs [B])``.
+
+  Args:
+    logits: ``[B, V]`` float32.
+    rng: PRNG key (unused when ``temperature == 0``).
+    temperature: 0 for greedy (argmax), else the softmax temperature.
+    top_k: keep the ``k`` most likely tokens (0 = all).
+    top_p: keep the smallest set of tokens whose probability reaches ``top_p`` (1 = all).
+  """
+  logits = logits.astype(jnp.float32)
+  if temperature == 0.0:
+    tokens = jnp.argmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+  else:
+    scaled = logits / temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    masked = scaled
+    if top_k and top_k > 0:
+      kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+      masked = jnp.where(scaled < kth, _NEG, masked)
+    if top_p < 1.0:
+      order = jnp.argsort(-masked, axis=-1)
+      sorted_logits = jnp.take_along_axis(masked, order, axis=-1)
+      probs = jax.nn.softmax(sorted_logits, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+      drop_sorted = before >= top_p
+      drop = jnp.zeros_like(drop_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(drop_sorted)
+      masked = jnp.where(drop, _NEG, masked)
+    tokens = jax.random.categorical(rng, masked, axis=-1)
+  return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def prefill(model: qvl.Qwen25VL, params, input_ids, attention_mask, pixel_values, image_grid_thw,
+            cache_len: int) -> DecodeState:
+  """Runs the prompt through the model into a fresh cache of ``cache_len`` slots.
+
+  Args:
+    model: the module (its config and dtypes).
+    params: parameters.
+    input_ids: ``[B, L]`` left-padded prompt ids.
+    attention_mask: ``[B, L]``.
+    pixel_values: ``[P, C*T*p*p]`` or None.
+    image_grid_thw: ``[N, 3]`` or None.
+    cache_len: ``S >= L`` slots; slots ``L..S-1`` are left for generated (or inserted) tokens.
+  """
+  c = model.config
+  b, l = input_ids.shape
+  features = None
+  if pixel_values is not None:
+    features = model.apply({"params": params}, pixel_values, image_grid_thw, method=qvl.Qwen25VL.encode_images)
+  embeds = model.apply({"params": params}, input_ids, features, method=qvl.Qwen25VL.embed)
+  positions, deltas = mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id=c.image_token_id,
+                                      spatial_merge_size=c.vision.spatial_merge_size)
+  cache = qvl.init_cache(c, b, cache_len, model.dtype)
+  key_mask = jnp.zeros((b, cache_len), bool).at[:, :l].set(attention_mask.astype(bool))
+  logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0, method=qvl.Qwen25VL.decode)
+  return DecodeState(cache=cache, key_mask=key_mask, index=jnp.int32(l), deltas=deltas, logits=logits[:, -1])
+
+
+def decode_step(model: qvl.Qwen25VL, params, state: DecodeState, tokens) -> DecodeState:
+  """Writes ``tokens [B]`` at cache slot ``state.index`` and computes the next logits."""
+  embeds = model.apply({"params": params}, tokens[:, None], None, method=qvl.Qwen25VL.embed)
+  pos = jnp.broadcast_to((state.index + state.deltas)[None, :, None], (3, tokens.shape[0], 1))
+  key_mask = jax.lax.dynamic_update_slice(state.key_mask, jnp.ones((tokens.shape[0], 1), bool), (0, state.index))
+  logits, cache = model.apply({"params": params}, embeds, pos, key_mask, state.cache, state.index,
+                              method=qvl.Qwen25VL.decode)
+  return state.replace(cache=cache, key_mask=key_mask, index=state.index + 1, logits=logits[:, -1])
+
+
+def repeat_rows(state: DecodeState, group_size: int) -> DecodeState:
+  """Broadcasts a prefilled state to ``group_size`` consecutive copies of every row."""
+  if group_size == 1:
+    return state
+  rep = lambda x: jnp.repeat(x, group_size, axis=0) if getattr(x, "ndim", 0) >= 1 else x
+  return jax.tree_util.tree_map(rep, state)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "stop_token_ids", "pad_id", "group_size"))
+def _generate(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, rng, *, max_new_tokens,
+              temperature, top_k, top_p, stop_token_ids, pad_id, group_size):
+  l = input_ids.shape[1]
+  state = prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, l + max_new_tokens)
+  state = repeat_rows(state, group_size)
+  rows = input_ids.shape[0] * group_size
+  stops = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
+
+  def cond(carry):
+    i, _, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, state, out, logps, done, rng = carry
+    rng, sub = jax.random.split(rng)
+    tok, logp = sample_logits(state.logits, sub, temperature, top_k, top_p)
+    tok = jnp.where(done, pad_id, tok)
+    logp = jnp.where(done, 0.0, logp)
+    out = out.at[:, i].set(tok)
+    logps = logps.at[:, i].set(logp)
+    done = done | jnp.isin(tok, stops)
+    state = decode_step(model, params, state, tok)
+    return i + 1, state, out, logps, done, rng
+
+  out = jnp.full((rows, max_new_tokens), pad_id, jnp.int32)
+  logps = jnp.zeros((rows, max_new_tokens), jnp.float32)
+  init = (jnp.int32(0), state, out, logps, jnp.zeros((rows,), bool), rng)
+  _, _, out, logps, _, _ = jax.lax.while_loop(cond, body, init)
+  is_stop = jnp.isin(out, stops) & (stops[0] >= 0)
+  first_stop = jnp.where(is_stop.any(-1), jnp.argmax(is_stop, axis=-1) + 1, max_new_tokens)
+  return {"tokens": out, "logprobs": logps, "lengths": first_stop.astype(jnp.int32)}
+
+
+def generate(config: ModelConfig, params, inputs, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, rng=None, stop_token_ids: Sequence[int] = (), group_size: int = 1,
+             dtype=jnp.float32, pad_id: int | None = None) -> dict:
+  """Samples continuations of a left-padded batch (DESIGN.md §5).
+
+  Args:
+    config: model config.
+    params: parameters (any sharding).
+    inputs: dict as the model takes it: ``input_ids [B, L]``, ``attention_mask [B, L]`` (left
+      padding), optional ``pixel_values [P, C*T*p*p]`` and ``image_grid_thw [N, 3]``.
+    max_new_tokens: ``N``.
+    temperature: 0 = greedy, which equals transformers' ``generate(do_sample=False)``.
+    top_k: 0 = off.
+    top_p: 1 = off.
+    rng: PRNG key for sampling (default ``jax.random.key(0)``).
+    stop_token_ids: a row stops after emitting one of these (it is kept in ``tokens``).
+    group_size: ``G`` samples per prompt from one shared prefill; rows ``b*G .. b*G+G-1``.
+    dtype: compute dtype.
+    pad_id: fills ``tokens`` after a stop; default ``config.pad_token_id`` (or 0).
+
+  Returns:
+    dict with ``tokens [B*G, N]`` int32 (new tokens only, ``pad_id`` after a stop),
+    ``logprobs [B*G, N]`` float32 (0 after a stop) and ``lengths [B*G]`` (tokens up to and
+    including the stop token).
+  """
+  if "input_ids" not in inputs:
+    raise ValueError("inputs must hold input_ids (and attention_mask, pixel_values, image_grid_thw as needed)")
+  input_ids = np.asarray(inputs["input_ids"], np.int32)
+  attention_mask = np.asarray(inputs.get("attention_mask", np.ones_like(input_ids)), np.int32)
+  if (attention_mask[:, -1] == 0).any():
+    raise ValueError("generate expects left padding: the last position of every row must be a real token")
+  grid = inputs.get("image_grid_thw")
+  qvl.check_image_tokens(input_ids, grid, config)
+  pad = config.pad_token_id if pad_id is None else pad_id
+  model = qvl.Qwen25VL(config, dtype=dtype, param_dtype=dtype)
+  return _generate(model, params, input_ids, attention_mask, inputs.get("pixel_values"),
+                   None if grid is None else np.asarray(grid, np.int32),
+                   jax.random.key(0) if rng is None else rng, max_new_tokens=int(max_new_tokens),
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                   stop_token_ids=tuple(int(t) for t in stop_token_ids), pad_id=int(pad or 0),
+                   group_size=int(group_size))

@@ -1,0 +1,149 @@
+"""The sampler: greedy equals transformers' generate, log-probs equal the forward pass, options work."""
+
+import hf_fixtures
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagent_jax.models import hf_io
+from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.sampling import sampler
+
+N_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  from transformers import Qwen2VLImageProcessor
+  path = hf_fixtures.save_tiny_hf_checkpoint(tmp_path_factory.mktemp("gen"), seed=3)
+  config, params = hf_io.load_pretrained(path)
+  rng = np.random.RandomState(0)
+  proc = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 256)
+  imgs = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(60, 90), (200, 56), (90, 150)]]
+  out = proc(images=imgs, return_tensors="np")
+  return config, params, hf_fixtures.make_tiny_hf_model(seed=3), out["pixel_values"], out["image_grid_thw"]
+
+
+def _batch(config, rng, rows_parts):
+  rows = []
+  for parts in rows_parts:
+    ids = []
+    for p in parts:
+      if isinstance(p, int):
+        ids += list(rng.randint(0, 400, size=p))
+      else:
+        ids += [config.vision_start_token_id] + [config.image_token_id] * (int(np.prod(p)) // 4) + [
+            config.vision_end_token_id]
+    rows.append(ids)
+  width = max(map(len, rows))
+  ids = np.array([[config.pad_token_id] * (width - len(r)) + r for r in rows])
+  mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+  return ids, mask
+
+
+def _hf_greedy(model, config, ids, mask, pv=None, grid=None):
+  ids_t = torch.tensor(ids)
+  kw = {}
+  if pv is not None:
+    kw = dict(pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grid),
+              mm_token_type_ids=(ids_t == config.image_token_id).int())
+  with torch.no_grad():
+    out = model.generate(input_ids=ids_t, attention_mask=torch.tensor(mask), max_new_tokens=N_NEW, do_sample=False,
+                         pad_token_id=config.pad_token_id, eos_token_id=None, **kw)
+  return out[:, ids.shape[1]:].numpy()
+
+
+def test_greedy_equals_transformers_text_left_padded(setup):
+  config, params, torch_model, _, _ = setup
+  ids, mask = _batch(config, np.random.RandomState(1), [[5], [9], [2]])
+  ours = sampler.generate(config, params, dict(input_ids=ids, attention_mask=mask), max_new_tokens=N_NEW)
+  np.testing.assert_array_equal(np.asarray(ours["tokens"]), _hf_greedy(torch_model, config, ids, mask))
+  np.testing.assert_array_equal(np.asarray(ours["lengths"]), [N_NEW] * 3)
+
+
+def test_greedy_equals_transformers_multi_image_left_padded(setup):
+  config, params, torch_model, pv, grid = setup
+  ids, mask = _batch(config, np.random.RandomState(2), [[3, grid[0], 4, grid[1], 2], [2, grid[2], 2]])
+  inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)
+  ours = sampler.generate(config, params, inputs, max_new_tokens=N_NEW)
+  np.testing.assert_array_equal(np.asarray(ours["tokens"]), _hf_greedy(torch_model, config, ids, mask, pv, grid))
+
+
+def test_logprobs_equal_the_forward_pass_and_stop_tokens(setup):
+  config, params, _, pv, grid = setup
+  ids, mask = _batch(config, np.random.RandomState(3), [[3, grid[2], 4], [6]])
+  inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv[-int(grid[2].prod()):], image_grid_thw=grid[2:])
+  free = sampler.generate(config, params, inputs, max_new_tokens=12, temperature=1.0, rng=jax.random.key(5))
+  stop = int(np.asarray(free["tokens"])[0, 4])  # make row 0 stop at its 5th token (or earlier)
+  out = sampler.generate(config, params, inputs, max_new_tokens=12, temperature=1.0, rng=jax.random.key(5),
+                         stop_token_ids=(stop,))
+  toks, logps, lens = (np.asarray(out[k]) for k in ("tokens", "logprobs", "lengths"))
+  first = int(np.flatnonzero(toks[0] == stop)[0])
+  assert lens[0] == first + 1 <= 5
+  assert (toks[0, lens[0]:] == config.pad_token_id).all() and (logps[0, lens[0]:] == 0).all()
+  np.testing.assert_array_equal(toks[0, :lens[0]], np.asarray(free["tokens"])[0, :lens[0]])
+  # Teacher-forced forward pass over prompt + sampled tokens reproduces the sampling log-probs.
+  full = np.concatenate([ids, toks], axis=1)
+  fmask = np.concatenate([mask, np.ones_like(toks)], axis=1)
+  model = qvl.Qwen25VL(config)
+  logits = jax.jit(lambda p, i, m, x, g: model.apply({"params": p}, input_ids=i, attention_mask=m, pixel_values=x,
+                                                     image_grid_thw=g))(
+      params, full, fmask, inputs["pixel_values"], inputs["image_grid_thw"])
+  lp = jax.nn.log_softmax(np.asarray(logits)[:, ids.shape[1] - 1:-1], axis=-1)
+  ref = np.take_along_axis(np.asarray(lp), toks[..., None], axis=-1)[..., 0]
+  for r in range(2):
+    np.testing.assert_allclose(logps[r, :lens[r]], ref[r, :lens[r]], atol=1e-4)
+
+
+def test_group_rows_share_one_prefill(setup):
+  config, params, _, _, _ = setup
+  ids, mask = _batch(config, np.random.RandomState(4), [[4], [7]])
+  inputs = dict(input_ids=ids, attention_mask=mask)
+  greedy = np.asarray(sampler.generate(config, params, inputs, max_new_tokens=8)["tokens"])
+  grouped = np.asarray(sampler.generate(config, params, inputs, max_new_tokens=8, group_size=3)["tokens"])
+  np.testing.assert_array_equal(grouped, np.repeat(greedy, 3, axis=0))
+  sampled = np.asarray(sampler.generate(config, params, inputs, max_new_tokens=8, group_size=4, temperature=2.0,
+                                        rng=jax.random.key(1))["tokens"])
+  assert sampled.shape == (8, 8)
+  assert len({tuple(r) for r in sampled[:4]}) > 1  # the group's samples differ
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(setup):
+  config, params, _, _, _ = setup
+  ids, mask = _batch(config, np.random.RandomState(5), [[6]])
+  inputs = dict(input_ids=ids, attention_mask=mask)
+  greedy = np.asarray(sampler.generate(config, params, inputs, max_new_tokens=10)["tokens"])
+  for kw in (dict(top_k=1), dict(top_p=1e-6)):
+    out = sampler.generate(config, params, inputs, max_new_tokens=10, temperature=1.5, rng=jax.random.key(2), **kw)
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), greedy)
+
+
+def test_sample_logits_follows_the_distribution():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  draw = jax.jit(jax.vmap(lambda k: sampler.sample_logits(logits, k, 1.0)[0][0]))
+  counts = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), 20000))), minlength=4) / 20000
+  np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+  # top-p 0.7 keeps the two most likely tokens (0.5 + 0.3 >= 0.7), renormalised.
+  draw_p = jax.jit(jax.vmap(lambda k: sampler.sample_logits(logits, k, 1.0, top_p=0.7)[0][0]))
+  counts = np.bincount(np.asarray(draw_p(jax.random.split(jax.random.key(1), 20000))), minlength=4) / 20000
+  np.testing.assert_allclose(counts, [0.625, 0.375, 0, 0], atol=0.015)
+  draw_k = jax.jit(jax.vmap(lambda k: sampler.sample_logits(logits, k, 1.0, top_k=3)[0][0]))
+  counts = np.bincount(np.asarray(draw_k(jax.random.split(jax.random.key(2), 20000))), minlength=4) / 20000
+  np.testing.assert_allclose(counts, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.015)
+  # the reported log-prob is the untruncated one
+  tok, lp = sampler.sample_logits(logits, jax.random.key(3), 1.0, top_k=1)
+  np.testing.assert_allclose(np.asarray(lp), np.log(0.5), rtol=1e-5)
+
+
+def test_generate_rejects_right_padding_and_mismatched_images(setup):
+  config, params, _, pv, grid = setup
+  ids, mask = _batch(config, np.random.RandomState(6), [[4], [7]])
+  with pytest.raises(ValueError, match="left padding"):
+    sampler.generate(config, params, dict(input_ids=ids[:, ::-1], attention_mask=mask[:, ::-1]), max_new_tokens=2)
+  ids, mask = _batch(config, np.random.RandomState(7), [[3, grid[0], 2]])
+  with pytest.raises(qvl.ImageTokenMismatchError):
+    sampler.generate(config, params, dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid),
+                     max_new_tokens=2)
