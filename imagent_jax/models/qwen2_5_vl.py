@@ -206,8 +206,12 @@ class Attention(nn.Module):
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     new_cache = None
     if cache is not None:
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+      # Each row writes at its own slot: rows of an agent rollout drift apart as tool
+      # observations of different lengths are inserted.
+      idx = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
+      k = write(cache["k"], k.astype(cache["k"].dtype), idx)
+      v = write(cache["v"], v.astype(cache["v"].dtype), idx)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     out = masked_softmax_attention(q.reshape(b, l, hkv, hq // hkv, hd), k, v, mask, scale=hd ** -0.5)
@@ -292,13 +296,14 @@ def _guard_image_token_count(x, is_img, n_feat: int):
 def causal_mask(attention_mask, num_queries: int, cache_index=0):
   """``[B, Lq, S]`` mask: key ``s`` is real (``attention_mask [B, S]``) and not after the query.
 
-  Query ``i`` sits at cache index ``cache_index + i``; without a cache ``S == Lq`` and
-  ``cache_index == 0``.
+  Query ``i`` of row ``b`` sits at cache slot ``cache_index[b] + i`` (``cache_index`` is a scalar
+  or ``[B]``); without a cache ``S == Lq`` and ``cache_index == 0``.
   """
-  s = attention_mask.shape[1]
-  qpos = cache_index + jnp.arange(num_queries)
-  allowed = jnp.arange(s)[None, :] <= qpos[:, None]
-  return allowed[None] & attention_mask.astype(bool)[:, None, :]
+  b, s = attention_mask.shape
+  start = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
+  qpos = start[:, None] + jnp.arange(num_queries)[None, :]  # [B, Lq]
+  allowed = jnp.arange(s)[None, None, :] <= qpos[:, :, None]
+  return allowed & attention_mask.astype(bool)[:, None, :]
 
 
 class Qwen25VL(nn.Module):
@@ -350,7 +355,8 @@ class Qwen25VL(nn.Module):
       positions: ``[3, B, Lq]`` M-RoPE positions.
       attention_mask: ``[B, S]`` key mask over the whole cache (``S == Lq`` without a cache).
       cache: optional list (one per layer) of ``{'k', 'v': [B, S, Hkv, hd]}``.
-      cache_index: where the ``Lq`` new tokens are written in the cache.
+      cache_index: cache slot of the first of the ``Lq`` new tokens: a scalar or ``[B]`` (rows
+        may sit at different slots).
 
     Returns:
       ``(logits [B, Lq, V] float32, new cache or None)``.

@@ -33,8 +33,8 @@ class DecodeState:
 
   cache: Any  # list of {'k', 'v': [B, S, Hkv, hd]}
   key_mask: jax.Array  # [B, S] bool: cache slots that hold real tokens
-  index: jax.Array  # [] int32: next cache slot to write
-  deltas: jax.Array  # [B] int32: M-RoPE position of slot c is c + deltas
+  index: jax.Array  # [B] int32: next cache slot to write, per row
+  next_pos: jax.Array  # [B] int32: M-RoPE position (all three streams) of the next text token
   logits: jax.Array  # [B, V] float32: next-token logits
 
 
@@ -95,17 +95,27 @@ def prefill(model: qvl.Qwen25VL, params, input_ids, attention_mask, pixel_values
   cache = qvl.init_cache(c, b, cache_len, model.dtype)
   key_mask = jnp.zeros((b, cache_len), bool).at[:, :l].set(attention_mask.astype(bool))
   logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0, method=qvl.Qwen25VL.decode)
-  return DecodeState(cache=cache, key_mask=key_mask, index=jnp.int32(l), deltas=deltas, logits=logits[:, -1])
+  return DecodeState(cache=cache, key_mask=key_mask, index=jnp.full((b,), l, jnp.int32), next_pos=l + deltas,
+                     logits=logits[:, -1])
 
 
-def decode_step(model: qvl.Qwen25VL, params, state: DecodeState, tokens) -> DecodeState:
-  """Writes ``tokens [B]`` at cache slot ``state.index`` and computes the next logits."""
+def decode_step(model: qvl.Qwen25VL, params, state: DecodeState, tokens, active=None) -> DecodeState:
+  """Writes ``tokens [B]`` at each row's slot ``state.index`` and computes the next logits.
+
+  Rows with ``active [B] == False`` compute but do not advance: their slot stays masked and is
+  overwritten by their next real token.
+  """
+  b = tokens.shape[0]
+  active = jnp.ones((b,), bool) if active is None else active
   embeds = model.apply({"params": params}, tokens[:, None], None, method=qvl.Qwen25VL.embed)
-  pos = jnp.broadcast_to((state.index + state.deltas)[None, :, None], (3, tokens.shape[0], 1))
-  key_mask = jax.lax.dynamic_update_slice(state.key_mask, jnp.ones((tokens.shape[0], 1), bool), (0, state.index))
+  pos = jnp.broadcast_to(state.next_pos[None, :, None], (3, b, 1))
+  slot = jax.nn.one_hot(state.index, state.key_mask.shape[1], dtype=bool) & active[:, None]
+  key_mask = state.key_mask | slot
   logits, cache = model.apply({"params": params}, embeds, pos, key_mask, state.cache, state.index,
                               method=qvl.Qwen25VL.decode)
-  return state.replace(cache=cache, key_mask=key_mask, index=state.index + 1, logits=logits[:, -1])
+  step = active.astype(jnp.int32)
+  return state.replace(cache=cache, key_mask=key_mask, index=state.index + step, next_pos=state.next_pos + step,
+                       logits=jnp.where(active[:, None], logits[:, -1], state.logits))
 
 
 def repeat_rows(state: DecodeState, group_size: int) -> DecodeState:
