@@ -223,3 +223,16 @@ def test_positions_match_transformers_get_rope_index(models, images, side):
     np.testing.assert_array_equal(ids.shape[1] + np.asarray(delta),
                                   mask.sum(1) + ref_delta.numpy().reshape(-1))
     np.testing.assert_array_equal(ids.shape[1] + np.asarray(delta), np.asarray(pos).max(axis=(0, 2)) + 1)
+
+
+def test_static_patch_budget_and_unused_image_slots(models, images):
+  """Patches padded to a budget and all-zero grid rows (unused slots) do not change the logits."""
+  config, params, _ = models
+  ids, mask = _batch(config, [_row(config, np.random.RandomState(10), [3, images[0][1], 2, images[3][1], 4])])
+  pv = np.concatenate([images[0][0], images[3][0]])
+  grid = np.stack([images[0][1], images[3][1]])
+  exact = np.asarray(_forward(config)(params, ids, mask, pv, grid))
+  pv_pad = np.concatenate([pv, np.random.RandomState(0).randn(64, pv.shape[1]).astype(np.float32)])
+  grid_pad = np.concatenate([grid, np.zeros((2, 3), grid.dtype)])
+  padded = np.asarray(_forward(config)(params, ids, mask, pv_pad, grid_pad))
+  np.testing.assert_allclose(padded, exact, atol=1e-5)

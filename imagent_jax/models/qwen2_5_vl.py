@@ -237,23 +237,31 @@ class DecoderLayer(nn.Module):
     return x, new_cache
 
 
-def merge_image_features(inputs_embeds, input_ids, image_features, image_token_id: int):
+def merge_image_features(inputs_embeds, input_ids, image_features, image_token_id: int, num_features=None):
   """Writes ``image_features [N, D]`` over the image placeholder tokens, in row-major order.
 
   ``inputs_embeds [B, L, D]``; the count of ``image_token_id`` in ``input_ids [B, L]`` must equal
-  ``N``. When ``input_ids`` is concrete, a mismatch raises ``ImageTokenMismatchError`` at once.
-  Under ``jit`` nothing may raise (an exception in one device's callback would leave the others
-  waiting in a collective, and the process aborts), so a mismatch logs the same message as an
-  error from a host callback and turns every embedding into NaN: the logits, the loss and the
-  trainer's non-finite check all show it. Host-side code should call ``check_image_tokens`` on
-  its batches before they enter jitted code.
+  the number of real features: ``num_features`` (a scalar, may be traced, for feature arrays
+  padded to a static patch budget) or else ``N``. When the inputs are concrete, a mismatch raises
+  ``ImageTokenMismatchError`` at once. Under ``jit`` nothing may raise (an exception in one
+  device's callback would leave the others waiting in a collective, and the process aborts), so a
+  mismatch logs the same message as an error from a host callback and turns every embedding into
+  NaN: the logits, the loss and the trainer's non-finite check all show it. Host-side code should
+  call ``check_image_tokens`` on its batches before they enter jitted code.
   """
   is_img = input_ids == image_token_id
   n_feat = image_features.shape[0]
   idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
   gathered = image_features[jnp.clip(idx, 0, max(n_feat - 1, 0))].astype(inputs_embeds.dtype)
   out = jnp.where(is_img[..., None], gathered, inputs_embeds)
-  return _guard_image_token_count(out, is_img, n_feat)
+  return _guard_image_token_count(out, is_img, n_feat if num_features is None else num_features)
+
+
+def num_real_features(image_grid_thw, config: ModelConfig):
+  """Merged features the images of ``image_grid_thw [N, 3]`` give (numpy if concrete, else traced)."""
+  if isinstance(image_grid_thw, jax.core.Tracer):
+    return jnp.sum(jnp.prod(image_grid_thw, axis=-1)) // config.vision.merge_unit
+  return int(np.asarray(image_grid_thw).prod(-1).sum()) // config.vision.merge_unit
 
 
 def check_image_tokens(input_ids, image_grid_thw, config: ModelConfig) -> None:
@@ -277,19 +285,20 @@ def _mismatch_message(n_tok: int, n_feat: int) -> str:
           "its image's token count, and pass every image of the batch in order.")
 
 
-def _guard_image_token_count(x, is_img, n_feat: int):
-  if not isinstance(is_img, jax.core.Tracer):
+def _guard_image_token_count(x, is_img, n_feat):
+  traced = isinstance(is_img, jax.core.Tracer) or isinstance(n_feat, jax.core.Tracer)
+  if not traced:
     n_tok = int(np.asarray(is_img).sum())
-    if n_tok != n_feat:
-      raise ImageTokenMismatchError(_mismatch_message(n_tok, n_feat))
+    if n_tok != int(n_feat):
+      raise ImageTokenMismatchError(_mismatch_message(n_tok, int(n_feat)))
     return x
+
+  def report(n, f):
+    if int(n) != int(f):
+      logging.getLogger("imagent_jax").error("%s (inside jit: logits are NaN)", _mismatch_message(int(n), int(f)))
+
   n_tok = is_img.sum()
-
-  def report(n):
-    if int(n) != n_feat:
-      logging.getLogger("imagent_jax").error("%s (inside jit: logits are NaN)", _mismatch_message(int(n), n_feat))
-
-  jax.debug.callback(report, n_tok)
+  jax.debug.callback(report, n_tok, n_feat)
   return jnp.where(n_tok == n_feat, x, jnp.nan)
 
 
@@ -338,11 +347,15 @@ class Qwen25VL(nn.Module):
     """``pixel_values [P, C*T*p*p]``, ``image_grid_thw [N, 3]`` -> ``[P // 4, D]`` merged features."""
     return self.visual(pixel_values, image_grid_thw)
 
-  def embed(self, input_ids, image_features=None):
-    """Token embeddings ``[B, L, D]`` with ``image_features [N, D]`` over the placeholders."""
+  def embed(self, input_ids, image_features=None, num_image_features=None):
+    """Token embeddings ``[B, L, D]`` with ``image_features [N, D]`` over the placeholders.
+
+    ``num_image_features``: how many of the ``N`` features are real when they come from patches
+    padded to a static budget (default: all ``N``).
+    """
     x = self.embed_tokens(jnp.asarray(input_ids))
     if image_features is not None:
-      x = merge_image_features(x, input_ids, image_features, self.config.image_token_id)
+      x = merge_image_features(x, input_ids, image_features, self.config.image_token_id, num_image_features)
     else:
       x = _guard_image_token_count(x, input_ids == self.config.image_token_id, 0)
     return x
@@ -384,8 +397,9 @@ class Qwen25VL(nn.Module):
     Args:
       input_ids: ``[B, L]`` int, image placeholders already expanded.
       attention_mask: ``[B, L]`` 1 = token, 0 = padding (left or right); default all ones.
-      pixel_values: ``[P, C*T*p*p]`` patches of all images of the batch, or None.
-      image_grid_thw: ``[N, 3]`` grid of every image, or None.
+      pixel_values: ``[P, C*T*p*p]`` patches of all images of the batch, or None. ``P`` may exceed
+        ``sum(t*h*w)`` (a static patch budget): the trailing patches are ignored.
+      image_grid_thw: ``[N, 3]`` grid of every image, or None; all-zero rows are unused slots.
       position_ids: ``[3, B, L]`` M-RoPE positions; computed by ``mrope_positions`` when None.
     """
     input_ids = jnp.asarray(input_ids) if not isinstance(input_ids, jax.core.Tracer) else input_ids
@@ -396,7 +410,8 @@ class Qwen25VL(nn.Module):
       if image_grid_thw is None:
         raise ValueError("pixel_values were given without image_grid_thw")
       features = self.encode_images(pixel_values, image_grid_thw)
-    x = self.embed(input_ids, features)
+    x = self.embed(input_ids, features,
+                   None if features is None else num_real_features(image_grid_thw, self.config))
     if position_ids is None:
       position_ids, _ = mrope_positions(input_ids, attention_mask, image_grid_thw,
                                         image_token_id=self.config.image_token_id,

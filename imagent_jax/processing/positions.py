@@ -20,7 +20,7 @@ import numpy as np
 
 @functools.partial(jax.jit, static_argnames=("image_token_id", "spatial_merge_size"))
 def mrope_positions(input_ids, attention_mask, image_grid_thw, *, image_token_id: int,
-                    spatial_merge_size: int = 2):
+                    spatial_merge_size: int = 2, offset=None):
   """Computes M-RoPE positions for a (padded) batch.
 
   Args:
@@ -33,6 +33,9 @@ def mrope_positions(input_ids, attention_mask, image_grid_thw, *, image_token_id
       ignored.
     image_token_id: id of the image placeholder token.
     spatial_merge_size: side of the patch merger (2 for Qwen2.5-VL).
+    offset: optional ``[B]`` position at which each row's first real token sits (default 0):
+      a chunk appended to a running sequence (a tool observation in the rollout) continues the
+      stream where it stopped, exactly as if the whole sequence had been positioned at once.
 
   Returns:
     ``(positions [3, B, L] int32, deltas [B] int32)``. Padding positions are 0. ``deltas`` is
@@ -74,6 +77,8 @@ def mrope_positions(input_ids, attention_mask, image_grid_thw, *, image_token_id
   pos = jnp.stack([base + jnp.where(is_img, t_idx, 0),
                    base + jnp.where(is_img, h_idx, 0),
                    base + jnp.where(is_img, w_idx, 0)])
+  if offset is not None:
+    pos = pos + jnp.asarray(offset, jnp.int32)[None, :, None]
   pos = jnp.where(valid[None], pos, 0).astype(jnp.int32)
   deltas = (jnp.max(jnp.where(valid[None], pos, -1), axis=(0, 2)) + 1 - l).astype(jnp.int32)
   return pos, deltas
