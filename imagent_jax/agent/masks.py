@@ -143,8 +143,7 @@ def zero_variance_groups(rewards, group_size: int, valid=None, tol: float = 1e-6
   """Finds groups whose rewards carry no GRPO signal.
 
   A group carries no signal when all its (valid) rewards are equal within ``tol``
-  (``max - min <= tol``); with ``valid``, a group with fewer than two valid rows has no signal
-  either (nothing to compare).
+  (``max - min <= tol``); with ``valid``, so does a group with fewer than two valid rows.
 
   Args:
     rewards: ``[R]`` float total reward per trajectory.
@@ -162,7 +161,7 @@ def zero_variance_groups(rewards, group_size: int, valid=None, tol: float = 1e-6
   ok = jnp.ones_like(r, bool) if valid is None else jnp.asarray(valid).astype(bool).reshape(g, group_size)
   hi = jnp.max(jnp.where(ok, r, -jnp.inf), axis=1)
   lo = jnp.min(jnp.where(ok, r, jnp.inf), axis=1)
-  has_signal = (jnp.sum(ok, axis=1) >= 2) & (hi - lo > tol)
+  has_signal = hi - lo > tol  # -inf for a group without valid rows
   keep = jnp.repeat(has_signal, group_size).astype(jnp.float32)
   return keep, jnp.sum(~has_signal, dtype=jnp.int32)
 

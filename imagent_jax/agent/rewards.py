@@ -395,8 +395,8 @@ def format_ok(turns: Sequence[str], *, require_think: bool = True) -> bool:
   parsed = [protocol.parse_turn(t, require_think=require_think) for t in turns]
   if not all(t.format_ok for t in parsed):
     return False
-  calls_ok = all(t.tool_call is not None and t.answer is None for t in parsed[:-1])
-  return calls_ok and parsed[-1].answer is not None and parsed[-1].tool_call is None
+  # A format_ok turn holds exactly one action: a valid tool call or a non-empty answer.
+  return all(t.tool_call is not None for t in parsed[:-1]) and parsed[-1].answer is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,7 +553,7 @@ def tool_helpful(acc: np.ndarray, used_tool: np.ndarray, group_size: int,
   n_tool, n_plain = used.sum(1), (~used).sum(1)
   mean_tool = np.where(used, acc, 0).sum(1) / np.maximum(n_tool, 1)
   mean_plain = np.where(used, 0, acc).sum(1) / np.maximum(n_plain, 1)
-  helpful = np.where(n_plain == 0, without_baseline, mean_tool > mean_plain) & (n_tool > 0)
+  helpful = np.where(n_plain == 0, without_baseline, mean_tool > mean_plain)  # no tool rows: mean_tool = 0
   return np.repeat(helpful, group_size).astype(np.float32)
 
 
@@ -566,9 +566,9 @@ def _tool_gain_helpful_reward(batch: RewardBatch) -> dict[str, np.ndarray]:
           "tool_helpful": helpful}
 
 
-def compute_rewards(responses: Sequence[str | Sequence[str]], answers: Sequence[Any], options: Sequence[Any] | None,
-                    num_successful_image_calls, group_size: int, config: RewardConfig | None = None, *,
-                    num_malformed_calls=None) -> dict[str, np.ndarray]:
+def compute_rewards(responses: Sequence[str | Sequence[str]], answers: Sequence[Any],
+                    options: Sequence[Any] | None, num_successful_image_calls, group_size: int,
+                    config: RewardConfig | None = None, *, num_malformed_calls=None) -> dict[str, np.ndarray]:
   """Rewards of a rollout batch, with every part for logging.
 
   Args:

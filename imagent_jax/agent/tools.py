@@ -17,8 +17,8 @@ Box rules of ``confirm`` (each failure is an error observation, never an excepti
 * a box must be a list of 4 finite JSON numbers, otherwise ``bad_box``;
 * reversed corners are swapped (the region is unambiguous);
 * the box is clamped to the view; nothing left: ``box_outside`` (``bad_box`` for a zero-area box);
-* a side shorter than ``min_box_side`` *root* pixels grows around its centre (shifted to stay in
-  the view), so no zoom goes below the root's own resolution by more than the budget allows;
+* a side shorter than ``min_box_side`` *root* pixels grows around its centre (shifted to stay
+  inside the view), which bounds how far zooms of zooms can magnify the root;
 * a region more elongated than ``max_aspect``:1 is refused (``extreme_aspect``).
 
 The returned zoom is resized (up, usually) to use the visual-token budget of a tool view
@@ -171,9 +171,9 @@ class ToolConfig:
   Attributes:
     tools: enabled tool names (None: every registered tool); others answer ``unknown_tool``.
     max_tool_images: images the tools may return per trajectory.
-    view_min_pixels: smallest area of a returned view.
-    view_max_pixels: visual-token budget of a returned view, in pixels (28*28 per token); keep
-      it at most the processor's ``max_pixels`` so the processor does not resize it again.
+    view_min_pixels: smallest area of a returned view, at least ``input_min_pixels``.
+    view_max_pixels: visual-token budget of a returned view, in pixels (28*28 per token), at
+      most ``input_max_pixels`` (so the processor shows a view at its own size).
     input_min_pixels: the processor's ``min_pixels`` (how the inputs were shown).
     input_max_pixels: the processor's ``max_pixels``.
     min_box_side: shortest crop side, in root pixels (smaller boxes grow around their centre).
@@ -193,12 +193,13 @@ class ToolConfig:
       object.__setattr__(self, "tools", available_tools(self.tools))
     if self.max_tool_images < 0:
       raise ValueError(f"max_tool_images must be >= 0, got {self.max_tool_images}")
-    if not 0 < self.view_min_pixels <= self.view_max_pixels:
-      raise ValueError(f"need 0 < view_min_pixels <= view_max_pixels, got {self.view_min_pixels}, "
-                       f"{self.view_max_pixels}")
-    if not 0 < self.input_min_pixels <= self.input_max_pixels:
-      raise ValueError(f"need 0 < input_min_pixels <= input_max_pixels, got {self.input_min_pixels}, "
-                       f"{self.input_max_pixels}")
+    # Views inside the processor's [min_pixels, max_pixels] with sides multiples of 28 are shown
+    # at their own size, so boxes in a view's pixels mean what the model saw.
+    if not (0 < self.input_min_pixels <= self.view_min_pixels <= self.view_max_pixels
+            <= self.input_max_pixels):
+      raise ValueError("need 0 < input_min_pixels <= view_min_pixels <= view_max_pixels <= "
+                       f"input_max_pixels, got {self.input_min_pixels}, {self.view_min_pixels}, "
+                       f"{self.view_max_pixels}, {self.input_max_pixels}")
     if not 1.0 <= self.max_aspect < images_lib.MAX_ASPECT_RATIO:
       raise ValueError(f"max_aspect must lie in [1, {images_lib.MAX_ASPECT_RATIO}), got {self.max_aspect}")
     if self.view_max_pixels < _FACTOR * _FACTOR * self.max_aspect:

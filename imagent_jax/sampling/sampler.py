@@ -72,7 +72,7 @@ def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: 
 
 
 def prefill(model: qvl.Qwen25VL, params, input_ids, attention_mask, pixel_values, image_grid_thw,
-            cache_len: int) -> DecodeState:
+            cache_len: int, num_image_features=None) -> DecodeState:
   """Runs the prompt through the model into a fresh cache of ``cache_len`` slots.
 
   Args:
@@ -83,13 +83,14 @@ def prefill(model: qvl.Qwen25VL, params, input_ids, attention_mask, pixel_values
     pixel_values: ``[P, C*T*p*p]`` or None.
     image_grid_thw: ``[N, 3]`` or None.
     cache_len: ``S >= L`` slots; slots ``L..S-1`` are left for generated (or inserted) tokens.
+    num_image_features: real merged features when ``pixel_values`` is padded to a static budget.
   """
   c = model.config
   b, l = input_ids.shape
   features = None
   if pixel_values is not None:
     features = model.apply({"params": params}, pixel_values, image_grid_thw, method=qvl.Qwen25VL.encode_images)
-  embeds = model.apply({"params": params}, input_ids, features, method=qvl.Qwen25VL.embed)
+  embeds = model.apply({"params": params}, input_ids, features, num_image_features, method=qvl.Qwen25VL.embed)
   positions, deltas = mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id=c.image_token_id,
                                       spatial_merge_size=c.vision.spatial_merge_size)
   cache = qvl.init_cache(c, b, cache_len, model.dtype)

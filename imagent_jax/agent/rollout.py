@@ -1,0 +1,466 @@
+"""The multi-turn agent rollout as one jitted program.
+
+``lax.while_loop`` decodes one token for every row. When a row closes a tool call
+(``</tool_call>``), ``io_callback`` runs the host side for the rows that need it: it decodes the
+turn, parses the call, runs the tool on the original images and returns a fixed-shape
+observation — token ids (the turn end, the tool response with the image placeholders expanded,
+the next assistant header), patches, grid and a stop flag. In-graph, the vision tower encodes the
+view and the observation is prefilled into the KV cache at each row's own slot, marked as
+non-action tokens, with M-RoPE positions continued by the shared ``mrope_positions``.
+
+Every shape is static: prompts padded to ``max_prompt_len`` and ``prompt_patches``, each
+observation to ``obs_max_tokens`` and ``view_max_patches``. One compiled program serves every
+batch of the same config.
+
+The host side keeps per-trajectory state (``ToolContext``: views and provenance) in a registry
+keyed by an episode id passed through the jitted program, so the callback is one module-level
+function and the rollout compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import threading
+from typing import Any, NamedTuple, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from imagent_jax.agent import masks as masks_lib
+from imagent_jax.agent import protocol
+from imagent_jax.agent import tools as tools_lib
+from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.processing import chat
+from imagent_jax.processing import images as images_lib
+from imagent_jax.processing.positions import mrope_positions
+from imagent_jax.sampling import sampler
+
+RUNNING = -1  # in-graph status of a row still going
+_ENDED = 100  # in-graph: the row emitted end-of-turn; the host decides answered / no answer
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Static limits and sampling settings of a rollout (hashable: it keys the compiled program).
+
+  Attributes:
+    group_size: rollouts per prompt (G), sharing one prefill.
+    max_prompt_len: prompts are left-padded to this many tokens.
+    prompt_patches: pixel patches of all prompt images of a batch are padded to this budget.
+    max_prompt_images: image slots of a batch (grids padded with zero rows).
+    max_new_tokens: per trajectory, generated plus observation tokens.
+    max_tool_calls: a tool call beyond this ends the trajectory (``STATUS_TURN_LIMIT``).
+    obs_max_tokens: static size of one observation chunk (text + image tokens).
+    view_max_patches: static patch slot of one returned view (its pixel budget / 14**2).
+    temperature, top_k, top_p: sampling (see ``sampler.sample_logits``).
+  """
+
+  group_size: int = 4
+  max_prompt_len: int = 512
+  prompt_patches: int = 2048
+  max_prompt_images: int = 4
+  max_new_tokens: int = 256
+  max_tool_calls: int = 3
+  obs_max_tokens: int = 128
+  view_max_patches: int = 256
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.view_max_patches % 4:
+      raise ValueError("view_max_patches must be a multiple of 4 (2x2 merge units)")
+    if self.obs_max_tokens < self.view_max_patches // 4 + 16:
+      raise ValueError(f"obs_max_tokens={self.obs_max_tokens} cannot hold a view of {self.view_max_patches // 4} "
+                       "image tokens plus the tool response text; raise it")
+
+
+@flax.struct.dataclass
+class _Carry:
+  dec: sampler.DecodeState
+  tokens: jax.Array  # [R, S + K] int32 sequence buffer (slot = cache slot)
+  action: jax.Array  # [R, S + K] bool: sampled by the policy
+  logprobs: jax.Array  # [R, S + K] float32 sampling log-probs at action slots
+  turn_start: jax.Array  # [R] slot where the current assistant turn starts
+  num_sampled: jax.Array  # [R] tokens sampled so far (indexes forced tokens)
+  done: jax.Array  # [R] bool
+  status: jax.Array  # [R] int32
+  step: jax.Array  # [] int32
+  rng: jax.Array
+
+
+# ------------------------------------------------------------------------------------ host side
+
+
+class Call(NamedTuple):
+  """One tool call of a trajectory, as the host saw it."""
+
+  name: str | None  # the tool named, None when the call did not parse
+  ok: bool
+  error_kind: str | None  # tools.ERROR_KINDS, or "turn_limit"
+  view_index: int | None  # 1-based number of the returned view
+  entered: bool  # the returned view entered the context (it fit in the observation slot)
+
+
+@dataclasses.dataclass
+class _Episode:
+  """Host state of one rollout call."""
+
+  contexts: list  # [R] ToolContext
+  tokenizer: Any
+  tool_config: tools_lib.ToolConfig
+  cfg: RolloutConfig
+  seq_len: int
+  merge_size: int
+  image_pad_id: int
+  turns: list  # [R] list of assistant turn texts that ended in a tool call
+  calls: list  # [R] list of Call
+
+
+_EPISODES: dict[int, _Episode] = {}
+_EPISODE_IDS = itertools.count(1)
+_LOCK = threading.Lock()
+
+
+def _observation(ep: _Episode, row: int, turn_text: str, cursor: int):
+  """Runs one row's tool call; returns ``(ids, patches, grid, stop_status)`` (ids None to stop)."""
+  ctx = ep.contexts[row]
+  turn = protocol.parse_turn(turn_text)
+  ep.turns[row].append(turn_text)
+  name = turn.tool_call.name if turn.tool_call is not None else None
+  if len(ep.calls[row]) >= ep.cfg.max_tool_calls:
+    ep.calls[row].append(Call(name, False, "turn_limit", None, False))
+    return None, None, None, masks_lib.STATUS_TURN_LIMIT
+  result = tools_lib.run_tool_call(ctx, turn)
+  patches, grid = None, None
+  if result.image is not None:
+    patches, grid = images_lib.preprocess_image(result.image, min_pixels=ep.tool_config.view_min_pixels,
+                                                max_pixels=ep.cfg.view_max_patches * 14 * 14)
+    grid = np.asarray(grid, np.int64)
+  text = protocol.observation_suffix(result.text, result.image is not None)
+  ids = ep.tokenizer.encode(text)
+  if grid is not None:
+    ids = chat.expand_image_placeholders(ids, grid[None], merge_size=ep.merge_size, image_pad_id=ep.image_pad_id)
+  if len(ids) > ep.cfg.obs_max_tokens:
+    # An error text too long for the observation slot: shorten the text, keep the image.
+    short = protocol.observation_suffix(result.text[:80], result.image is not None)
+    ids = ep.tokenizer.encode(short)
+    if grid is not None:
+      ids = chat.expand_image_placeholders(ids, grid[None], merge_size=ep.merge_size, image_pad_id=ep.image_pad_id)
+  fits = len(ids) <= ep.cfg.obs_max_tokens and cursor + len(ids) + 1 <= ep.seq_len
+  ep.calls[row].append(Call(name, result.ok, result.error_kind, result.view_index,
+                            fits and result.image is not None))
+  if not fits:
+    return None, None, None, masks_lib.STATUS_TRUNCATED
+  return list(ids), patches, grid, None
+
+
+def _host_step(episode_id, need, tokens, turn_start, cursor):
+  """io_callback target: observations for the rows in ``need``. Fixed-shape outputs."""
+  ep = _EPISODES[int(episode_id)]
+  r = need.shape[0]
+  k, p = ep.cfg.obs_max_tokens, ep.cfg.view_max_patches
+  obs = np.zeros((r, k), np.int32)
+  obs_len = np.zeros((r,), np.int32)
+  pixels = np.zeros((r * p, 3 * 2 * 14 * 14), np.float32)
+  grid = np.zeros((r, 3), np.int32)
+  stop = np.zeros((r,), bool)
+  stop_status = np.full((r,), RUNNING, np.int32)
+  filled = 0
+  for row in np.flatnonzero(need):
+    text = ep.tokenizer.decode(tokens[row, turn_start[row]:cursor[row]].tolist())
+    ids, patches, g, status = _observation(ep, int(row), text, int(cursor[row]))
+    if ids is None:
+      stop[row], stop_status[row] = True, status
+      continue
+    obs[row, :len(ids)] = ids
+    obs_len[row] = len(ids)
+    if patches is not None:
+      pixels[filled:filled + len(patches)] = patches  # views packed in row order, padding at the end
+      filled += len(patches)
+      grid[row] = g
+  return obs, obs_len, pixels, grid, stop, stop_status
+
+
+# ---------------------------------------------------------------------------------- device side
+
+
+def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: RolloutConfig, seq_len: int):
+  """Host call for the rows in ``need``, then prefill of their observations into the cache."""
+  r, k, p = need.shape[0], cfg.obs_max_tokens, cfg.view_max_patches
+  dec = carry.dec
+  patch_dim = model.config.vision.patch_dim
+  shapes = (jax.ShapeDtypeStruct((r, k), jnp.int32), jax.ShapeDtypeStruct((r,), jnp.int32),
+            jax.ShapeDtypeStruct((r * p, patch_dim), jnp.float32), jax.ShapeDtypeStruct((r, 3), jnp.int32),
+            jax.ShapeDtypeStruct((r,), bool), jax.ShapeDtypeStruct((r,), jnp.int32))
+  obs, obs_len, pixels, grid, stop, stop_status = io_callback(
+      _host_step, shapes, episode_id, need, carry.tokens, carry.turn_start, dec.index, ordered=True)
+  obs_mask = jnp.arange(k)[None, :] < obs_len[:, None]
+  features = model.apply({"params": params}, pixels, grid, method=qvl.Qwen25VL.encode_images)
+  embeds = model.apply({"params": params}, obs, features, qvl.num_real_features(grid, model.config),
+                       method=qvl.Qwen25VL.embed)
+  pos, _ = mrope_positions(obs, obs_mask, grid, image_token_id=model.config.image_token_id,
+                           spatial_merge_size=model.config.vision.spatial_merge_size, offset=dec.next_pos)
+  slots = jnp.arange(dec.key_mask.shape[1])[None, :]
+  new_slots = (slots >= dec.index[:, None]) & (slots < (dec.index + obs_len)[:, None])
+  key_mask = dec.key_mask | new_slots
+  logits, cache = model.apply({"params": params}, embeds, pos, key_mask, dec.cache, dec.index,
+                              method=qvl.Qwen25VL.decode)
+  has = obs_len > 0
+  last = jnp.take_along_axis(logits, jnp.maximum(obs_len - 1, 0)[:, None, None], axis=1)[:, 0]
+  next_pos = jnp.where(has, jnp.max(jnp.where(obs_mask[None], pos, -1), axis=(0, 2)) + 1, dec.next_pos)
+  write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i,)))
+  tokens = jnp.where(has[:, None], write(carry.tokens, obs, dec.index), carry.tokens)
+  index = dec.index + obs_len
+  dec = dec.replace(cache=cache, key_mask=key_mask, index=index, next_pos=next_pos,
+                    logits=jnp.where(has[:, None], last, dec.logits))
+  return carry.replace(dec=dec, tokens=tokens, turn_start=jnp.where(has, index, carry.turn_start),
+                       done=carry.done | stop, status=jnp.where(stop, stop_status, carry.status))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "special"))
+def _rollout_program(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, forced, rng, episode_id,
+                     *, cfg: RolloutConfig, special: tuple[int, int, int]):
+  eos_id, call_end_id, pad_id = special
+  b, l = input_ids.shape
+  seq_len = l + cfg.max_new_tokens
+  k = cfg.obs_max_tokens
+  dec = sampler.prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, seq_len + k,
+                        num_image_features=qvl.num_real_features(image_grid_thw, model.config))
+  dec = sampler.repeat_rows(dec, cfg.group_size)
+  r = b * cfg.group_size
+  tokens = jnp.full((r, seq_len + k), pad_id, jnp.int32).at[:, :l].set(jnp.repeat(input_ids, cfg.group_size, 0))
+  carry = _Carry(dec=dec, tokens=tokens, action=jnp.zeros((r, seq_len + k), bool),
+                 logprobs=jnp.zeros((r, seq_len + k), jnp.float32), turn_start=jnp.full((r,), l, jnp.int32),
+                 num_sampled=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool),
+                 status=jnp.full((r,), RUNNING, jnp.int32), step=jnp.int32(0), rng=rng)
+
+  def cond(c: _Carry):
+    return ~jnp.all(c.done) & (c.step < cfg.max_new_tokens)
+
+  def body(c: _Carry):
+    rng, sub = jax.random.split(c.rng)
+    tok, logp = sampler.sample_logits(c.dec.logits, sub, cfg.temperature, cfg.top_k, cfg.top_p)
+    if forced is not None:
+      f = jnp.take_along_axis(forced, jnp.minimum(c.num_sampled, forced.shape[1] - 1)[:, None], axis=1)[:, 0]
+      f = jnp.where(c.num_sampled < forced.shape[1], f, -1)
+      tok = jnp.where(f >= 0, f, tok)
+      t = 1.0 if cfg.temperature == 0.0 else cfg.temperature
+      logp = jnp.take_along_axis(jax.nn.log_softmax(c.dec.logits / t, axis=-1), tok[:, None], axis=1)[:, 0]
+    active = ~c.done
+    here = (jnp.arange(c.tokens.shape[1])[None, :] == c.dec.index[:, None]) & active[:, None]
+    tokens = jnp.where(here, tok[:, None], c.tokens)
+    action = c.action | here
+    logprobs = jnp.where(here, logp[:, None], c.logprobs)
+    dec = sampler.decode_step(model, params, c.dec, tok, active)
+    ended = active & (tok == eos_id)
+    calls = active & (tok == call_end_id)
+    full = active & ~ended & (dec.index >= seq_len)
+    status = jnp.where(ended, _ENDED, jnp.where(full, masks_lib.STATUS_TRUNCATED, c.status))
+    c = c.replace(dec=dec, tokens=tokens, action=action, logprobs=logprobs, num_sampled=c.num_sampled + active,
+                  done=c.done | ended | full, status=status, step=c.step + 1, rng=rng)
+    need = calls & ~full
+    return jax.lax.cond(jnp.any(need), lambda cc: _insert_observations(model, params, cc, episode_id, need, cfg,
+                                                                        seq_len),
+                        lambda cc: cc, c)
+
+  c = jax.lax.while_loop(cond, body, carry)
+  status = jnp.where(c.status == RUNNING, masks_lib.STATUS_TRUNCATED, c.status)
+  key_mask = c.dec.key_mask[:, :seq_len]
+  return dict(tokens=jnp.where(key_mask, c.tokens[:, :seq_len], pad_id), attention_mask=key_mask.astype(jnp.int32),
+              action_mask=c.action[:, :seq_len] & key_mask, logprobs=jnp.where(key_mask, c.logprobs[:, :seq_len], 0.0),
+              status=status, length=c.dec.index)
+
+
+# ------------------------------------------------------------------------------------ interface
+
+
+@dataclasses.dataclass
+class Trajectory:
+  """Host record of one trajectory (row ``r``; group ``r // group_size``)."""
+
+  prompt_index: int
+  status: int
+  response: str  # every generated and observation token after the prompt, decoded
+  final_turn: str  # the last assistant turn
+  answer: str | None
+  calls: list  # [Call]
+  context: Any  # the ToolContext: input images, returned views and their provenance
+
+  @property
+  def num_successful_image_calls(self) -> int:
+    """Successful calls whose returned view entered the context (what the tool gain counts)."""
+    return sum(1 for c in self.calls if c.ok and c.entered)
+
+  @property
+  def num_malformed_calls(self) -> int:
+    """Calls that did not parse or named an unknown tool."""
+    return sum(1 for c in self.calls if not c.ok and c.error_kind in ("parse_error", "unknown_tool"))
+
+  @property
+  def views_in_context(self) -> list[int]:
+    """0-based indices into ``context.views`` of the images in the token sequence, in order."""
+    return list(range(self.context.num_inputs)) + [c.view_index - 1 for c in self.calls if c.entered]
+
+
+class Rollout:
+  """Host wrapper: examples in, trajectories and training arrays out.
+
+  Args:
+    model: the ``Qwen25VL`` module (config and dtypes).
+    processor: ``imagent_jax.processing.Processor`` (tokenizer and image settings of the prompts).
+    cfg: ``RolloutConfig``.
+    tool_config: ``tools.ToolConfig``; its view budget must fit ``cfg.view_max_patches``.
+  """
+
+  def __init__(self, model: qvl.Qwen25VL, processor, cfg: RolloutConfig, tool_config: tools_lib.ToolConfig):
+    if tool_config.view_max_pixels > cfg.view_max_patches * 14 * 14:
+      raise ValueError(f"tool_config.view_max_pixels={tool_config.view_max_pixels} exceeds the view slot of "
+                       f"{cfg.view_max_patches} patches ({cfg.view_max_patches * 196} pixels)")
+    self.model, self.processor, self.cfg, self.tool_config = model, processor, cfg, tool_config
+    tok = processor.tokenizer
+    c = model.config
+    self.eos_id = c.eos_token_id
+    self.call_end_id = tok.token_to_id(chat.TOOL_CALL_END)
+    if self.call_end_id is None:
+      raise ValueError(f"the tokenizer has no single token for {chat.TOOL_CALL_END}")
+    self.pad_id = c.pad_token_id if c.pad_token_id is not None else tok.pad_id
+
+  def prepare(self, prompts: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]]) -> dict:
+    """Processor outputs padded to the config's static prompt budgets."""
+    cfg = self.cfg
+    inputs = self.processor(list(prompts), [list(x) for x in images])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    b, l = ids.shape
+    if l > cfg.max_prompt_len:
+      raise ValueError(f"a prompt has {l} tokens; max_prompt_len is {cfg.max_prompt_len}")
+    pad = cfg.max_prompt_len - l
+    ids = np.concatenate([np.full((b, pad), self.pad_id, ids.dtype), ids], axis=1)
+    mask = np.concatenate([np.zeros((b, pad), mask.dtype), mask], axis=1)
+    pv = inputs.get("pixel_values", np.zeros((0, self.model.config.vision.patch_dim), np.float32))
+    grid = inputs.get("image_grid_thw", np.zeros((0, 3), np.int32))
+    if len(pv) > cfg.prompt_patches or len(grid) > cfg.max_prompt_images:
+      raise ValueError(f"the prompts' images need {len(pv)} patches in {len(grid)} images; the budgets are "
+                       f"prompt_patches={cfg.prompt_patches}, max_prompt_images={cfg.max_prompt_images}")
+    pv = np.concatenate([pv, np.zeros((cfg.prompt_patches - len(pv), pv.shape[1]), np.float32)])
+    grid = np.concatenate([grid, np.zeros((cfg.max_prompt_images - len(grid), 3), np.int32)]).astype(np.int32)
+    return dict(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32), pixel_values=pv,
+                image_grid_thw=grid)
+
+  def __call__(self, params, prompts, images, rng, forced_tokens=None) -> tuple[dict, list[Trajectory]]:
+    """Runs G rollouts of every prompt.
+
+    Args:
+      params: model parameters.
+      prompts: ``B`` conversations (message lists, e.g. ``protocol.build_prompt_messages``).
+      images: ``B`` lists of input images (PIL or uint8 arrays).
+      rng: PRNG key.
+      forced_tokens: optional ``[B*G, F]`` int tokens to emit instead of sampling (-1 = sample);
+        entry ``i`` replaces the row's ``i``-th sampled token. A scripted policy for tests.
+
+    Returns:
+      ``(arrays, trajectories)``: arrays with ``tokens``, ``attention_mask``, ``action_mask``,
+      ``logprobs`` ``[R, S]``, ``status [R]``, ``length [R]`` (numpy); one ``Trajectory`` per row.
+    """
+    cfg = self.cfg
+    inputs = self.prepare(prompts, images)
+    r = len(prompts) * cfg.group_size
+    contexts = [tools_lib.ToolContext(images[i // cfg.group_size], self.tool_config) for i in range(r)]
+    ep = _Episode(contexts=contexts, tokenizer=self.processor.tokenizer, tool_config=self.tool_config, cfg=cfg,
+                  seq_len=cfg.max_prompt_len + cfg.max_new_tokens, merge_size=self.model.config.vision.spatial_merge_size,
+                  image_pad_id=self.model.config.image_token_id, turns=[[] for _ in range(r)],
+                  calls=[[] for _ in range(r)])
+    with _LOCK:
+      episode_id = next(_EPISODE_IDS)
+      _EPISODES[episode_id] = ep
+    try:
+      forced = None if forced_tokens is None else np.asarray(forced_tokens, np.int32)
+      out = _rollout_program(self.model, params, inputs["input_ids"], inputs["attention_mask"],
+                             inputs["pixel_values"], inputs["image_grid_thw"], forced, rng, np.int32(episode_id),
+                             cfg=cfg, special=(int(self.eos_id), int(self.call_end_id), int(self.pad_id)))
+      out = {k: np.asarray(v) for k, v in out.items()}
+    finally:
+      with _LOCK:
+        _EPISODES.pop(episode_id, None)
+    return out, self._records(out, ep)
+
+  def _records(self, out: dict, ep: _Episode) -> list[Trajectory]:
+    tok = self.processor.tokenizer
+    trajs = []
+    for row in range(out["tokens"].shape[0]):
+      valid = out["attention_mask"][row].astype(bool)
+      valid[:self.cfg.max_prompt_len] = False
+      response = tok.decode(out["tokens"][row][valid].tolist())
+      final = response.split(f"{chat.IM_START}assistant\n")[-1]
+      turn = protocol.parse_turn(final)
+      status = int(out["status"][row])
+      if status == _ENDED:
+        status = masks_lib.STATUS_ANSWERED if turn.answer is not None else masks_lib.STATUS_NO_ANSWER
+      trajs.append(Trajectory(prompt_index=row // self.cfg.group_size, status=status, response=response,
+                              final_turn=final, answer=turn.answer, calls=ep.calls[row], context=ep.contexts[row]))
+    out["status"] = np.array([t.status for t in trajs], np.int32)
+    return trajs
+
+
+def training_images(trajectories: Sequence[Trajectory], patch_budget: int, image_slots: int,
+                    max_pixels: int, min_pixels: int, view_max_pixels: int):
+  """``pixel_values [patch_budget, D]`` and ``image_grid_thw [image_slots, 3]`` for a training pass.
+
+  Row by row, the prompt images then the returned views in order — the order of the image
+  placeholders in the trajectories' token sequences. Views are re-rendered from their provenance
+  (root image and box), so a trajectory need not keep the pixels it was shown.
+  """
+  patches, grids = [], []
+  for t in trajectories:
+    ctx = t.context
+    for v in t.views_in_context:
+      if v < ctx.num_inputs:
+        pv, g = images_lib.preprocess_image(ctx.views[v], min_pixels=min_pixels, max_pixels=max_pixels)
+      else:
+        ref = ctx.refs[v]
+        view = ctx.render(ref.root, ref.root_box, ctx.shown_sizes[v])
+        pv, g = images_lib.preprocess_image(view, min_pixels=min_pixels, max_pixels=view_max_pixels)
+      patches.append(pv)
+      grids.append(np.asarray(g))
+  pv = np.concatenate(patches) if patches else np.zeros((0, 1176), np.float32)
+  if len(pv) > patch_budget or len(grids) > image_slots:
+    raise ValueError(f"trajectories need {len(pv)} patches in {len(grids)} images; budgets {patch_budget}, "
+                     f"{image_slots}")
+  pv = np.concatenate([pv, np.zeros((patch_budget - len(pv), pv.shape[1]), np.float32)])
+  grid = np.zeros((image_slots, 3), np.int32)
+  if grids:
+    grid[:len(grids)] = np.stack(grids)
+  return pv, grid
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature"))
+def sequence_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel_values, image_grid_thw,
+                      temperature: float = 1.0):
+  """Per-token log-probs of finished trajectories from one full forward pass.
+
+  The only log-prob path training uses: ``out[r, t] = log p(tokens[r, t] | tokens[r, <t])``
+  under ``softmax(logits / temperature)`` (0 at ``t = 0`` and at padding). Positions come from
+  ``mrope_positions`` over the whole sequence, prompt images and tool views included.
+
+  Args:
+    model: the module.
+    params: parameters.
+    tokens: ``[R, S]``; attention_mask ``[R, S]``.
+    pixel_values: ``[P, D]`` (``training_images``); image_grid_thw ``[N, 3]``.
+    temperature: the sampling temperature (1 for greedy-free training math; use the rollout's).
+
+  Returns:
+    ``[R, S]`` float32.
+  """
+  logits = model.apply({"params": params}, input_ids=tokens, attention_mask=attention_mask, pixel_values=pixel_values,
+                       image_grid_thw=image_grid_thw)
+  t = 1.0 if temperature == 0.0 else temperature
+  logp = jax.nn.log_softmax(logits[:, :-1] / t, axis=-1)
+  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  out = jnp.concatenate([jnp.zeros_like(picked[:, :1]), picked], axis=1)
+  return jnp.where(attention_mask.astype(bool), out, 0.0)
