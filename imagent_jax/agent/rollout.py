@@ -226,7 +226,8 @@ def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: Ro
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "special"))
 def _rollout_program(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, forced, rng, episode_id,
                      *, cfg: RolloutConfig, special: tuple[int, int, int]):
-  eos_id, call_end_id, pad_id = special
+  eos_id, call_end_id, pad_id = special[:3]
+  banned = special[3:]
   b, l = input_ids.shape
   seq_len = l + cfg.max_new_tokens
   k = cfg.obs_max_tokens
@@ -245,13 +246,14 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
 
   def body(c: _Carry):
     rng, sub = jax.random.split(c.rng)
-    tok, logp = sampler.sample_logits(c.dec.logits, sub, cfg.temperature, cfg.top_k, cfg.top_p)
+    logits = sampler.suppress_tokens(c.dec.logits, banned)
+    tok, logp = sampler.sample_logits(logits, sub, cfg.temperature, cfg.top_k, cfg.top_p)
     if forced is not None:
       f = jnp.take_along_axis(forced, jnp.minimum(c.num_sampled, forced.shape[1] - 1)[:, None], axis=1)[:, 0]
       f = jnp.where(c.num_sampled < forced.shape[1], f, -1)
       tok = jnp.where(f >= 0, f, tok)
       t = 1.0 if cfg.temperature == 0.0 else cfg.temperature
-      logp = jnp.take_along_axis(jax.nn.log_softmax(c.dec.logits / t, axis=-1), tok[:, None], axis=1)[:, 0]
+      logp = jnp.take_along_axis(jax.nn.log_softmax(logits / t, axis=-1), tok[:, None], axis=1)[:, 0]
     active = ~c.done
     here = (jnp.arange(c.tokens.shape[1])[None, :] == c.dec.index[:, None]) & active[:, None]
     tokens = jnp.where(here, tok[:, None], c.tokens)
@@ -330,6 +332,7 @@ class Rollout:
     if self.call_end_id is None:
       raise ValueError(f"the tokenizer has no single token for {chat.TOOL_CALL_END}")
     self.pad_id = c.pad_token_id if c.pad_token_id is not None else tok.pad_id
+    self.banned_token_ids = banned_token_ids(c)
 
   def prepare(self, prompts: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]]) -> dict:
     """Processor outputs padded to the config's static prompt budgets."""
@@ -382,7 +385,8 @@ class Rollout:
       forced = None if forced_tokens is None else np.asarray(forced_tokens, np.int32)
       out = _rollout_program(self.model, params, inputs["input_ids"], inputs["attention_mask"],
                              inputs["pixel_values"], inputs["image_grid_thw"], forced, rng, np.int32(episode_id),
-                             cfg=cfg, special=(int(self.eos_id), int(self.call_end_id), int(self.pad_id)))
+                             cfg=cfg, special=(int(self.eos_id), int(self.call_end_id), int(self.pad_id))
+                             + self.banned_token_ids)
       out = {k: np.asarray(v) for k, v in out.items()}
     finally:
       with _LOCK:
@@ -438,9 +442,15 @@ def training_images(trajectories: Sequence[Trajectory], patch_budget: int, image
   return pv, grid
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature"))
+def banned_token_ids(config) -> tuple[int, ...]:
+  """Tokens the policy may never sample: the image and video placeholders and their brackets."""
+  return tuple(sorted({config.vision_start_token_id, config.vision_end_token_id, config.vision_token_id,
+                       config.image_token_id, config.video_token_id}))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "banned"))
 def sequence_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel_values, image_grid_thw,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, banned: tuple[int, ...] | None = None):
   """Per-token log-probs of finished trajectories from one full forward pass.
 
   The only log-prob path training uses: ``out[r, t] = log p(tokens[r, t] | tokens[r, <t])``
@@ -452,7 +462,9 @@ def sequence_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel
     params: parameters.
     tokens: ``[R, S]``; attention_mask ``[R, S]``.
     pixel_values: ``[P, D]`` (``training_images``); image_grid_thw ``[N, 3]``.
-    temperature: the sampling temperature (1 for greedy-free training math; use the rollout's).
+    temperature: the rollout's sampling temperature.
+    banned: tokens the rollout suppressed (default ``banned_token_ids(model.config)``), so the
+      distribution is the one the rollout sampled from.
 
   Returns:
     ``[R, S]`` float32.
@@ -460,6 +472,7 @@ def sequence_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel
   logits = model.apply({"params": params}, input_ids=tokens, attention_mask=attention_mask, pixel_values=pixel_values,
                        image_grid_thw=image_grid_thw)
   t = 1.0 if temperature == 0.0 else temperature
+  logits = sampler.suppress_tokens(logits, banned_token_ids(model.config) if banned is None else banned)
   logp = jax.nn.log_softmax(logits[:, :-1] / t, axis=-1)
   picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
   out = jnp.concatenate([jnp.zeros_like(picked[:, :1]), picked], axis=1)

@@ -38,6 +38,14 @@ class DecodeState:
   logits: jax.Array  # [B, V] float32: next-token logits
 
 
+def suppress_tokens(logits, token_ids: Sequence[int]):
+  """``logits [..., V]`` with ``token_ids`` made impossible (the policy must never emit image
+  placeholders: a sampled ``<|image_pad|>`` would have no image behind it)."""
+  if not token_ids:
+    return logits
+  return logits.at[..., jnp.asarray(token_ids, jnp.int32)].set(_NEG)
+
+
 def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
   """Draws one token per row and returns ``(tokens [B], logprobs [B])``.
 

@@ -1,0 +1,123 @@
+"""The jitted multi-turn rollout, driven by a scripted policy (forced tokens) so tool calls happen.
+
+The central check: the log-probs the rollout sampled with equal the training-side forward pass
+over the finished trajectories (prompt images and tool views re-rendered from provenance), so
+rollout and training agree on tokens, images and M-RoPE positions.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from imagent_jax.agent import masks, protocol
+from imagent_jax.agent import rollout as rl
+from imagent_jax.agent import tools
+from imagent_jax.data import synthetic
+from imagent_jax.models import get_preset
+from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.processing import Processor, build_tiny_tokenizer
+
+PIX = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+CFG = rl.RolloutConfig(group_size=2, max_prompt_len=900, prompt_patches=768, max_prompt_images=3, max_new_tokens=700,
+                       max_tool_calls=3, obs_max_tokens=240, view_max_patches=256, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  config = get_preset("tiny")
+  params = qvl.init_params(config, jax.random.key(0))
+  folder = build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), **PIX)
+  processor = Processor.from_pretrained(folder)
+  tool_config = tools.ToolConfig(input_min_pixels=PIX["min_pixels"], input_max_pixels=PIX["max_pixels"],
+                                 view_max_pixels=PIX["max_pixels"])
+  ro = rl.Rollout(qvl.Qwen25VL(config), processor, CFG, tool_config)
+  rng = np.random.default_rng(0)
+  images = [[synthetic.random_scene(rng, 200, 150), synthetic.random_scene(rng, 120, 260),
+             synthetic.random_scene(rng, 90, 90)]]
+  prompt = [protocol.build_prompt_messages("Which image has the most red shapes?", 3, ["first", "second", "third"],
+                                           tools=tools.tool_schemas())]
+  return config, params, processor, ro, prompt, images
+
+
+def _script(processor, config, turns, rows=2, end=True):
+  ids = []
+  for t in turns:
+    ids += processor.tokenizer.encode(t)
+  if end:
+    ids.append(config.eos_token_id)
+  forced = np.full((rows, len(ids)), -1, np.int32)
+  forced[0] = ids
+  return forced
+
+
+def _call(name, **arguments):
+  return protocol.render_tool_call(protocol.ToolCall(name, arguments))
+
+
+def test_rollout_logprobs_equal_training_forward_with_tool_views(env):
+  config, params, processor, ro, prompt, images = env
+  turns = ["<think>zoom on the second image</think>" + _call("confirm", image=2, bbox_2d=[10, 10, 90, 70]),
+           "<think>and again on that zoom</think>" + _call("confirm", image=4, bbox_2d=[0, 0, 120, 100]),
+           _call("reflect", image=1),
+           "<think>done</think><answer>B</answer>"]
+  out, trajs = ro(params, prompt, images, jax.random.key(1), forced_tokens=_script(processor, config, turns))
+  t0 = trajs[0]
+  assert t0.status == masks.STATUS_ANSWERED and t0.answer == "B"
+  assert [(c.name, c.ok, c.view_index, c.entered) for c in t0.calls] == [
+      ("confirm", True, 4, True), ("confirm", True, 5, True), ("reflect", True, 6, True)]
+  assert t0.num_successful_image_calls == 3 and t0.num_malformed_calls == 0
+  # Provenance: view 5 is a zoom of view 4, itself a zoom of input image 2.
+  assert t0.context.refs[4].source == 4 and t0.context.refs[4].root == 2
+  # Observation tokens (and every image token) are never actions; the scripted text is.
+  act = out["action_mask"].astype(bool)
+  assert not (act & (out["tokens"] == config.image_token_id)).any()
+  assert (out["tokens"][1] == config.image_token_id).sum() == (out["tokens"][0][:CFG.max_prompt_len] ==
+                                                               config.image_token_id).sum()  # row 1: no tool views
+  n_images_row0 = (out["tokens"][0] == config.image_token_id).sum()
+  assert n_images_row0 > (out["tokens"][0][:CFG.max_prompt_len] == config.image_token_id).sum()
+  assert processor.tokenizer.decode(out["tokens"][0][act[0]].tolist()).startswith("<think>zoom on the second")
+  assert "<tool_response>" in t0.response and "Image 4: zoom of image 2" in t0.response
+
+  pv, grid = rl.training_images(trajs, 4096, 16, max_pixels=PIX["max_pixels"], min_pixels=PIX["min_pixels"],
+                                view_max_pixels=PIX["max_pixels"])
+  lp = np.asarray(rl.sequence_logprobs(ro.model, params, out["tokens"], out["attention_mask"], pv, grid,
+                                       temperature=CFG.temperature))
+  assert act.sum(1).min() > 10
+  err = np.abs(lp[act] - out["logprobs"][act]).max()
+  assert err < 1e-4, f"rollout vs training log-prob gap {err:.2e}"
+
+
+def test_failed_calls_become_error_observations(env):
+  config, params, processor, ro, prompt, images = env
+  turns = ['<tool_call>{"name": "confirm", "arguments": {"image": 2, "bbox_2d": [10, 10</tool_call>',  # bad JSON
+           _call("zoom", image=1),  # unknown tool
+           _call("confirm", image=9, bbox_2d=[0, 0, 10, 10]),  # bad index
+           _call("reflect", image=1)]  # fourth call: over the limit of three
+  out, trajs = ro(params, prompt, images, jax.random.key(2), forced_tokens=_script(processor, config, turns, end=False))
+  t0 = trajs[0]
+  assert [c.error_kind for c in t0.calls] == ["parse_error", "unknown_tool", "bad_image_index", "turn_limit"]
+  assert t0.status == masks.STATUS_TURN_LIMIT
+  assert t0.num_malformed_calls == 2 and t0.num_successful_image_calls == 0
+  assert t0.response.count("Error:") == 3
+  assert out["status"][0] == masks.STATUS_TURN_LIMIT
+
+
+def test_sampled_rollouts_finish_with_a_status(env):
+  config, params, processor, ro, prompt, images = env
+  out, trajs = ro(params, prompt, images, jax.random.key(3))
+  assert len(trajs) == CFG.group_size
+  assert set(out["status"].tolist()) <= {masks.STATUS_ANSWERED, masks.STATUS_NO_ANSWER, masks.STATUS_TRUNCATED,
+                                         masks.STATUS_TURN_LIMIT}
+  assert (out["length"] <= CFG.max_prompt_len + CFG.max_new_tokens).all()
+  valid = out["attention_mask"].astype(bool)
+  assert (out["action_mask"].astype(bool) <= valid).all()
+  assert np.isfinite(out["logprobs"]).all() and (out["logprobs"][out["action_mask"].astype(bool)] <= 0).all()
+
+
+def test_prompt_budgets_are_checked(env):
+  config, params, processor, ro, prompt, images = env
+  small = rl.Rollout(ro.model, processor, rl.RolloutConfig(max_prompt_len=100), ro.tool_config)
+  with pytest.raises(ValueError, match="max_prompt_len is 100"):
+    small.prepare(prompt, images)
+  with pytest.raises(ValueError, match="obs_max_tokens"):
+    rl.RolloutConfig(obs_max_tokens=20, view_max_patches=256)
