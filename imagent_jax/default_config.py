@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-STAGES = ("model",)  # stages that exist so far; rollout / warmup / rl / eval / analyze come next
+STAGES = ("model", "rollout")  # stages that exist so far; warmup / rl / eval / analyze come next
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg: ``"smoke"`` shrinks everything to the fastest run that still exercises each stage.
   """
   c = ml_collections.ConfigDict()
-  c.stages = "model"  # comma-separated, run in order
+  c.stages = "model,rollout"  # comma-separated, run in order
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -47,6 +47,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.demo.min_side = 64
   c.demo.max_side = 320
   c.demo.batch_size = 2
+
+  c.rollout = ml_collections.ConfigDict()  # imagent_jax.agent.rollout.RolloutConfig
+  c.rollout.num_prompts = 2
+  c.rollout.group_size = 2
+  c.rollout.max_prompt_len = 1024  # static prompt budget (tokens); the tiny tokenizer spends ~700 on the tool prompt
+  c.rollout.prompt_patches = 1024  # static patch budget of a batch's prompt images
+  c.rollout.max_prompt_images = 8
+  c.rollout.max_new_tokens = 512  # per trajectory: sampled + observation tokens
+  c.rollout.max_tool_calls = 3
+  c.rollout.obs_max_tokens = 240  # static observation slot: tool response text + view tokens
+  c.rollout.temperature = 1.0
+  c.rollout.top_k = 0
+  c.rollout.top_p = 1.0
+  c.rollout.scripted_rows = 1  # rollout stage, random weights: rows per group that follow a demo script
+
+  c.tools = ml_collections.ConfigDict()  # imagent_jax.agent.tools.ToolConfig
+  c.tools.names = "all"  # "all", "none", or a comma list: "reflect", "confirm"
+  c.tools.max_tool_images = 4
+  c.tools.view_max_pixels = 28 * 28 * 64  # visual-token budget of a returned view (<= processor.max_pixels)
+  c.tools.min_box_side = 28.0
+  c.tools.max_aspect = 8.0
+
+  c.reward = ml_collections.ConfigDict()  # imagent_jax.agent.rewards.RewardConfig
+  c.reward.name = "tool_gain"
+  c.reward.w_acc = 0.8
+  c.reward.w_fmt = 0.2
+  c.reward.gain = 1.2
+
+  c.masks = ml_collections.ConfigDict()  # imagent_jax.agent.masks.MaskConfig
+  c.masks.mask_turn_limit = True
+  c.masks.mask_truncated = True
+  c.masks.mask_malformed = True
+  c.masks.drop_zero_variance_groups = True
 
   if arg == "smoke":
     c.demo.num_images = 2
@@ -88,6 +121,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     errors.append("config.demo.num_images must be >= 0 and config.demo.batch_size >= 1")
   if not 0 < config.demo.min_side <= config.demo.max_side:
     errors.append("need 0 < config.demo.min_side <= config.demo.max_side")
+  if config.tools.view_max_pixels > config.processor.max_pixels:
+    errors.append(f"config.tools.view_max_pixels={config.tools.view_max_pixels} exceeds config.processor.max_pixels="
+                  f"{config.processor.max_pixels}: the processor would shrink tool views again")
+  if config.rollout.obs_max_tokens < config.tools.view_max_pixels // 784 + 16:
+    errors.append(f"config.rollout.obs_max_tokens={config.rollout.obs_max_tokens} cannot hold a view of "
+                  f"{config.tools.view_max_pixels // 784} tokens plus the tool response text")
+  if config.rollout.group_size < 1 or config.rollout.num_prompts < 1:
+    errors.append("config.rollout.group_size and num_prompts must be >= 1")
+  if not 0 <= config.rollout.scripted_rows <= config.rollout.group_size:
+    errors.append("config.rollout.scripted_rows must lie in [0, group_size]")
+  try:
+    from imagent_jax.agent import rewards, tools
+    tools.available_tools(config.tools.names)
+    rewards.RewardConfig(**config.reward)
+  except (ValueError, KeyError, TypeError) as e:
+    errors.append(f"config.tools / config.reward: {e}")
   if num_devices is not None:
     try:
       parallel.mesh_shape(dict(config.mesh), num_devices)

@@ -26,7 +26,7 @@ from imagent_jax.processing import Processor, build_tiny_tokenizer
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
 
 log = logging.getLogger("imagent_jax")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def load_model_and_processor(config, workdir: str, mesh):
@@ -36,7 +36,7 @@ def load_model_and_processor(config, workdir: str, mesh):
   initialised in their shards), never whole on one device.
   """
   m = config.model
-  param_dtype = _DTYPES[m.param_dtype]
+  param_dtype = DTYPES[m.param_dtype]
   if m.checkpoint:
     model_config, params = hf_io.load_pretrained(os.path.expanduser(m.checkpoint), dtype=param_dtype, mesh=mesh)
     tok_dir = m.tokenizer or m.checkpoint
@@ -100,7 +100,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   print("\nImages (resized to multiples of 28 within min/max pixels)\n" +
         text_table(["image", "input WxH", "resized WxH", "patch grid", "tokens"], img_rows))
 
-  model = qvl.Qwen25VL(model_config, dtype=_DTYPES[config.model.dtype], param_dtype=_DTYPES[config.model.param_dtype])
+  model = qvl.Qwen25VL(model_config, dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype])
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, **x))
   feed = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in inputs}
   t0 = time.perf_counter()
@@ -126,7 +126,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   if config.model.export_hf:
     export = os.path.join(workdir, "hf_export")
     hf_io.save_pretrained(export, model_config, params)
-    _, reloaded = hf_io.load_pretrained(export, dtype=_DTYPES[config.model.param_dtype], mesh=mesh)
+    _, reloaded = hf_io.load_pretrained(export, dtype=DTYPES[config.model.param_dtype], mesh=mesh)
     diff = float(np.abs(np.asarray(fwd(reloaded, feed)) - logits).max())
     print(f"\nExported a Hugging Face checkpoint to {export}; reloaded max |logit diff| = {diff:.2e}")
     summary["export_max_logit_diff"] = diff

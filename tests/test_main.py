@@ -19,7 +19,7 @@ def _main(*args, timeout=600):
 def test_smoke_config_end_to_end(tmp_path):
   res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path))
   assert res.returncode == 0, res.stderr[-3000:]
-  assert "=== stage model done" in res.stdout
+  assert "=== stage model done" in res.stdout and "=== stage rollout done" in res.stdout
   assert "reloaded max |logit diff| = 0.00e+00" in res.stdout
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert records[0]["stage"] == "model" and records[0]["params"] > 0 and records[0]["images"] == 3
@@ -28,6 +28,12 @@ def test_smoke_config_end_to_end(tmp_path):
   assert (tmp_path / "vision_windows.png").stat().st_size > 1000
   assert (tmp_path / "hf_export" / "model.safetensors").exists()
   assert json.loads((tmp_path / "config.json").read_text())["model"]["preset"] == "tiny"
+  # The rollout stage: readable trajectories, tool views saved as PNGs, its metrics logged.
+  assert "scripted demo policy) status=answered" in res.stdout and "-> tool confirm: ok" in res.stdout
+  assert any(p.name.startswith("traj0_view") for p in (tmp_path / "rollout").iterdir())
+  rollout = records[1]
+  assert rollout["stage"] == "rollout" and rollout["calls_ok/confirm"] >= 1 and "mask/kept_fraction" in rollout
+  assert "## Agent rollout" in report
 
 
 @pytest.mark.parametrize("override,message", [
@@ -35,6 +41,8 @@ def test_smoke_config_end_to_end(tmp_path):
     ("--config.stages=model,fly", "unknown stages ['fly']"),
     ("--config.model.dtype=float8", "config.model.dtype='float8'"),
     ("--config.model.checkpoint=/nonexistent", "is not a folder with a config.json"),
+    ("--config.tools.names=zoom", "config.tools / config.reward"),
+    ("--config.tools.view_max_pixels=1000000", "exceeds config.processor.max_pixels"),
 ])
 def test_invalid_config_fails_before_compiling(tmp_path, override, message):
   res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path), override, timeout=120)

@@ -120,6 +120,7 @@ class _Episode:
   image_pad_id: int
   turns: list  # [R] list of assistant turn texts that ended in a tool call
   calls: list  # [R] list of Call
+  host_stopped: list  # [R] bool: the host ended the row at a tool call (turn limit / no room)
 
 
 _EPISODES: dict[int, _Episode] = {}
@@ -135,6 +136,7 @@ def _observation(ep: _Episode, row: int, turn_text: str, cursor: int):
   name = turn.tool_call.name if turn.tool_call is not None else None
   if len(ep.calls[row]) >= ep.cfg.max_tool_calls:
     ep.calls[row].append(Call(name, False, "turn_limit", None, False))
+    ep.host_stopped[row] = True
     return None, None, None, masks_lib.STATUS_TURN_LIMIT
   result = tools_lib.run_tool_call(ctx, turn)
   patches, grid = None, None
@@ -156,6 +158,7 @@ def _observation(ep: _Episode, row: int, turn_text: str, cursor: int):
   ep.calls[row].append(Call(name, result.ok, result.error_kind, result.view_index,
                             fits and result.image is not None))
   if not fits:
+    ep.host_stopped[row] = True
     return None, None, None, masks_lib.STATUS_TRUNCATED
   return list(ids), patches, grid, None
 
@@ -289,7 +292,7 @@ class Trajectory:
   prompt_index: int
   status: int
   response: str  # every generated and observation token after the prompt, decoded
-  final_turn: str  # the last assistant turn
+  turns: list  # the assistant turns (tool responses excluded), as the rewards read them
   answer: str | None
   calls: list  # [Call]
   context: Any  # the ToolContext: input images, returned views and their provenance
@@ -377,7 +380,7 @@ class Rollout:
     ep = _Episode(contexts=contexts, tokenizer=self.processor.tokenizer, tool_config=self.tool_config, cfg=cfg,
                   seq_len=cfg.max_prompt_len + cfg.max_new_tokens, merge_size=self.model.config.vision.spatial_merge_size,
                   image_pad_id=self.model.config.image_token_id, turns=[[] for _ in range(r)],
-                  calls=[[] for _ in range(r)])
+                  calls=[[] for _ in range(r)], host_stopped=[False] * r)
     with _LOCK:
       episode_id = next(_EPISODE_IDS)
       _EPISODES[episode_id] = ep
@@ -405,8 +408,9 @@ class Rollout:
       status = int(out["status"][row])
       if status == _ENDED:
         status = masks_lib.STATUS_ANSWERED if turn.answer is not None else masks_lib.STATUS_NO_ANSWER
+      turns = list(ep.turns[row]) + ([] if ep.host_stopped[row] else [final])
       trajs.append(Trajectory(prompt_index=row // self.cfg.group_size, status=status, response=response,
-                              final_turn=final, answer=turn.answer, calls=ep.calls[row], context=ep.contexts[row]))
+                              turns=turns, answer=turn.answer, calls=ep.calls[row], context=ep.contexts[row]))
     out["status"] = np.array([t.status for t in trajs], np.int32)
     return trajs
 
