@@ -11,6 +11,7 @@ import pytest
 
 from imagent_jax.agent import masks, protocol
 from imagent_jax.agent import rollout as rl
+from imagent_jax.rl import logprobs
 from imagent_jax.agent import tools
 from imagent_jax.data import synthetic
 from imagent_jax.models import get_preset
@@ -80,7 +81,7 @@ def test_rollout_logprobs_equal_training_forward_with_tool_views(env):
 
   pv, grid = rl.training_images(trajs, 4096, 16, max_pixels=PIX["max_pixels"], min_pixels=PIX["min_pixels"],
                                 view_max_pixels=PIX["max_pixels"])
-  lp = np.asarray(rl.sequence_logprobs(ro.model, params, out["tokens"], out["attention_mask"], pv, grid,
+  lp = np.asarray(logprobs.sequence_logprobs(ro.model, params, out["tokens"], out["attention_mask"], pv, grid,
                                        temperature=CFG.temperature))
   assert act.sum(1).min() > 10
   err = np.abs(lp[act] - out["logprobs"][act]).max()

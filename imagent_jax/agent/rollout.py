@@ -450,34 +450,3 @@ def banned_token_ids(config) -> tuple[int, ...]:
   """Tokens the policy may never sample: the image and video placeholders and their brackets."""
   return tuple(sorted({config.vision_start_token_id, config.vision_end_token_id, config.vision_token_id,
                        config.image_token_id, config.video_token_id}))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "banned"))
-def sequence_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel_values, image_grid_thw,
-                      temperature: float = 1.0, banned: tuple[int, ...] | None = None):
-  """Per-token log-probs of finished trajectories from one full forward pass.
-
-  The only log-prob path training uses: ``out[r, t] = log p(tokens[r, t] | tokens[r, <t])``
-  under ``softmax(logits / temperature)`` (0 at ``t = 0`` and at padding). Positions come from
-  ``mrope_positions`` over the whole sequence, prompt images and tool views included.
-
-  Args:
-    model: the module.
-    params: parameters.
-    tokens: ``[R, S]``; attention_mask ``[R, S]``.
-    pixel_values: ``[P, D]`` (``training_images``); image_grid_thw ``[N, 3]``.
-    temperature: the rollout's sampling temperature.
-    banned: tokens the rollout suppressed (default ``banned_token_ids(model.config)``), so the
-      distribution is the one the rollout sampled from.
-
-  Returns:
-    ``[R, S]`` float32.
-  """
-  logits = model.apply({"params": params}, input_ids=tokens, attention_mask=attention_mask, pixel_values=pixel_values,
-                       image_grid_thw=image_grid_thw)
-  t = 1.0 if temperature == 0.0 else temperature
-  logits = sampler.suppress_tokens(logits, banned_token_ids(model.config) if banned is None else banned)
-  logp = jax.nn.log_softmax(logits[:, :-1] / t, axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  out = jnp.concatenate([jnp.zeros_like(picked[:, :1]), picked], axis=1)
-  return jnp.where(attention_mask.astype(bool), out, 0.0)

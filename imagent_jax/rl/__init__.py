@@ -1,0 +1,1 @@
+"""Reinforcement learning: the training-side log-prob pass, GRPO and the trainer."""
