@@ -8,7 +8,6 @@ data, tiny model, CPU). The config is validated before anything compiles; the st
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys

@@ -14,44 +14,16 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from imagent_jax import parallel
+from imagent_jax import components, parallel
 from imagent_jax.analysis import plots
 from imagent_jax.data import synthetic
-from imagent_jax.models import hf_io, presets
+from imagent_jax.models import hf_io
 from imagent_jax.models import qwen2_5_vl as qvl
-from imagent_jax.processing import Processor, build_tiny_tokenizer
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
 
 log = logging.getLogger("imagent_jax")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def load_model_and_processor(config, workdir: str, mesh):
-  """``(model_config, params, processor)`` from ``config.model``: a local checkpoint or a preset.
-
-  Parameters are placed on ``mesh`` directly (loaded tensor by tensor into their shards, or
-  initialised in their shards), never whole on one device.
-  """
-  m = config.model
-  param_dtype = DTYPES[m.param_dtype]
-  if m.checkpoint:
-    model_config, params = hf_io.load_pretrained(os.path.expanduser(m.checkpoint), dtype=param_dtype, mesh=mesh)
-    tok_dir = m.tokenizer or m.checkpoint
-  else:
-    model_config = presets.get_preset(m.preset)
-    params = parallel.init_sharded_params(model_config, jax.random.key(config.seed), mesh, param_dtype=param_dtype)
-    tok_dir = m.tokenizer
-    if not tok_dir:
-      tok_dir = os.path.join(workdir, "tokenizer")
-      if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        build_tiny_tokenizer(tok_dir, vocab_size=model_config.vocab_size, min_pixels=config.processor.min_pixels,
-                             max_pixels=config.processor.max_pixels)
-  processor = Processor.from_pretrained(os.path.expanduser(tok_dir))
-  processor.image_settings.update(min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels)
-  return model_config, params, processor
 
 
 def _param_table(params) -> list[tuple[str, int, str]]:
@@ -85,7 +57,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   """Runs the model stage; returns its summary numbers (also written to metrics.jsonl)."""
   mesh = parallel.make_mesh(dict(config.mesh))
   t0 = time.perf_counter()
-  model_config, params, processor = load_model_and_processor(config, workdir, mesh)
+  model_config, params, processor = components.load_model_and_processor(config, workdir, mesh)
   t_load = time.perf_counter() - t0
   rows = _param_table(params)
   print("\nModel parameters\n" + text_table(["part", "parameters", "share"], rows))
@@ -100,7 +72,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   print("\nImages (resized to multiples of 28 within min/max pixels)\n" +
         text_table(["image", "input WxH", "resized WxH", "patch grid", "tokens"], img_rows))
 
-  model = qvl.Qwen25VL(model_config, dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype])
+  model = qvl.Qwen25VL(model_config, dtype=components.DTYPES[config.model.dtype], param_dtype=components.DTYPES[config.model.param_dtype])
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, **x))
   feed = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in inputs}
   t0 = time.perf_counter()
@@ -126,7 +98,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   if config.model.export_hf:
     export = os.path.join(workdir, "hf_export")
     hf_io.save_pretrained(export, model_config, params)
-    _, reloaded = hf_io.load_pretrained(export, dtype=DTYPES[config.model.param_dtype], mesh=mesh)
+    _, reloaded = hf_io.load_pretrained(export, dtype=components.DTYPES[config.model.param_dtype], mesh=mesh)
     diff = float(np.abs(np.asarray(fwd(reloaded, feed)) - logits).max())
     print(f"\nExported a Hugging Face checkpoint to {export}; reloaded max |logit diff| = {diff:.2e}")
     summary["export_max_logit_diff"] = diff

@@ -16,30 +16,13 @@ import time
 import jax
 import numpy as np
 
-from imagent_jax import model_stage, parallel
+from imagent_jax import components, parallel
 from imagent_jax.agent import masks, protocol, rewards
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools
 from imagent_jax.data import synthetic
 from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
-
-
-def rollout_config(config) -> rl.RolloutConfig:
-  r = config.rollout
-  return rl.RolloutConfig(group_size=r.group_size, max_prompt_len=r.max_prompt_len, prompt_patches=r.prompt_patches,
-                          max_prompt_images=r.max_prompt_images, max_new_tokens=r.max_new_tokens,
-                          max_tool_calls=r.max_tool_calls, obs_max_tokens=r.obs_max_tokens,
-                          view_max_patches=config.tools.view_max_pixels // (14 * 14), temperature=r.temperature,
-                          top_k=r.top_k, top_p=r.top_p)
-
-
-def tool_config(config) -> tools.ToolConfig:
-  t = config.tools
-  return tools.ToolConfig(tools=tools.available_tools(t.names), max_tool_images=t.max_tool_images,
-                          view_max_pixels=t.view_max_pixels, input_min_pixels=config.processor.min_pixels,
-                          input_max_pixels=config.processor.max_pixels, min_box_side=t.min_box_side,
-                          max_aspect=t.max_aspect)
 
 
 def _demo_script(example, ctx: tools.ToolContext, tokenizer, eos_id: int) -> list[int]:
@@ -81,10 +64,10 @@ def _print_trajectory(row: int, traj: rl.Trajectory, reward: dict, kept: float, 
 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   mesh = parallel.make_mesh(dict(config.mesh))
-  model_config, params, processor = model_stage.load_model_and_processor(config, workdir, mesh)
-  model = qvl.Qwen25VL(model_config, dtype=model_stage.DTYPES[config.model.dtype],
-                       param_dtype=model_stage.DTYPES[config.model.param_dtype])
-  cfg, tcfg = rollout_config(config), tool_config(config)
+  model_config, params, processor = components.load_model_and_processor(config, workdir, mesh)
+  model = qvl.Qwen25VL(model_config, dtype=components.DTYPES[config.model.dtype],
+                       param_dtype=components.DTYPES[config.model.param_dtype])
+  cfg, tcfg = components.rollout_config(config), components.tool_config(config)
   ro = rl.Rollout(model, processor, cfg, tcfg)
   rng = np.random.default_rng(config.seed)
   d = config.demo
@@ -117,12 +100,12 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   out, trajs = ro(params, prompts, images, jax.random.key(config.seed + 1), forced_tokens=forced)
   t_run = time.perf_counter() - t0
 
-  rcfg = rewards.RewardConfig(**config.reward)
+  rcfg = components.reward_config(config)
   rew = rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],
                                 [examples[t.prompt_index]["options"] for t in trajs],
                                 [t.num_successful_image_calls for t in trajs], g, rcfg,
                                 num_malformed_calls=[t.num_malformed_calls for t in trajs])
-  mcfg = masks.MaskConfig(group_size=g, **config.masks)
+  mcfg = components.mask_config(config)
   loss_mask, mask_metrics = masks.loss_mask(out["action_mask"], out["attention_mask"], out["status"],
                                             np.array([t.num_malformed_calls for t in trajs]), rew["total"], mcfg)
   kept = np.asarray(loss_mask).sum(1) > 0

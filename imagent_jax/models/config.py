@@ -8,7 +8,7 @@ architecture and live on the model module instead.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 from imagent_jax.models.config import ModelConfig, VisionConfig
 from imagent_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, dense, masked_softmax_attention,
-                                       mrope_cos_sin, rope_inv_freq, _MASK_VALUE)
+                                       mrope_cos_sin, rope_inv_freq)
 from imagent_jax.processing.positions import mrope_positions
 
 Dtype = Any
