@@ -21,17 +21,36 @@ from imagent_jax.processing import Processor, build_tiny_tokenizer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def load_model_and_processor(config, workdir: str, mesh):
-  """``(model_config, params, processor)`` from ``config.model``: a local checkpoint or a preset.
+def base_dir(workdir: str) -> str:
+  """Where the warmup stage saves the tool-naive base (a Hugging Face folder with its tokenizer)."""
+  return os.path.join(workdir, "base")
 
+
+def model_source(config, workdir: str) -> str | None:
+  """The checkpoint folder the run starts from: ``config.model.checkpoint``, else the warmup base
+  in the workdir when ``config.model.from_warmup_base`` and it exists, else None (random init)."""
+  if config.model.checkpoint:
+    return os.path.expanduser(config.model.checkpoint)
+  base = base_dir(workdir)
+  if config.model.from_warmup_base and os.path.isfile(os.path.join(base, "config.json")):
+    return base
+  return None
+
+
+def load_model_and_processor(config, workdir: str, mesh, *, random_init: bool = False):
+  """``(model_config, params, processor, tokenizer_dir)`` from ``config.model``.
+
+  The weights come from ``model_source`` (a local checkpoint, or the warmup base), or from the
+  preset's random init (``random_init`` forces it: the warmup stage trains from scratch).
   Parameters are placed on ``mesh`` directly (loaded tensor by tensor into their shards, or
   initialised in their shards), never whole on one device.
   """
   m = config.model
   param_dtype = DTYPES[m.param_dtype]
-  if m.checkpoint:
-    model_config, params = hf_io.load_pretrained(os.path.expanduser(m.checkpoint), dtype=param_dtype, mesh=mesh)
-    tok_dir = m.tokenizer or m.checkpoint
+  source = None if random_init else model_source(config, workdir)
+  if source:
+    model_config, params = hf_io.load_pretrained(source, dtype=param_dtype, mesh=mesh)
+    tok_dir = m.tokenizer or source
   else:
     model_config = presets.get_preset(m.preset)
     params = parallel.init_sharded_params(model_config, jax.random.key(config.seed), mesh, param_dtype=param_dtype)
@@ -41,9 +60,10 @@ def load_model_and_processor(config, workdir: str, mesh):
       if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         build_tiny_tokenizer(tok_dir, vocab_size=model_config.vocab_size, min_pixels=config.processor.min_pixels,
                              max_pixels=config.processor.max_pixels)
-  processor = Processor.from_pretrained(os.path.expanduser(tok_dir))
+  tok_dir = os.path.expanduser(tok_dir)
+  processor = Processor.from_pretrained(tok_dir)
   processor.image_settings.update(min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels)
-  return model_config, params, processor
+  return model_config, params, processor, tok_dir
 
 
 def rollout_config(config) -> rl.RolloutConfig:

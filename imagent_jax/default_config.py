@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-STAGES = ("model", "rollout")  # stages that exist so far; warmup / rl / eval / analyze come next
+STAGES = ("model", "warmup", "rollout")  # stages that exist so far; rl / eval / analyze come next
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg: ``"smoke"`` shrinks everything to the fastest run that still exercises each stage.
   """
   c = ml_collections.ConfigDict()
-  c.stages = "model,rollout"  # comma-separated, run in order
+  c.stages = "model,warmup,rollout"  # comma-separated, run in order
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype
   c.model.param_dtype = "float32"
   c.model.export_hf = True  # model stage: save_pretrained into <workdir>/hf_export and check the reload
+  c.model.from_warmup_base = True  # without a checkpoint, start from <workdir>/base when the warmup made one
 
   c.processor = ml_collections.ConfigDict()
   c.processor.min_pixels = 56 * 56
@@ -48,6 +49,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.demo.max_side = 320
   c.demo.batch_size = 2
 
+  c.warmup = ml_collections.ConfigDict()  # imagent_jax/warmup.py: the tool-naive base, trained from scratch
+  c.warmup.steps = 300
+  c.warmup.batch_size = 8
+  c.warmup.learning_rate = 1e-3
+  c.warmup.warmup_steps = 20
+  c.warmup.weight_decay = 0.0
+  c.warmup.tasks = "read_zoom,locate,tool_syntax"  # registered in warmup.TASKS
+  c.warmup.max_len = 1280  # static sequence length (tokens)
+  c.warmup.patch_budget = 8 * 4 * 256  # static patches per batch
+  c.warmup.image_slots = 8 * 5
+  c.warmup.log_every = 10
+  c.warmup.progress_bar = True
+
   c.rollout = ml_collections.ConfigDict()  # imagent_jax.agent.rollout.RolloutConfig
   c.rollout.num_prompts = 2
   c.rollout.group_size = 2
@@ -60,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_k = 0
   c.rollout.top_p = 1.0
-  c.rollout.scripted_rows = 1  # rollout stage, random weights: rows per group that follow a demo script
+  c.rollout.scripted_rows = -1  # rollout stage: rows per group that follow a demo script; -1: 1 with random weights
 
   c.tools = ml_collections.ConfigDict()  # imagent_jax.agent.tools.ToolConfig
   c.tools.names = "all"  # "all", "none", or a comma list: "reflect", "confirm"
@@ -84,6 +98,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "smoke":
     c.demo.num_images = 2
     c.demo.max_side = 160
+    c.warmup.steps = 3
+    c.warmup.batch_size = 2
+    c.warmup.patch_budget = 2 * 3 * 256
+    c.warmup.image_slots = 2 * 3
+    c.rollout.scripted_rows = 1
   elif arg not in (None, ""):
     raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
   c.lock()
@@ -129,8 +148,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                   f"{config.tools.view_max_pixels // 784} tokens plus the tool response text")
   if config.rollout.group_size < 1 or config.rollout.num_prompts < 1:
     errors.append("config.rollout.group_size and num_prompts must be >= 1")
-  if not 0 <= config.rollout.scripted_rows <= config.rollout.group_size:
-    errors.append("config.rollout.scripted_rows must lie in [0, group_size]")
+  if not -1 <= config.rollout.scripted_rows <= config.rollout.group_size:
+    errors.append("config.rollout.scripted_rows must lie in [-1, group_size]")
   try:
     from imagent_jax.agent import rewards, tools
     tools.available_tools(config.tools.names)

@@ -57,7 +57,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   """Runs the model stage; returns its summary numbers (also written to metrics.jsonl)."""
   mesh = parallel.make_mesh(dict(config.mesh))
   t0 = time.perf_counter()
-  model_config, params, processor = components.load_model_and_processor(config, workdir, mesh)
+  model_config, params, processor, _ = components.load_model_and_processor(config, workdir, mesh)
   t_load = time.perf_counter() - t0
   rows = _param_table(params)
   print("\nModel parameters\n" + text_table(["part", "parameters", "share"], rows))
@@ -88,7 +88,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   next_ids = logits[:, -1].argmax(-1)
   print(f"\nForward: batch {b} x {l} tokens, {len(flat_images)} images -> logits {logits.shape}; "
         f"first call (compile + run) {t_first:.2f}s, then {t_run * 1e3:.1f} ms")
-  note = "" if config.model.checkpoint else "  (random weights: noise is expected)"
+  note = "" if components.model_source(config, workdir) else "  (random weights: noise is expected)"
   for i, tid in enumerate(next_ids):
     print(f"  row {i}: predicted next token {int(tid)} {processor.tokenizer.id_to_token(int(tid))!r}{note}")
 
@@ -110,7 +110,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
     layout_png = plots.plot_window_layout(flat_images, grids, model_config.vision,
                                           os.path.join(workdir, "vision_windows.png"))
   metrics.write(0, "model", **summary)
-  src = config.model.checkpoint or f"preset '{config.model.preset}' (random init)"
+  src = components.model_source(config, workdir) or f"preset '{config.model.preset}' (random init)"
   body = [f"Model: {src}; compute dtype {config.model.dtype}, params {config.model.param_dtype}; "
           f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s).", "",
           markdown_table(["part", "parameters", "share"], rows), "",

@@ -64,7 +64,7 @@ def _print_trajectory(row: int, traj: rl.Trajectory, reward: dict, kept: float, 
 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   mesh = parallel.make_mesh(dict(config.mesh))
-  model_config, params, processor = components.load_model_and_processor(config, workdir, mesh)
+  model_config, params, processor, _ = components.load_model_and_processor(config, workdir, mesh)
   model = qvl.Qwen25VL(model_config, dtype=components.DTYPES[config.model.dtype],
                        param_dtype=components.DTYPES[config.model.param_dtype])
   cfg, tcfg = components.rollout_config(config), components.tool_config(config)
@@ -80,10 +80,13 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   g, r = cfg.group_size, len(examples) * cfg.group_size
   scripted = np.zeros(r, bool)
   forced = None
-  if config.rollout.scripted_rows and not config.model.checkpoint:
+  n_scripted = config.rollout.scripted_rows
+  if n_scripted < 0:
+    n_scripted = 0 if components.model_source(config, workdir) else 1
+  if n_scripted:
     scripts = {}
     for row in range(r):
-      if row % g < config.rollout.scripted_rows:
+      if row % g < n_scripted:
         ex = examples[row // g]
         ctx = tools.ToolContext(ex["images"], tcfg)
         scripts[row] = _demo_script(ex, ctx, processor.tokenizer, model_config.eos_token_id)

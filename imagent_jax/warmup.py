@@ -1,0 +1,244 @@
+"""The ``warmup`` stage: train the tiny VLM from scratch into a tool-naive base.
+
+Offline there is no pretrained VLM to start RL from, so the embedded default first trains one by
+supervised next-token prediction on generated tasks that teach what a pretrained base would
+know — and nothing about *when* to use a tool:
+
+* ``read_zoom``: the question's images plus a zoom of the region that holds the answer, given as
+  an extra *input* image ("Image 4 is a zoom of image 2") → think, then answer. The model learns
+  to read details in zoomed views.
+* ``locate``: "where is the detail this question is about?" → the image number and its box in the
+  pixels the model sees. The model learns to ground, which good ``confirm`` boxes need.
+* ``tool_syntax``: an explicit instruction ("Call confirm on image 2 with box [...]") → the tool
+  call, alone. The model learns the call syntax in isolation.
+
+It never sees a trajectory that solves a question by calling a tool: the RL stage must discover
+when and where calling one pays. The trained base is saved as a Hugging Face folder under
+``<workdir>/base`` and reused by later runs in the same workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from imagent_jax import components, parallel
+from imagent_jax.agent import protocol, tools
+from imagent_jax.data import synthetic
+from imagent_jax.models import hf_io
+from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.reporting import MetricsWriter, Report, markdown_table
+
+TaskFn = Callable[[dict, tools.ToolContext, np.random.Generator], tuple[list, list, str]]
+TASKS: dict[str, TaskFn] = {}
+
+
+def register_task(name: str):
+  """Registers a warmup task: ``fn(example, ctx, rng) -> (images, user_content, response_text)``."""
+
+  def deco(fn: TaskFn) -> TaskFn:
+    TASKS[name] = fn
+    return fn
+
+  return deco
+
+
+def _shown_box(example, ctx: tools.ToolContext, pad: int = 8) -> tuple[int, list[int]]:
+  """The target region, padded, in the pixels of the target image as the model sees it."""
+  k = example["target_image"]
+  (w0, h0), (ws, hs) = ctx.views[k].size, ctx.shown_sizes[k]
+  x0, y0, x1, y1 = example["target_box"]
+  box = [max(0, x0 - pad) * ws / w0, max(0, y0 - pad) * hs / h0, min(w0, x1 + pad) * ws / w0,
+         min(h0, y1 + pad) * hs / h0]
+  return k, [int(round(v)) for v in box]
+
+
+def _user_content(images, text: str) -> list:
+  content = []
+  for i in range(len(images)):
+    content += [{"type": "text", "text": f"Image {i + 1}: "}, {"type": "image"}, {"type": "text", "text": "\n"}]
+  return content + [{"type": "text", "text": text}]
+
+
+def _question_text(example) -> str:
+  letters = "ABCDEFGH"
+  opts = "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(example["options"]))
+  return f"{example['question']}\n{opts}\nAnswer with the option's letter."
+
+
+@register_task("read_zoom")
+def _read_zoom(example, ctx, rng):
+  k, box = _shown_box(example, ctx)
+  result = tools.run_tool_call(ctx, protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box}))
+  images = list(example["images"]) + [result.image]
+  n = len(example["images"])
+  text = f"Image {n + 1} is a zoom of image {k + 1}.\n" + _question_text(example)
+  response = f"<think>Image {n + 1} shows the detail.</think><answer>{example['answer']}</answer>"
+  return images, _user_content(images, text), response
+
+
+@register_task("locate")
+def _locate(example, ctx, rng):
+  k, box = _shown_box(example, ctx, pad=0)
+  text = f"Question: {example['question']}\nWhich image holds the detail this is about, and where? Give the image " \
+         "number and the box [x0, y0, x1, y1] in its pixels."
+  response = f"<think>The detail is small.</think><answer>image {k + 1} {json.dumps(box)}</answer>"
+  return list(example["images"]), _user_content(example["images"], text), response
+
+
+@register_task("tool_syntax")
+def _tool_syntax(example, ctx, rng):
+  n = len(example["images"])
+  k = int(rng.integers(n))
+  if rng.random() < 0.5:
+    call = protocol.ToolCall("reflect", {"image": k + 1})
+    text = f"Call the reflect tool on image {k + 1}."
+  else:
+    w, h = ctx.shown_sizes[k]
+    x0, y0 = int(rng.integers(0, max(1, w - 28))), int(rng.integers(0, max(1, h - 28)))
+    box = [x0, y0, min(w, x0 + int(rng.integers(28, 96))), min(h, y0 + int(rng.integers(28, 96)))]
+    call = protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
+    text = f"Call the confirm tool on image {k + 1} with box {json.dumps(box)}."
+  response = f"<think>As asked.</think>{protocol.render_tool_call(call)}"
+  return list(example["images"]), _user_content(example["images"], text), response
+
+
+def make_example(config, index: int, tool_config: tools.ToolConfig, system: str):
+  """Warmup example ``index`` (deterministic in ``(config.seed, index)``): messages, images, response."""
+  rng = np.random.default_rng([config.seed, 7, index])
+  w = config.warmup
+  d = config.demo
+  source = synthetic.odd_one_out(rng, int(rng.integers(1, d.num_images + 1)), d.min_side, d.max_side)
+  names = [t.strip() for t in w.tasks.split(",")]
+  task = names[index % len(names)]
+  ctx = tools.ToolContext(source["images"], tool_config)
+  images, content, response = TASKS[task](source, ctx, rng)
+  messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+  return messages, images, response, task
+
+
+def encode_batch(processor, examples, max_len: int, patch_budget: int, image_slots: int, pad_id: int, eos_id: int):
+  """Right-padded ``input_ids``/``attention_mask``/``loss_mask [B, max_len]`` + padded images.
+
+  ``loss_mask`` is 1 on the response tokens (and the closing ``<|im_end|>``): the only tokens
+  the model is trained to predict.
+  """
+  b = len(examples)
+  ids = np.full((b, max_len), pad_id, np.int32)
+  attn = np.zeros((b, max_len), np.int32)
+  loss = np.zeros((b, max_len), np.float32)
+  patches, grids = [], []
+  for i, (messages, images, response, _) in enumerate(examples):
+    inputs = processor([messages], [images])
+    prompt = inputs["input_ids"][0].tolist()
+    target = processor.tokenizer.encode(response) + [eos_id]
+    seq = prompt + target
+    if len(seq) > max_len:
+      raise ValueError(f"warmup example of {len(seq)} tokens exceeds config.warmup.max_len={max_len}")
+    ids[i, :len(seq)] = seq
+    attn[i, :len(seq)] = 1
+    loss[i, len(prompt):len(seq)] = 1.0
+    if "pixel_values" in inputs:
+      patches.append(inputs["pixel_values"])
+      grids.append(inputs["image_grid_thw"])
+  pv = np.concatenate(patches) if patches else np.zeros((0, 1176), np.float32)
+  grid = np.concatenate(grids) if grids else np.zeros((0, 3), np.int32)
+  if len(pv) > patch_budget or len(grid) > image_slots:
+    raise ValueError(f"warmup batch needs {len(pv)} patches / {len(grid)} images; budgets {patch_budget} / "
+                     f"{image_slots} (config.warmup.patch_budget, image_slots)")
+  pv = np.concatenate([pv, np.zeros((patch_budget - len(pv), pv.shape[1]), np.float32)])
+  grid = np.concatenate([grid, np.zeros((image_slots - len(grid), 3), grid.dtype)]).astype(np.int32)
+  return dict(input_ids=ids, attention_mask=attn, loss_mask=loss, pixel_values=pv, image_grid_thw=grid)
+
+
+def sft_loss(model: qvl.Qwen25VL, params, batch):
+  """Mean next-token cross-entropy over ``loss_mask`` tokens; also returns token accuracy."""
+  logits = model.apply({"params": params}, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  targets = batch["input_ids"][:, 1:]
+  mask = batch["loss_mask"][:, 1:]
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  n = jnp.maximum(mask.sum(), 1.0)
+  acc = ((logits[:, :-1].argmax(-1) == targets) * mask).sum() / n
+  return (nll * mask).sum() / n, acc
+
+
+def make_step(model, optimizer):
+  """The jitted SFT step; a non-finite loss or gradient leaves params and optimizer untouched."""
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    (loss, acc), grads = jax.value_and_grad(lambda p: sft_loss(model, p, batch), has_aux=True)(params)
+    gnorm = optax.global_norm(grads)
+    updates, new_opt = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    return keep(new_params, params), keep(new_opt, opt_state), dict(loss=loss, token_accuracy=acc, grad_norm=gnorm,
+                                                                   skipped=(~ok).astype(jnp.int32))
+
+  return step
+
+
+def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
+  """Trains (or reuses) the tool-naive base and saves it under ``<workdir>/base``."""
+  out_dir = components.base_dir(workdir)
+  if os.path.isfile(os.path.join(out_dir, "config.json")):
+    print(f"Reusing the warmup base in {out_dir} (delete it to train again)")
+    report.add("Warmup", f"Reused the tool-naive base in `{out_dir}`.")
+    return {"reused": True}
+  w = config.warmup
+  mesh = parallel.make_mesh(dict(config.mesh))
+  model_config, params, processor, tok_dir = components.load_model_and_processor(config, workdir, mesh,
+                                                                               random_init=True)
+  model = qvl.Qwen25VL(model_config, dtype=components.DTYPES[config.model.dtype],
+                       param_dtype=components.DTYPES[config.model.param_dtype])
+  tcfg = components.tool_config(config)
+  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()))
+  warm = min(w.warmup_steps, max(1, w.steps // 2))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, w.learning_rate, warm, max(warm + 1, w.steps),
+                                                w.learning_rate * 0.1)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=w.weight_decay))
+  opt_state = optimizer.init(params)
+  step_fn = make_step(model, optimizer)
+  pad = model_config.pad_token_id if model_config.pad_token_id is not None else 0
+  t0 = time.perf_counter()
+  history = []
+  bar = tqdm(range(w.steps), desc="warmup", disable=not w.progress_bar)
+  index = 0
+  for step in bar:
+    examples = []
+    for _ in range(w.batch_size):
+      examples.append(make_example(config, index, tcfg, system))
+      index += 1
+    batch = encode_batch(processor, examples, w.max_len, w.patch_budget, w.image_slots, pad, model_config.eos_token_id)
+    params, opt_state, m = step_fn(params, opt_state, batch)
+    m = {k: float(v) for k, v in m.items()}
+    history.append(m)
+    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_accuracy']:.2f}")
+    if step % max(1, w.log_every) == 0 or step == w.steps - 1:
+      metrics.write(step, "warmup", **m, learning_rate=float(schedule(step)))
+  seconds = time.perf_counter() - t0
+  hf_io.save_pretrained(out_dir, model_config, params)
+  for name in os.listdir(tok_dir):  # the tokenizer and image settings travel with the weights
+    if not (name.endswith(".safetensors") or name in ("config.json", "generation_config.json",
+                                                        "model.safetensors.index.json")):
+      shutil.copy(os.path.join(tok_dir, name), os.path.join(out_dir, name))
+  last = history[-1]
+  print(f"Warmup: {w.steps} steps in {seconds:.0f}s; final loss {last['loss']:.3f}, "
+        f"token accuracy {last['token_accuracy']:.2f}; base saved to {out_dir}")
+  report.add("Warmup", markdown_table(["measure", "value"], [
+      ("steps", w.steps), ("seconds", round(seconds, 1)), ("first loss", round(history[0]["loss"], 4)),
+      ("final loss", round(last["loss"], 4)), ("final token accuracy", round(last["token_accuracy"], 4)),
+      ("tasks", w.tasks), ("base checkpoint", f"`{out_dir}`")]))
+  return {"steps": w.steps, "seconds": seconds, **last}
