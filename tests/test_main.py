@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +20,8 @@ def _main(*args, timeout=600):
 def test_smoke_config_end_to_end(tmp_path):
   res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path))
   assert res.returncode == 0, res.stderr[-3000:]
-  assert "=== stage model done" in res.stdout and "=== stage rollout done" in res.stdout
+  for stage in ("model", "warmup", "rollout"):
+    assert f"=== stage {stage} done" in res.stdout
   assert "reloaded max |logit diff| = 0.00e+00" in res.stdout
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert records[0]["stage"] == "model" and records[0]["params"] > 0 and records[0]["images"] == 3
@@ -31,7 +33,11 @@ def test_smoke_config_end_to_end(tmp_path):
   # The rollout stage: readable trajectories, tool views saved as PNGs, its metrics logged.
   assert "scripted demo policy) status=answered" in res.stdout and "-> tool confirm: ok" in res.stdout
   assert any(p.name.startswith("traj0_view") for p in (tmp_path / "rollout").iterdir())
-  rollout = records[1]
+  warm = [r for r in records if r["stage"] == "warmup"]
+  assert warm and all(np.isfinite(r["loss"]) for r in warm)
+  assert (tmp_path / "base" / "model.safetensors").exists() and (tmp_path / "base" / "tokenizer.json").exists()
+  assert "## Warmup" in report
+  rollout = [r for r in records if r["stage"] == "rollout"][0]
   assert rollout["stage"] == "rollout" and rollout["calls_ok/confirm"] >= 1 and "mask/kept_fraction" in rollout
   assert "## Agent rollout" in report
 
