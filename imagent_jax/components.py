@@ -10,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagent_jax import parallel
 from imagent_jax.agent import masks, rewards
@@ -89,3 +90,86 @@ def reward_config(config) -> rewards.RewardConfig:
 
 def mask_config(config) -> masks.MaskConfig:
   return masks.MaskConfig(group_size=config.rollout.group_size, **config.masks)
+
+
+def grpo_config(config):
+  """``rl.grpo.GRPOConfig`` from ``config.rl`` (group size and temperature from ``config.rollout``)."""
+  from imagent_jax.rl import grpo  # local: grpo imports the model stack
+  r = config.rl
+  return grpo.GRPOConfig(group_size=config.rollout.group_size, advantage=r.advantage, clip_eps_low=r.clip_eps_low,
+                         clip_eps_high=r.clip_eps_high, loss_agg=r.loss_agg, kl_coef=r.kl_coef,
+                         entropy_coef=r.entropy_coef, temperature=config.rollout.temperature,
+                         learning_rate=r.learning_rate, warmup_steps=r.warmup_steps, total_steps=max(r.steps, 1),
+                         end_lr_ratio=r.end_lr_ratio, weight_decay=r.weight_decay, max_grad_norm=r.max_grad_norm,
+                         num_minibatches=r.num_minibatches, ppo_epochs=r.ppo_epochs)
+
+
+def eval_rollout_config(config) -> rl.RolloutConfig:
+  """The evaluation rollout: one greedy trajectory per question, same limits as training."""
+  import dataclasses
+  return dataclasses.replace(rollout_config(config), group_size=1, temperature=0.0, top_k=0, top_p=1.0)
+
+
+def make_example_fn(config, split: str):
+  """``index -> example`` for ``config.data.source``; deterministic in ``(seed, split, index)``."""
+  from imagent_jax.data import synthetic
+  d = config.demo
+  split_id = {"train": 0, "validation": 1, "test": 2}[split]
+
+  def make(index: int) -> dict:
+    rng = np.random.default_rng([config.seed, 1000 + split_id, index])
+    n = int(rng.integers(1, d.num_images + 1))
+    return synthetic.odd_one_out(rng, n, d.min_side, d.max_side)
+
+  return make
+
+
+def example_stream(config, split: str, batch_size: int):
+  """A checkpointable stream of ``split`` examples (see ``rl.trainer.ExampleStream``)."""
+  from imagent_jax.rl.trainer import ExampleStream
+  return ExampleStream(make_example_fn(config, split), batch_size)
+
+
+def eval_examples(config, split: str = "validation") -> list[dict]:
+  """The fixed held-out examples of periodic evaluation (``config.rl.eval_examples`` of them)."""
+  make = make_example_fn(config, split)
+  return [make(i) for i in range(config.rl.eval_examples)]
+
+
+def checkpoint_manager(config, workdir: str):
+  """Orbax manager of ``<workdir>/checkpoints`` keeping the last ``config.rl.keep_checkpoints``."""
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.rl.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save_checkpoint(manager, step: int, state, meta: dict) -> None:
+  """Saves arrays (``state``: params, optimiser, RNG) and JSON ``meta`` (step, data state)."""
+  import orbax.checkpoint as ocp
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+               force=True)
+
+
+def restore_checkpoint(manager, like):
+  """``(state, meta)`` of the latest checkpoint, restored with the shapes/shardings of ``like``; or None."""
+  import orbax.checkpoint as ocp
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                          meta=ocp.args.JsonRestore()))
+  return restored["state"], restored["meta"]
+
+
+def wait_for_checkpoints(manager) -> None:
+  manager.wait_until_finished()
+
+
+def tensorboard_writer(workdir: str):
+  """A TensorBoard writer for ``<workdir>/tensorboard`` (None when tensorboardX is missing)."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # pragma: no cover - it is in install_requires
+    return None
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-STAGES = ("model", "warmup", "rollout")  # stages that exist so far; rl / eval / analyze come next
+STAGES = ("model", "warmup", "rollout", "rl")  # stages that exist so far; eval / analyze come next
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -95,6 +95,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.masks.mask_malformed = True
   c.masks.drop_zero_variance_groups = True
 
+  c.rl = ml_collections.ConfigDict()  # imagent_jax/rl: GRPO and the trainer
+  c.rl.steps = 100
+  c.rl.batch_size = 4  # questions per step; each gets rollout.group_size trajectories
+  c.rl.learning_rate = 1e-4
+  c.rl.warmup_steps = 5
+  c.rl.end_lr_ratio = 0.1
+  c.rl.weight_decay = 0.0
+  c.rl.max_grad_norm = 1.0
+  c.rl.advantage = "grpo"  # "grpo" (group mean/std) or "grpo_unnormalized"
+  c.rl.clip_eps_low = 0.2
+  c.rl.clip_eps_high = 0.28
+  c.rl.loss_agg = "token_mean"  # or "seq_mean"
+  c.rl.kl_coef = 0.0  # k3 KL to the frozen start policy
+  c.rl.entropy_coef = 0.0
+  c.rl.num_minibatches = 1
+  c.rl.ppo_epochs = 1
+  c.rl.remat = False
+  c.rl.patch_budget = 4 * 2 * 4 * 256  # static patches of one rollout batch's training pass
+  c.rl.image_slots = 4 * 2 * 8
+  c.rl.minibatch_patch_budget = 0  # 0: patch_budget // num_minibatches
+  c.rl.minibatch_image_slots = 0
+  c.rl.log_logprob_gap = True  # one extra forward per step: rollout vs training log-probs
+  c.rl.eval_every = 25
+  c.rl.eval_examples = 16
+  c.rl.checkpoint_every = 25
+  c.rl.keep_checkpoints = 2
+  c.rl.progress_bar = True
+
   if arg == "smoke":
     c.demo.num_images = 2
     c.demo.max_side = 160
@@ -103,6 +131,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup.patch_budget = 2 * 3 * 256
     c.warmup.image_slots = 2 * 3
     c.rollout.scripted_rows = 1
+    c.rl.steps = 2
+    c.rl.warmup_steps = 1
+    c.rl.batch_size = 2
+    c.rl.eval_every = 2
+    c.rl.eval_examples = 2
+    c.rl.checkpoint_every = 1
+    c.rl.patch_budget = 2 * 2 * 3 * 256
+    c.rl.image_slots = 2 * 2 * 6
   elif arg not in (None, ""):
     raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
   c.lock()
@@ -156,6 +192,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     rewards.RewardConfig(**config.reward)
   except (ValueError, KeyError, TypeError) as e:
     errors.append(f"config.tools / config.reward: {e}")
+  try:
+    from imagent_jax import components
+    components.grpo_config(config)
+  except (ValueError, KeyError, TypeError) as e:
+    errors.append(f"config.rl: {e}")
   if num_devices is not None:
     try:
       parallel.mesh_shape(dict(config.mesh), num_devices)

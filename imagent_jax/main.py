@@ -27,14 +27,14 @@ def run(config, workdir: str) -> dict:
   """Validates ``config`` and runs its stages in ``workdir``; returns each stage's summary."""
   import jax
 
-  from imagent_jax import default_config, model_stage, rollout_stage, warmup
+  from imagent_jax import default_config, model_stage, rl_stage, rollout_stage, warmup
   from imagent_jax.reporting import MetricsWriter, Report
 
   default_config.validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  stage_fns = {"model": model_stage.run, "warmup": warmup.run, "rollout": rollout_stage.run}
+  stage_fns = {"model": model_stage.run, "warmup": warmup.run, "rollout": rollout_stage.run, "rl": rl_stage.run}
   report = Report(workdir, "imagent_jax run report")
   metrics = MetricsWriter(workdir)
   results = {}

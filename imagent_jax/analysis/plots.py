@@ -66,3 +66,28 @@ def plot_window_layout(images, grid_thw, vision_config, path: str, patch_size: i
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
+
+
+def plot_training_curves(train: list[dict], evals: list[dict], path: str) -> str:
+  """Reward, accuracy and tool use per RL step (training batches, and evaluation when present)."""
+  plt = _pyplot()
+  panels = [("reward", ["reward", "reward/tool_gain"]), ("accuracy", ["accuracy", "eval/accuracy"]),
+            ("tool calls per trajectory", ["tool_calls_per_trajectory", "image_calls_per_trajectory",
+                                           "failed_calls_per_trajectory", "eval/tool_calls_per_trajectory"]),
+            ("masks", ["mask/kept_fraction", "status/truncated", "status/turn_limit", "confirm_on_target"])]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
+  for ax, (title, keys) in zip(axes, panels):
+    for key in keys:
+      rows = evals if key.startswith("eval/") else train
+      pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+      if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, label=key, lw=1.5)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path

@@ -1,0 +1,1 @@
+"""tfds builders and file sources of multi-image QA examples."""

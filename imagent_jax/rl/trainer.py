@@ -1,0 +1,310 @@
+"""The RL trainer: rollout → rewards → masks → advantages → GRPO updates, with checkpoints and logs.
+
+Each step draws a batch of questions, runs ``group_size`` agent rollouts per question (one jitted
+program, tools on the host), scores them (``agent.rewards``), masks them (``agent.masks``: token
+and trajectory layers, zero-variance groups), computes group advantages over the same rows as the
+zero-variance test, re-renders every image the trajectories saw, and takes the GRPO minibatch
+steps against the rollout's sampling log-probs.
+
+Everything a run needs to continue lives in ``<workdir>/checkpoints`` (orbax): parameters,
+optimiser state, step, RNG and the data iterator's state, so a restarted run sees the same data
+in the same order as an uninterrupted one. Checkpoints are written every ``checkpoint_every``
+steps, at the end, and on SIGTERM. Every step appends to ``metrics.jsonl`` and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from imagent_jax import components, parallel
+from imagent_jax.agent import masks, protocol, rewards
+from imagent_jax.agent import rollout as rl
+from imagent_jax.agent import tools
+from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.rl import grpo, logprobs
+
+log = logging.getLogger("imagent_jax")
+
+
+class ExampleStream:
+  """A checkpointable stream of examples: ``make_example(index) -> dict``, drawn in order.
+
+  The state is the next index, so restoring it replays exactly the batches an uninterrupted run
+  would have drawn. (Grain iterators from ``imagent_jax.data.pipeline`` offer the same three
+  methods and can be used instead.)
+  """
+
+  def __init__(self, make_example: Callable[[int], dict], batch_size: int, start: int = 0):
+    self.make_example, self.batch_size, self.index = make_example, batch_size, start
+
+  def next_batch(self) -> list[dict]:
+    batch = [self.make_example(self.index + i) for i in range(self.batch_size)]
+    self.index += self.batch_size
+    return batch
+
+  def get_state(self) -> dict:
+    return {"next_index": self.index}
+
+  def set_state(self, state: dict) -> None:
+    self.index = int(state["next_index"])
+
+
+def confirm_hits(traj: rl.Trajectory, example: dict) -> tuple[int, int]:
+  """``(confirm calls whose zoom covers the answer region, successful confirm calls)``.
+
+  A zoom covers it when its box, mapped back to the root input image, overlaps the example's
+  ``target_box`` in ``target_image`` by at least half of the target's area.
+  """
+  if "target_box" not in example or example.get("target_box") is None:
+    return 0, 0
+  hits = total = 0
+  tx0, ty0, tx1, ty1 = example["target_box"]
+  area = max((tx1 - tx0) * (ty1 - ty0), 1e-6)
+  for c in traj.calls:
+    if c.name != "confirm" or not c.ok or c.view_index is None:
+      continue
+    total += 1
+    ref = traj.context.refs[c.view_index - 1]
+    if ref.root - 1 != example["target_image"]:
+      continue
+    x0, y0, x1, y1 = ref.root_box
+    inter = max(0.0, min(x1, tx1) - max(x0, tx0)) * max(0.0, min(y1, ty1) - max(y0, ty0))
+    hits += inter >= 0.5 * area
+  return hits, total
+
+
+def trajectory_stats(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], tool_names: Sequence[str],
+                     group_size: int) -> dict[str, float]:
+  """Tool-use numbers of a batch of trajectories for logging (per trajectory means)."""
+  n = max(len(trajs), 1)
+  out = {"tool_calls_per_trajectory": sum(len(t.calls) for t in trajs) / n,
+         "successful_calls_per_trajectory": sum(sum(c.ok for c in t.calls) for t in trajs) / n,
+         "failed_calls_per_trajectory": sum(sum(not c.ok for c in t.calls) for t in trajs) / n,
+         "image_calls_per_trajectory": sum(t.num_successful_image_calls for t in trajs) / n,
+         "malformed_calls_per_trajectory": sum(t.num_malformed_calls for t in trajs) / n}
+  for name in tool_names:
+    out[f"calls/{name}"] = sum(sum(c.name == name for c in t.calls) for t in trajs) / n
+  hits = totals = 0
+  for t in trajs:
+    h, tot = confirm_hits(t, examples[t.prompt_index])
+    hits, totals = hits + h, totals + tot
+  out["confirm_on_target"] = hits / totals if totals else float("nan")
+  for code, name in enumerate(masks.STATUS_NAMES):
+    out[f"status/{name}"] = sum(t.status == code for t in trajs) / n
+  return out
+
+
+class Trainer:
+  """Owns the run's state and loop. ``Trainer(config, workdir).train()``."""
+
+  def __init__(self, config, workdir: str, *, train_stream=None, eval_examples: Sequence[dict] | None = None,
+               make_prompt: Callable[[dict], Any] | None = None):
+    self.config, self.workdir = config, workdir
+    r = config.rl
+    self.mesh = parallel.make_mesh(dict(config.mesh))
+    self.model_config, params, self.processor, _ = components.load_model_and_processor(config, workdir, self.mesh)
+    self.model = qvl.Qwen25VL(self.model_config, dtype=components.DTYPES[config.model.dtype],
+                              param_dtype=components.DTYPES[config.model.param_dtype], remat=r.remat)
+    self.rollout_cfg = components.rollout_config(config)
+    self.tool_cfg = components.tool_config(config)
+    self.rollout = rl.Rollout(self.model, self.processor, self.rollout_cfg, self.tool_cfg)
+    self.reward_cfg = components.reward_config(config)
+    self.mask_cfg = components.mask_config(config)
+    self.grpo_cfg = components.grpo_config(config)
+    self.optimizer = grpo.make_optimizer(self.grpo_cfg)
+    self.step_fn = grpo.sharded_train_step(self.model, self.grpo_cfg, self.mesh)
+    self.schemas = tools.tool_schemas(self.tool_cfg.enabled())
+    self.train_stream = train_stream or components.example_stream(config, "train", r.batch_size)
+    self.eval_examples = list(eval_examples) if eval_examples is not None else components.eval_examples(config)
+    self.params = params
+    self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.step_fn.opt_state_shardings)(params)
+    # The update donates params: the frozen reference needs its own copy.
+    self.ref_params = jax.tree_util.tree_map(jnp.copy, params) if self.grpo_cfg.kl_coef > 0 else None
+    self.step = 0
+    self.rng = jax.random.key(config.seed)
+    self.ckpt = components.checkpoint_manager(config, workdir)
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = components.tensorboard_writer(workdir)
+    self._stop = False
+    self._saved_step = -1
+    self._restore()
+
+  # ------------------------------------------------------------------------------ checkpoints
+
+  def _state(self) -> dict:
+    return {"params": self.params, "opt_state": self.opt_state,
+            "rng": jax.random.key_data(self.rng)}
+
+  def _meta(self) -> dict:
+    return {"step": self.step, "data": self.train_stream.get_state()}
+
+  def save(self) -> None:
+    """Writes a checkpoint of the current step (params, optimiser, RNG, data state), once."""
+    if self._saved_step == self.step:
+      return
+    components.save_checkpoint(self.ckpt, self.step, self._state(), self._meta())
+    self._saved_step = self.step
+
+  def _restore(self) -> None:
+    restored = components.restore_checkpoint(self.ckpt, self._state())
+    if restored is None:
+      return
+    state, meta = restored
+    self.params, self.opt_state = state["params"], state["opt_state"]
+    self.rng = jax.random.wrap_key_data(state["rng"])
+    self.step = int(meta["step"])
+    self.train_stream.set_state(meta["data"])
+    self._saved_step = self.step
+    print(f"Resumed from {self.ckpt.directory} at step {self.step}")
+
+  def _on_sigterm(self, signum, frame):  # noqa: ARG002
+    log.warning("SIGTERM: saving a checkpoint after this step and stopping")
+    self._stop = True
+
+  # ------------------------------------------------------------------------------------ steps
+
+  def prompts(self, examples: Sequence[dict]):
+    return [protocol.build_prompt_messages(e["question"], len(e["images"]), e.get("options"), tools=self.schemas)
+            for e in examples]
+
+  def score(self, trajs, examples, group_size: int) -> dict[str, np.ndarray]:
+    return rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],
+                                   [examples[t.prompt_index].get("options") for t in trajs],
+                                   [t.num_successful_image_calls for t in trajs], group_size, self.reward_cfg,
+                                   num_malformed_calls=[t.num_malformed_calls for t in trajs])
+
+  def train_step(self) -> dict[str, float]:
+    """One RL step; returns its metrics."""
+    c, g = self.config, self.rollout_cfg.group_size
+    times = {}
+    t0 = time.perf_counter()
+    examples = self.train_stream.next_batch()
+    step_rng = jax.random.fold_in(self.rng, self.step)
+    out, trajs = self.rollout(self.params, self.prompts(examples), [e["images"] for e in examples],
+                              jax.random.fold_in(step_rng, 0))
+    times["rollout_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rew = self.score(trajs, examples, g)
+    malformed = np.array([t.num_malformed_calls for t in trajs], np.int32)
+    loss_mask, mask_metrics = masks.loss_mask(out["action_mask"], out["attention_mask"], out["status"], malformed,
+                                              rew["total"], self.mask_cfg)
+    stats_rows = masks.group_stats_mask(out["status"], malformed, self.mask_cfg)
+    advantages = grpo.compute_advantages(self.grpo_cfg, rew["total"], stats_rows)
+    pv, grid = rl.training_images(trajs, c.rl.patch_budget, c.rl.image_slots, max_pixels=c.processor.max_pixels,
+                                  min_pixels=c.processor.min_pixels, view_max_pixels=c.tools.view_max_pixels)
+    batch = dict(tokens=out["tokens"], attention_mask=out["attention_mask"], loss_mask=np.asarray(loss_mask),
+                 advantages=np.asarray(advantages), old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid)
+    metrics: dict[str, float] = {}
+    if c.rl.log_logprob_gap:
+      fwd = np.asarray(logprobs.sequence_logprobs(self.model, self.params, out["tokens"], out["attention_mask"], pv,
+                                                  grid, temperature=self.rollout_cfg.temperature))
+      act = out["action_mask"].astype(bool)
+      metrics["logprob_gap_max"] = float(np.abs(fwd[act] - out["logprobs"][act]).max()) if act.any() else 0.0
+    if self.ref_params is not None:
+      batch["ref_logp"] = np.asarray(logprobs.sequence_logprobs(self.model, self.ref_params, out["tokens"],
+                                                                out["attention_mask"], pv, grid,
+                                                                temperature=self.rollout_cfg.temperature))
+    times["prepare_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    self.params, self.opt_state, upd = grpo.update(self.model, self.grpo_cfg, self.params, self.opt_state, batch,
+                                                   jax.random.fold_in(step_rng, 1), step_fn=self.step_fn,
+                                                   patch_budget=c.rl.minibatch_patch_budget or None,
+                                                   image_slots=c.rl.minibatch_image_slots or None)
+    times["update_s"] = time.perf_counter() - t0
+    self.step += 1
+
+    sampled = int(out["action_mask"].sum())
+    metrics.update({"reward": float(rew["total"].mean()), "accuracy": float(rew["accuracy"].mean()),
+                    "format": float(rew["format"].mean())})
+    for part in ("tool_gain", "tool_helpful", "used_tool"):
+      if part in rew:
+        metrics[f"reward/{part}"] = float(rew[part].mean())
+    metrics.update(trajectory_stats(trajs, examples, self.tool_cfg.enabled(), g))
+    metrics.update({k: float(np.asarray(v)) for k, v in mask_metrics.items()})
+    metrics.update({f"train/{k}": float(v) for k, v in upd.items()})
+    metrics["response_tokens"] = sampled / len(trajs)
+    metrics["sequence_tokens"] = float(out["attention_mask"].sum()) / len(trajs)
+    metrics["learning_rate"] = float(grpo.learning_rate(self.grpo_cfg, self.step))
+    metrics.update({f"time/{k}": v for k, v in times.items()})
+    metrics["sampled_tokens_per_s"] = sampled / max(times["rollout_s"], 1e-9)
+    if upd.get("skipped", 0):
+      log.warning("step %d: %d update(s) skipped: non-finite loss or gradient", self.step, int(upd["skipped"]))
+    return metrics
+
+  def evaluate(self, examples: Sequence[dict] | None = None) -> dict[str, float]:
+    """Greedy single rollouts on held-out examples: accuracy and tool use."""
+    examples = self.eval_examples if examples is None else list(examples)
+    if not examples:
+      return {}
+    cfg = components.eval_rollout_config(self.config)
+    ro = rl.Rollout(self.model, self.processor, cfg, self.tool_cfg)
+    accs, trajs_all, ex_all = [], [], []
+    bs = self.config.rl.batch_size
+    for i in range(0, len(examples), bs):
+      chunk = examples[i:i + bs]
+      _, trajs = ro(self.params, self.prompts(chunk), [e["images"] for e in chunk], jax.random.key(0))
+      rew = self.score(trajs, chunk, 1)
+      accs += rew["accuracy"].tolist()
+      for t in trajs:
+        t.prompt_index += len(ex_all)
+      trajs_all += trajs
+      ex_all += chunk
+    out = {"eval/accuracy": float(np.mean(accs))}
+    out.update({f"eval/{k}": v for k, v in trajectory_stats(trajs_all, ex_all, self.tool_cfg.enabled(), 1).items()})
+    return out
+
+  def log(self, metrics: dict[str, float], stage: str = "rl") -> None:
+    record = {"step": self.step, "stage": stage, "time": round(time.time(), 3)}
+    record.update({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()})
+    with open(self.metrics_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and np.isfinite(v):
+          self.tb.add_scalar(f"{stage}/{k}", v, self.step)
+      self.tb.flush()
+
+  def train(self, until_step: int | None = None) -> dict[str, float]:
+    """Trains to ``config.rl.steps`` (or ``until_step``); returns the last step's metrics."""
+    r = self.config.rl
+    end = r.steps if until_step is None else min(until_step, r.steps)
+    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    last: dict[str, float] = {}
+    try:
+      if self.step == 0 and r.eval_every > 0:
+        base = self.evaluate()
+        self.log(base, stage="eval")
+        print(f"step 0 (base): eval accuracy {base.get('eval/accuracy', float('nan')):.3f}, tool calls/traj "
+              f"{base.get('eval/tool_calls_per_trajectory', float('nan')):.2f}")
+      bar = tqdm(total=end, initial=self.step, desc="rl", disable=not r.progress_bar)
+      while self.step < end and not self._stop:
+        last = self.train_step()
+        self.log(last)
+        bar.update(1)
+        bar.set_postfix(reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}",
+                        tools=f"{last['tool_calls_per_trajectory']:.2f}")
+        if r.eval_every > 0 and self.step % r.eval_every == 0:
+          ev = self.evaluate()
+          self.log(ev, stage="eval")
+          last.update(ev)
+        if r.checkpoint_every > 0 and self.step % r.checkpoint_every == 0:
+          self.save()
+      bar.close()
+      if self.step > 0 and (self._stop or self.step >= end):
+        self.save()
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+      components.wait_for_checkpoints(self.ckpt)
+    return last

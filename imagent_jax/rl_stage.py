@@ -1,0 +1,40 @@
+"""The ``rl`` stage: GRPO from the warmup base (or a checkpoint), with curves in the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from imagent_jax.analysis import plots
+from imagent_jax.reporting import MetricsWriter, Report, markdown_table
+
+_TABLE_KEYS = ("reward", "accuracy", "format", "tool_calls_per_trajectory", "image_calls_per_trajectory",
+               "failed_calls_per_trajectory", "confirm_on_target", "mask/kept_fraction", "mask/zero_variance_groups",
+               "logprob_gap_max", "train/pg_loss", "train/clip_fraction", "train/grad_norm", "train/entropy",
+               "response_tokens", "time/rollout_s", "time/update_s", "sampled_tokens_per_s")
+
+
+def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
+  from imagent_jax.rl.trainer import Trainer  # local: keeps `python -m imagent_jax.main --help` fast
+
+  t0 = time.perf_counter()
+  trainer = Trainer(config, workdir)
+  last = trainer.train()
+  seconds = time.perf_counter() - t0
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [r for r in records if r["stage"] == "rl"]
+  evals = [r for r in records if r["stage"] == "eval"]
+  curves = plots.plot_training_curves(train, evals, os.path.join(workdir, "rl_curves.png"))
+  rows = [(k, _fmt(train[-1].get(k)) if train else "-") for k in _TABLE_KEYS]
+  if evals:
+    rows += [(f"eval/{k} (step {e['step']})", _fmt(e.get(f"eval/{k}"))) for e in (evals[0], evals[-1])
+             for k in ("accuracy", "tool_calls_per_trajectory", "confirm_on_target")]
+  print("\n" + "\n".join(f"  {k}: {v}" for k, v in rows))
+  report.add("RL (GRPO)", f"{trainer.step} steps in {seconds:.0f}s (this run).\n\n"
+             + markdown_table(["metric (last step)", "value"], rows) + f"\n\n![training curves]({os.path.basename(curves)})")
+  return {"steps": trainer.step, "seconds": seconds, **{k: v for k, v in last.items() if isinstance(v, float)}}
+
+
+def _fmt(v):
+  return "-" if v is None else round(v, 4) if isinstance(v, float) else v
