@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup.warmup_steps = 20
   c.warmup.weight_decay = 0.0
   c.warmup.tasks = "read_zoom,locate,tool_syntax"  # registered in warmup.TASKS
-  c.warmup.max_len = 1280  # static sequence length (tokens)
+  c.warmup.max_len = 768  # static sequence length (tokens)
   c.warmup.patch_budget = 8 * 4 * 256  # static patches per batch
   c.warmup.image_slots = 8 * 5
   c.warmup.log_every = 10
@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict()  # imagent_jax.agent.rollout.RolloutConfig
   c.rollout.num_prompts = 2
   c.rollout.group_size = 2
-  c.rollout.max_prompt_len = 1024  # static prompt budget (tokens); the tiny tokenizer spends ~700 on the tool prompt
+  c.rollout.max_prompt_len = 640  # static prompt budget (tokens)
   c.rollout.prompt_patches = 1024  # static patch budget of a batch's prompt images
   c.rollout.max_prompt_images = 8
   c.rollout.max_new_tokens = 512  # per trajectory: sampled + observation tokens
@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.tools = ml_collections.ConfigDict()  # imagent_jax.agent.tools.ToolConfig
   c.tools.names = "all"  # "all", "none", or a comma list: "reflect", "confirm"
+  c.tools.prompt_style = "compact"  # system prompt: "full" JSON schemas (pretrained Qwen) or "compact" (tiny models)
   c.tools.max_tool_images = 4
   c.tools.view_max_pixels = 28 * 28 * 64  # visual-token budget of a returned view (<= processor.max_pixels)
   c.tools.min_box_side = 28.0
@@ -189,6 +190,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   try:
     from imagent_jax.agent import rewards, tools
     tools.available_tools(config.tools.names)
+    from imagent_jax.agent import protocol
+    protocol.system_prompt(tools.tool_schemas(), config.tools.prompt_style)
     rewards.RewardConfig(**config.reward)
   except (ValueError, KeyError, TypeError) as e:
     errors.append(f"config.tools / config.reward: {e}")

@@ -73,8 +73,8 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   d = config.demo
   examples = [synthetic.odd_one_out(rng, d.num_images, d.min_side, d.max_side) for _ in range(config.rollout.num_prompts)]
   schemas = tools.tool_schemas(tcfg.enabled())
-  prompts = [protocol.build_prompt_messages(e["question"], len(e["images"]), e["options"], tools=schemas)
-             for e in examples]
+  prompts = [protocol.build_prompt_messages(e["question"], len(e["images"]), e["options"], tools=schemas,
+                                           system_style=config.tools.prompt_style) for e in examples]
   images = [e["images"] for e in examples]
 
   g, r = cfg.group_size, len(examples) * cfg.group_size

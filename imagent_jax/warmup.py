@@ -204,7 +204,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   model = qvl.Qwen25VL(model_config, dtype=components.DTYPES[config.model.dtype],
                        param_dtype=components.DTYPES[config.model.param_dtype])
   tcfg = components.tool_config(config)
-  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()))
+  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), config.tools.prompt_style)
   warm = min(w.warmup_steps, max(1, w.steps // 2))
   schedule = optax.warmup_cosine_decay_schedule(0.0, w.learning_rate, warm, max(warm + 1, w.steps),
                                                 w.learning_rate * 0.1)

@@ -24,7 +24,7 @@ Categories (registered with ``register_category``; ``CATEGORIES``):
 
 * ``digit``    "In image 2, what digit is written on the small white tag?"
 * ``letter``   "In image 1, what letter is written on the small white tag?"
-* ``color``    "In image 3, what colour is the small triangle?"
+* ``color``    "In image 3, what color is the small triangle?"
 * ``shape``    "In image 2, what shape is the small purple mark?"
 * ``locate``   "Which image contains a small blue triangle?" (needs >= 2 images)
 * ``count``    "How many small red circles are in image 2?"
@@ -164,7 +164,7 @@ class DifficultyConfig:
   """
   image_side: tuple[int, int] = (800, 1216)
   num_images: tuple[int, int] = (1, 4)
-  mark_size: tuple[float, float] = (5.0, 7.0)
+  mark_size: tuple[float, float] = (6.0, 7.0)
   glyph_scale: int = 1
   num_distractors: int = 6
   num_clutter: int = 5
@@ -218,16 +218,19 @@ class DifficultyConfig:
     Args:
       max_pixels: the processor's ``max_pixels`` (base view budget).
       base_detail_px: how many base-view pixels the largest detail (mark or glyph) may span.
-      aspect_spread: ``image_side`` max over min.
-      **overrides: other fields (``mark_size``, ``glyph_scale``, ...).
+      aspect_spread: ``image_side`` max over min (when ``image_side`` is not given).
+      **overrides: other fields (``mark_size``, ``glyph_scale``, ...); a given ``image_side`` is
+        raised where its sides are too small.
 
     Returns:
       The config, with ``image_side`` chosen so that every image is shrunk enough.
     """
     base = cls(**{k: v for k, v in overrides.items() if k != "image_side"})
     detail = max(base.mark_size[1], _GLYPH_HEIGHT * base.glyph_scale)
-    min_side = max(base.image_side[0] if "image_side" in overrides else 0,
-                   math.ceil(math.sqrt(max_pixels) * detail / base_detail_px))
+    min_side = math.ceil(math.sqrt(max_pixels) * detail / base_detail_px)
+    if "image_side" in overrides:  # sizes given: only raised where they are too small
+      lo, hi = overrides["image_side"]
+      return dataclasses.replace(base, image_side=(max(lo, min_side), max(hi, lo, min_side)))
     return dataclasses.replace(base, image_side=(min_side, round(min_side * aspect_spread)))
 
 
@@ -319,7 +322,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, extent:
 @functools.lru_cache(maxsize=None)
 def _glyph_mask(char: str, scale: int) -> Image.Image:
   """The ink of ``char`` in PIL's default bitmap font, cropped tight, scaled by ``scale`` ("L")."""
-  font = ImageFont.load_default_imagefont() if hasattr(ImageFont, "load_default_imagefont") else ImageFont.load_default()
+  if hasattr(ImageFont, "load_default_imagefont"):  # Pillow >= 10.1; before, load_default() is the bitmap font
+    font = ImageFont.load_default_imagefont()
+  else:
+    font = ImageFont.load_default()
   canvas = Image.new("L", (24, 24), 0)
   ImageDraw.Draw(canvas).text((4, 4), char, font=font, fill=255)
   mask = canvas.crop(canvas.getbbox())
@@ -613,7 +619,7 @@ def encode_png(image: Image.Image) -> bytes:
   stride = (width + 1) // 2
   rows = np.zeros((height, stride + 1), np.uint8)  # each scanline: filter byte 0, then 4-bit pixels
   rows[:, 1:] = np.frombuffer(image.tobytes("raw", "P;4"), np.uint8).reshape(height, stride)
-  deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+  deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 4, zlib.Z_RLE)  # memLevel 4: fastest here
   idat = deflate.compress(rows.tobytes()) + deflate.flush()
   return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 4, 3, 0, 0, 0))
           + _png_chunk(b"PLTE", bytes(palette)) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
@@ -661,6 +667,12 @@ def generate_example(seed: int, index: int, difficulty: DifficultyConfig = Diffi
           "index": int(index)}
 
 
+def generate_png_example(task: tuple[int, int, DifficultyConfig]) -> dict[str, Any]:
+  """``generate_example(seed, index, difficulty, image_format="png")`` of ``task``, for process pools."""
+  seed, index, difficulty = task
+  return generate_example(seed, index, difficulty, image_format="png")
+
+
 EXAMPLE_KEYS = ("id", "images", "question", "options", "answer", "category", "target_image", "target_box")
 
 
@@ -668,8 +680,8 @@ class SyntheticSource:
   """Random-access source of generated examples, no files: element ``i`` is example ``i`` of ``seed``.
 
   A grain data source (``__len__``, ``__getitem__``) yielding the pipeline's example dicts
-  (``EXAMPLE_KEYS``, RGB images). Generation costs ~10 ms per image; for training prefer the tfds
-  build (``builders.build_synthetic``), which generates once.
+  (``EXAMPLE_KEYS``, RGB images). Drawing costs ~10 ms per example at the default sizes; for
+  training prefer the tfds build (``builders.build_synthetic``), which draws once.
   """
 
   def __init__(self, size: int, seed: int = 0, difficulty: DifficultyConfig = DifficultyConfig()):
@@ -677,6 +689,7 @@ class SyntheticSource:
       raise ValueError(f"size must be >= 0, got {size}")
     example_rng(seed, 0)  # validates the seed
     self.size, self.seed, self.difficulty = int(size), int(seed), difficulty
+    self.name = f"synthetic:{self.seed}"
 
   def __len__(self) -> int:
     return self.size

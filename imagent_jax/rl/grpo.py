@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,6 @@ from imagent_jax import parallel
 from imagent_jax.rl import logprobs as logprobs_lib
 
 Batch = Mapping[str, Any]
-Metrics = dict[str, jax.Array]
 
 # ---------------------------------------------------------------------------------- advantages
 
@@ -400,8 +399,8 @@ def optimizer_step(opt_state) -> jax.Array:
 
 # --------------------------------------------------------------------------------- train step
 
-BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "advantages", "old_logp", "pixel_values", "image_grid_thw")
-OPTIONAL_KEYS = ("ref_logp",)
+BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "advantages", "old_logp")
+OPTIONAL_KEYS = ("ref_logp", "pixel_values", "image_grid_thw")
 
 
 def _check_batch(batch: Batch, cfg: GRPOConfig) -> None:
@@ -425,8 +424,8 @@ def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch):
     batch: see ``train_step``.
   """
   with_entropy = cfg.entropy_coef != 0
-  out = logprobs_lib.token_logprobs(model, params, batch["tokens"], batch["attention_mask"], batch["pixel_values"],
-                                    batch["image_grid_thw"], temperature=cfg.temperature, with_entropy=with_entropy)
+  out = logprobs_lib.token_logprobs(model, params, batch["tokens"], batch["attention_mask"], batch.get("pixel_values"),
+                                    batch.get("image_grid_thw"), temperature=cfg.temperature, with_entropy=with_entropy)
   logp, entropy = out if with_entropy else (out, None)
   return policy_loss(logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg,
                      ref_logp=batch.get("ref_logp"), entropy=entropy)
@@ -447,7 +446,7 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch):
     batch: dict with ``tokens [R, T]`` int, ``attention_mask [R, T]``, ``loss_mask [R, T]`` float
       (``masks.loss_mask``), ``advantages [R]``, ``old_logp [R, T]`` (the rollout's sampling
       log-probs), optionally ``ref_logp [R, T]``, and the minibatch's images ``pixel_values [P, D]``
-      and ``image_grid_thw [N, 3]``.
+      and ``image_grid_thw [N, 3]`` (absent or None for a text-only batch).
 
   Returns:
     ``(params, opt_state, metrics)``; metrics are ``policy_loss``'s plus ``grad_norm`` (before
@@ -456,7 +455,7 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch):
   _check_batch(batch, cfg)
   tx = make_optimizer(cfg)
   (loss, metrics), grads = jax.value_and_grad(lambda p: grpo_loss(model, cfg, p, batch), has_aux=True)(params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
@@ -467,10 +466,17 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch):
           jax.tree_util.tree_map(keep_new, new_opt_state, opt_state), metrics)
 
 
-def jit_train_step(model, cfg: GRPOConfig, donate: bool = False):
-  """``train_step`` jitted for one model and config: ``step(params, opt_state, batch)``."""
+def jit_train_step(model, cfg: GRPOConfig, donate: bool = False, jit_kwargs: Mapping[str, Any] | None = None):
+  """``train_step`` jitted for one model and config: ``step(params, opt_state, batch)``.
+
+  Args:
+    model: the ``Qwen25VL`` module.
+    cfg: the GRPO config.
+    donate: donate params and optimiser state (the caller must not reuse what it passed in).
+    jit_kwargs: extra ``jax.jit`` arguments (e.g. ``compiler_options``).
+  """
   fn = functools.partial(train_step, model, cfg)
-  return jax.jit(fn, donate_argnums=(0, 1) if donate else ())
+  return jax.jit(fn, donate_argnums=(0, 1) if donate else (), **dict(jit_kwargs or {}))
 
 
 # ----------------------------------------------------------------------------------- sharding
@@ -503,7 +509,7 @@ def batch_shardings(batch: Batch, mesh: Mesh) -> dict[str, NamedSharding]:
   return out
 
 
-def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None):
+def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None, jit_kwargs: Mapping[str, Any] | None = None):
   """``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted with shardings.
 
   Params and optimiser state are sharded by ``parallel.param_shardings`` (in and out) and donated;
@@ -516,6 +522,12 @@ def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None):
     cfg: the GRPO config.
     mesh: the device mesh (``parallel.make_mesh``).
     rules: logical-axis rules (default ``parallel.DEFAULT_RULES``).
+    jit_kwargs: extra ``jax.jit`` arguments (e.g. ``compiler_options``).
+
+  Returns:
+    The step function, with attributes ``param_shardings`` and ``opt_state_shardings`` (to
+    ``jax.device_put`` a state onto; the step donates what it is given, and ``device_put`` may
+    alias a replicated leaf with its source, so pass arrays nothing else still uses).
   """
   p_shard = parallel.param_shardings(model.config, mesh, rules)
   o_shard = opt_state_shardings(cfg, model.config, mesh, rules)
@@ -526,9 +538,11 @@ def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None):
     batch = {k: v for k, v in batch.items() if v is not None}
     b_shard = batch_shardings(batch, mesh)
     key = tuple(sorted((k, s.spec) for k, s in b_shard.items()))
+    batch = jax.device_put(batch, b_shard)  # a no-op for arrays already laid out this way
     if key not in compiled:
       compiled[key] = jax.jit(functools.partial(train_step, model, cfg), in_shardings=(p_shard, o_shard, b_shard),
-                              out_shardings=(p_shard, o_shard, replicated), donate_argnums=(0, 1))
+                              out_shardings=(p_shard, o_shard, replicated), donate_argnums=(0, 1),
+                              **dict(jit_kwargs or {}))
     return compiled[key](params, opt_state, batch)
 
   step.param_shardings = p_shard
@@ -583,7 +597,8 @@ def split_minibatches(batch: Batch, num_minibatches: int, *, image_token_id: int
   """Host-side: splits a rollout batch into minibatches of whole rows, each with its own images.
 
   Args:
-    batch: the ``train_step`` fields for all ``R`` rows (numpy or jax), images laid out row by row.
+    batch: the ``train_step`` fields for all ``R`` rows (numpy or jax), images laid out row by row
+      (``pixel_values`` None for a text-only batch).
     num_minibatches: must divide ``R``.
     image_token_id: the model's image placeholder id.
     merge_unit: patches per merged image feature.
@@ -605,6 +620,14 @@ def split_minibatches(batch: Batch, num_minibatches: int, *, image_token_id: int
   if num_minibatches < 1 or rows % num_minibatches:
     raise ValueError(f"{rows} rows do not split into {num_minibatches} minibatches")
   perm = np.arange(rows) if perm is None else np.asarray(perm)
+  if sorted(perm.tolist()) != list(range(rows)):
+    raise ValueError(f"perm must be a permutation of the {rows} rows")
+  size = rows // num_minibatches
+  chunks = [perm[k * size:(k + 1) * size] for k in range(num_minibatches)]
+  if "pixel_values" not in host:  # a text-only batch
+    if np.any((host["tokens"] == image_token_id) & host["attention_mask"].astype(bool)):
+      raise ValueError("the batch has image placeholder tokens but no pixel_values")
+    return [{key: v[idx] for key, v in host.items()} for idx in chunks]
   pv, grid = host["pixel_values"], host["image_grid_thw"].reshape(-1, 3)
   patch_budget = pv.shape[0] if patch_budget is None else int(patch_budget)
   image_slots = grid.shape[0] if image_slots is None else int(image_slots)
@@ -612,15 +635,11 @@ def split_minibatches(batch: Batch, num_minibatches: int, *, image_token_id: int
     raise ValueError(f"patch_budget={patch_budget} must be a multiple of merge_unit={merge_unit}")
   spans = row_image_spans(host["tokens"], host["attention_mask"], grid, image_token_id=image_token_id,
                           merge_unit=merge_unit)
-  size = rows // num_minibatches
   out = []
-  for k in range(num_minibatches):
-    idx = perm[k * size:(k + 1) * size]
+  for k, idx in enumerate(chunks):
     mb = {key: v[idx] for key, v in host.items() if key not in ("pixel_values", "image_grid_thw")}
-    pieces = [pv[spans[r][2]:spans[r][3]] for r in idx]
-    grids = [grid[spans[r][0]:spans[r][1]] for r in idx]
-    mb_pv = np.concatenate(pieces) if pieces else pv[:0]
-    mb_grid = np.concatenate(grids) if grids else grid[:0]
+    mb_pv = np.concatenate([pv[:0]] + [pv[spans[r][2]:spans[r][3]] for r in idx])
+    mb_grid = np.concatenate([grid[:0]] + [grid[spans[r][0]:spans[r][1]] for r in idx])
     if len(mb_pv) > patch_budget or len(mb_grid) > image_slots:
       raise ValueError(f"minibatch {k} needs {len(mb_pv)} patches in {len(mb_grid)} images; the budgets are "
                        f"patch_budget={patch_budget}, image_slots={image_slots}")

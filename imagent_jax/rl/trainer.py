@@ -174,8 +174,9 @@ class Trainer:
   # ------------------------------------------------------------------------------------ steps
 
   def prompts(self, examples: Sequence[dict]):
-    return [protocol.build_prompt_messages(e["question"], len(e["images"]), e.get("options"), tools=self.schemas)
-            for e in examples]
+    style = self.config.tools.prompt_style
+    return [protocol.build_prompt_messages(e["question"], len(e["images"]), e.get("options"), tools=self.schemas,
+                                           system_style=style) for e in examples]
 
   def score(self, trajs, examples, group_size: int) -> dict[str, np.ndarray]:
     return rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],

@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import multiprocessing
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -52,8 +51,6 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 10000, "validation": 500, "test": 500}
 _PARALLEL_MIN_EXAMPLES = 256  # below this, generating in-process beats starting workers
 _CHUNK = 16
-
-_log = logging.getLogger(__name__)
 
 Sizes = Union[Mapping[str, int], Sequence[int], None]
 
@@ -109,20 +106,19 @@ def make_config(sizes: Sizes = None, seed: int = 0,
   sizes = _normalize_sizes(sizes)
   difficulty = difficulty or synthetic.DifficultyConfig()
   synthetic.example_rng(seed, 0)  # validates the seed
-  blob = json.dumps({"difficulty": difficulty.to_dict(), "generator": synthetic.GENERATOR_VERSION}, sort_keys=True)
+  blob = json.dumps({"difficulty": difficulty.to_dict(), "categories": list(difficulty.active_categories()),
+                     "generator": synthetic.GENERATOR_VERSION}, sort_keys=True)
   digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
   name = "n{}_{}_{}_s{}_{}".format(*(sizes[s] for s in SPLITS), seed, digest)
   return SyntheticMifgConfig(name=name, sizes=sizes, seed=int(seed), difficulty=difficulty,
                              description=f"sizes={sizes}, seed={seed}, difficulty={blob}")
 
 
-def _png_example(args: tuple[int, int, synthetic.DifficultyConfig]) -> dict[str, Any]:
-  """Worker: one generated example in the builder's feature format (PNG bytes)."""
-  seed, index, difficulty = args
-  ex = synthetic.generate_example(seed, index, difficulty, image_format="png")
+def _features(ex: dict[str, Any]) -> dict[str, Any]:
+  """A generated example (PNG images) in the builder's feature format."""
   return {"images": ex["images"], "question": ex["question"], "options": ex["options"], "answer": ex["answer"],
           "category": ex["category"], "target_image": np.int32(ex["target_image"]),
-          "target_box": np.asarray(ex["target_box"], np.int32), "index": np.int64(index)}
+          "target_box": np.asarray(ex["target_box"], np.int32), "index": np.int64(ex["index"])}
 
 
 class SyntheticMifg(tfds.core.GeneratorBasedBuilder):
@@ -184,10 +180,13 @@ class SyntheticMifg(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     config = self.builder_config
     seed = split_seed(config.seed, split)
-    args = ((seed, index, config.difficulty) for index in range(config.sizes[split]))
-    examples = self._pool.imap(_png_example, args, chunksize=_CHUNK) if self._pool else map(_png_example, args)
+    tasks = ((seed, index, config.difficulty) for index in range(config.sizes[split]))
+    if self._pool is not None:  # workers import only the generator, not tfds
+      examples = self._pool.imap(synthetic.generate_png_example, tasks, chunksize=_CHUNK)
+    else:
+      examples = map(synthetic.generate_png_example, tasks)
     for index, example in enumerate(examples):
-      yield index, example
+      yield index, _features(example)
 
 
 def build_synthetic(data_dir: Union[str, os.PathLike], sizes: Sizes = None,
@@ -232,10 +231,26 @@ class TfdsSource:
   ``tf.train.Example`` protos and decoded here (tfds' NumPy image decoding is bypassed).
   """
 
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
-    """Args: ``builder``: a prepared builder (array_record); ``split``: a tfds split spec."""
-    self._source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE)
-    self.name = f"{builder.info.full_name}/{split}"
+  def __init__(self, builder: Any, split: Optional[str] = None):
+    """Opens a split.
+
+    Args:
+      builder: a prepared array_record builder; or a data source from
+        ``builder.as_data_source(split)`` (then ``split`` is taken from it).
+      split: a tfds split spec (``"train"``, ``"train[:10%]"``, ...); needed with a builder.
+    """
+    no_decode = tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE
+    if isinstance(builder, tfds.core.DatasetBuilder):
+      if split is None:
+        raise ValueError("TfdsSource(builder, split) needs a split")
+      self._source = builder.as_data_source(split, deserialize_method=no_decode)
+      info = builder.info
+    elif hasattr(builder, "dataset_info") and hasattr(builder, "split"):
+      info, split = builder.dataset_info, builder.split
+      self._source = type(builder)(dataset_info=info, split=split, deserialize_method=no_decode)
+    else:
+      raise TypeError(f"TfdsSource needs a tfds builder or data source, got {type(builder).__name__}")
+    self.name = f"{info.full_name}/{split}"
 
   def __len__(self) -> int:
     return len(self._source)
