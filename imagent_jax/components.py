@@ -10,7 +10,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from imagent_jax import parallel
 from imagent_jax.agent import masks, rewards
@@ -110,30 +109,58 @@ def eval_rollout_config(config) -> rl.RolloutConfig:
   return dataclasses.replace(rollout_config(config), group_size=1, temperature=0.0, top_k=0, top_p=1.0)
 
 
-def make_example_fn(config, split: str):
-  """``index -> example`` for ``config.data.source``; deterministic in ``(seed, split, index)``."""
+def difficulty(config):
+  """``data.synthetic.DifficultyConfig`` for the processor's base view (``config.data``)."""
   from imagent_jax.data import synthetic
-  d = config.demo
-  split_id = {"train": 0, "validation": 1, "test": 2}[split]
-
-  def make(index: int) -> dict:
-    rng = np.random.default_rng([config.seed, 1000 + split_id, index])
-    n = int(rng.integers(1, d.num_images + 1))
-    return synthetic.odd_one_out(rng, n, d.min_side, d.max_side)
-
-  return make
-
-
-def example_stream(config, split: str, batch_size: int):
-  """A checkpointable stream of ``split`` examples (see ``rl.trainer.ExampleStream``)."""
-  from imagent_jax.rl.trainer import ExampleStream
-  return ExampleStream(make_example_fn(config, split), batch_size)
+  d = config.data
+  over = {}
+  if d.image_side:
+    over["image_side"] = tuple(int(x) for x in d.image_side.split(","))
+  if d.images_per_question:
+    over["num_images"] = tuple(int(x) for x in d.images_per_question.split(","))
+  if d.categories:
+    over["categories"] = tuple(c.strip() for c in d.categories.split(","))
+  return synthetic.DifficultyConfig.for_processor(config.processor.max_pixels, **over)
 
 
-def eval_examples(config, split: str = "validation") -> list[dict]:
-  """The fixed held-out examples of periodic evaluation (``config.rl.eval_examples`` of them)."""
-  make = make_example_fn(config, split)
-  return [make(i) for i in range(config.rl.eval_examples)]
+def data_source(config, workdir: str, split: str):
+  """The random-access source of ``split`` named by ``config.data.source``.
+
+  ``synthetic_mifg``: the procedural dataset built once through tfds (array_record) under
+  ``config.data.data_dir`` (default ``<workdir>/data``); ``synthetic``: the same examples drawn
+  on the fly; ``jsonl``: a local JSONL dataset (``config.data.{train,validation}_path``).
+  """
+  from imagent_jax.data import builders
+  d = config.data
+  sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
+  if d.source == "synthetic_mifg":
+    data_dir = os.path.expanduser(d.data_dir) if d.data_dir else os.path.join(workdir, "data")
+    return builders.make_source("synthetic_mifg", data_dir=data_dir, split=split, sizes=sizes,
+                                difficulty=difficulty(config), seed=d.seed)
+  if d.source == "synthetic":
+    from imagent_jax.data.builders.synthetic_mifg import split_seed
+    return builders.make_source("synthetic", size=sizes[split], seed=split_seed(d.seed, split),
+                                difficulty=difficulty(config))
+  if d.source == "jsonl":
+    path = {"train": d.train_path, "validation": d.validation_path, "test": d.test_path}[split]
+    if not path:
+      raise ValueError(f"config.data.source='jsonl' needs config.data.{split}_path")
+    return builders.make_source("jsonl", path=os.path.expanduser(path), on_error=d.on_error)
+  raise ValueError(f"unknown config.data.source={d.source!r}")
+
+
+def example_stream(config, workdir: str, split: str, batch_size: int):
+  """A checkpointable grain iterator of batches of ``split`` examples (shuffled, endless)."""
+  from imagent_jax.data import pipeline
+  return pipeline.make_iterator(data_source(config, workdir, split), batch_size=batch_size, seed=config.data.seed,
+                                shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def eval_examples(config, workdir: str, split: str = "validation", count: int | None = None) -> list[dict]:
+  """The first ``count`` (default ``config.rl.eval_examples``) examples of ``split``, in order."""
+  source = data_source(config, workdir, split)
+  n = min(len(source), config.rl.eval_examples if count is None else count)
+  return [ex for ex in (source[i] for i in range(n)) if ex is not None]
 
 
 def checkpoint_manager(config, workdir: str):

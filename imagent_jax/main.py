@@ -53,7 +53,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (where metrics, report and checkpoints go)")
-  absl_logging.set_verbosity(absl_logging.WARNING)  # keep jax's backend probing out of the user's way
+  absl_logging.set_verbosity(absl_logging.ERROR)  # keep jax's backend probing out of the user's way
   logging.getLogger("imagent_jax").setLevel(logging.INFO)
   try:
     run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))

@@ -37,4 +37,4 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
 
 
 def _fmt(v):
-  return "-" if v is None else round(v, 4) if isinstance(v, float) else v
+  return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else v

@@ -20,7 +20,6 @@ from imagent_jax import components, parallel
 from imagent_jax.agent import masks, protocol, rewards
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools
-from imagent_jax.data import synthetic
 from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
 
@@ -69,9 +68,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
                        param_dtype=components.DTYPES[config.model.param_dtype])
   cfg, tcfg = components.rollout_config(config), components.tool_config(config)
   ro = rl.Rollout(model, processor, cfg, tcfg)
-  rng = np.random.default_rng(config.seed)
-  d = config.demo
-  examples = [synthetic.odd_one_out(rng, d.num_images, d.min_side, d.max_side) for _ in range(config.rollout.num_prompts)]
+  examples = components.eval_examples(config, workdir, "validation", config.rollout.num_prompts)
   schemas = tools.tool_schemas(tcfg.enabled())
   prompts = [protocol.build_prompt_messages(e["question"], len(e["images"]), e["options"], tools=schemas,
                                            system_style=config.tools.prompt_style) for e in examples]

@@ -116,8 +116,8 @@ def make_example(config, index: int, tool_config: tools.ToolConfig, system: str)
   """Warmup example ``index`` (deterministic in ``(config.seed, index)``): messages, images, response."""
   rng = np.random.default_rng([config.seed, 7, index])
   w = config.warmup
-  d = config.demo
-  source = synthetic.odd_one_out(rng, int(rng.integers(1, d.num_images + 1)), d.min_side, d.max_side)
+  # Its own seed stream: warmup never sees the RL or evaluation questions.
+  source = synthetic.generate_example(config.data.seed + 7919, index, components.difficulty(config))
   names = [t.strip() for t in w.tasks.split(",")]
   task = names[index % len(names)]
   ctx = tools.ToolContext(source["images"], tool_config)

@@ -40,14 +40,17 @@ class ExampleStream:
   """A checkpointable stream of examples: ``make_example(index) -> dict``, drawn in order.
 
   The state is the next index, so restoring it replays exactly the batches an uninterrupted run
-  would have drawn. (Grain iterators from ``imagent_jax.data.pipeline`` offer the same three
-  methods and can be used instead.)
+  would have drawn. Same interface as ``data.pipeline.ExampleIterator`` (``next``, ``get_state``,
+  ``set_state``), which the trainer uses by default; this one is for tests and custom data.
   """
 
   def __init__(self, make_example: Callable[[int], dict], batch_size: int, start: int = 0):
     self.make_example, self.batch_size, self.index = make_example, batch_size, start
 
-  def next_batch(self) -> list[dict]:
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> list[dict]:
     batch = [self.make_example(self.index + i) for i in range(self.batch_size)]
     self.index += self.batch_size
     return batch
@@ -124,8 +127,9 @@ class Trainer:
     self.optimizer = grpo.make_optimizer(self.grpo_cfg)
     self.step_fn = grpo.sharded_train_step(self.model, self.grpo_cfg, self.mesh)
     self.schemas = tools.tool_schemas(self.tool_cfg.enabled())
-    self.train_stream = train_stream or components.example_stream(config, "train", r.batch_size)
-    self.eval_examples = list(eval_examples) if eval_examples is not None else components.eval_examples(config)
+    self.train_stream = train_stream or components.example_stream(config, workdir, "train", r.batch_size)
+    self.eval_examples = (list(eval_examples) if eval_examples is not None
+                          else components.eval_examples(config, workdir))
     self.params = params
     self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.step_fn.opt_state_shardings)(params)
     # The update donates params: the frozen reference needs its own copy.
@@ -189,7 +193,7 @@ class Trainer:
     c, g = self.config, self.rollout_cfg.group_size
     times = {}
     t0 = time.perf_counter()
-    examples = self.train_stream.next_batch()
+    examples = [e for e in next(self.train_stream) if e is not None]  # JSONL 'skip' drops bad records
     step_rng = jax.random.fold_in(self.rng, self.step)
     out, trajs = self.rollout(self.params, self.prompts(examples), [e["images"] for e in examples],
                               jax.random.fold_in(step_rng, 0))
