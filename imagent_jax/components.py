@@ -158,7 +158,15 @@ def example_stream(config, workdir: str, split: str, batch_size: int):
 
 def eval_examples(config, workdir: str, split: str = "validation", count: int | None = None) -> list[dict]:
   """The first ``count`` (default ``config.rl.eval_examples``) examples of ``split``, in order."""
-  source = data_source(config, workdir, split)
+  if config.data.source == "synthetic_mifg":
+    # The tfds build stores exactly the generated examples: draw these few on the fly instead of
+    # building the whole dataset first.
+    with config.unlocked():
+      on_the_fly = config.copy_and_resolve_references()
+      on_the_fly.data.source = "synthetic"
+    source = data_source(on_the_fly, workdir, split)
+  else:
+    source = data_source(config, workdir, split)
   n = min(len(source), config.rl.eval_examples if count is None else count)
   return [ex for ex in (source[i] for i in range(n)) if ex is not None]
 

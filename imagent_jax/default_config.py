@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg: ``"smoke"`` shrinks everything to the fastest run that still exercises each stage.
   """
   c = ml_collections.ConfigDict()
-  c.stages = "model,warmup,rollout"  # comma-separated, run in order
+  c.stages = "model,rollout"  # comma-separated, run in order; also "warmup", "rl" (see README)
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -81,8 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.num_prompts = 2
   c.rollout.group_size = 2
   c.rollout.max_prompt_len = 640  # static prompt budget (tokens)
-  c.rollout.prompt_patches = 1024  # static patch budget of a batch's prompt images
-  c.rollout.max_prompt_images = 8
+  c.rollout.prompt_patches = 4 * 4 * 256  # static patch budget of a batch's prompt images (questions x images x patches)
+  c.rollout.max_prompt_images = 16
   c.rollout.max_new_tokens = 512  # per trajectory: sampled + observation tokens
   c.rollout.max_tool_calls = 3
   c.rollout.obs_max_tokens = 240  # static observation slot: tool response text + view tokens
@@ -147,6 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup.patch_budget = 2 * 3 * 256
     c.warmup.image_slots = 2 * 3
     c.rollout.scripted_rows = 1
+    c.stages = "model,warmup,rollout"
     c.data.train_size = 16
     c.data.validation_size = 4
     c.data.test_size = 4
