@@ -117,7 +117,8 @@ class CompileClock:
 CLOCK = CompileClock()
 
 
-def _timed_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int, warm_b: Callable[[], Any] | None = None):
+def _timed_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int,
+                warm_b: Callable[[], Any] | None = None) -> dict[str, Any]:
   """Times two workloads: a first (compiling) call of each, then ``repeats`` alternating calls.
 
   Alternating spreads any background load on the machine over both sides. Each ``fn`` must block
@@ -379,8 +380,14 @@ class HostTurnLoop:
     return list(ids), patches, grid, None
 
   def __call__(self, params, prompts, images, rng, forced) -> dict[str, Any]:
-    ro, cfg = self.ro, self.ro.cfg
-    model, c = ro.model, ro.model.config
+    """Runs the batch turn by turn until every row answered (or stopped).
+
+    Returns:
+      dict with per-row ``seqs`` (token ids after the left padding), ``action`` and ``logprobs``
+      (aligned with ``seqs``), ``status``, ``calls`` and ``batch``: the final sequences packed as
+      a training batch ``(ids, mask, pixel_values, image_grid_thw)``.
+    """
+    ro, cfg, model = self.ro, self.ro.cfg, self.ro.model
     inputs = ro.processor(list(prompts), [list(x) for x in images])
     r = len(prompts)
     seqs = [list(ids[m.astype(bool)]) for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
@@ -481,8 +488,7 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
   call_steps = {sum(t[:k + 1]) for t in turn_lengths for k in range(2)}
 
   def ours():
-    out, trajs = ro(params, prompts, images, jax.random.key(1), forced_tokens=forced)
-    return out, trajs
+    return ro(params, prompts, images, jax.random.key(1), forced_tokens=forced)
 
   host = HostTurnLoop(ro, turn_budget=s["turn_budget"], token_bucket=64, patch_bucket=512,
                       image_slots=len(probe["image_grid_thw"]) + 3 * s["batch"])
@@ -518,9 +524,8 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
   return dict(ours_wall=ours_wall, ours_walls=ours_walls, ours_compile=res["compile_a"], ours_first=res["first_a"],
               host_wall=host_wall, host_walls=host_walls, host_compile=res["compile_b"], host_first=res["first_b"],
               action_tokens=action_tokens, total_tokens=total_tokens, same_tokens=same_tokens, ours_gap=ours_gap,
-              host_gap=host_gap,
-              answered=answered, rows=s["batch"], image_calls=image_calls, insert_events=len(call_steps),
-              host_turns=host_turns, host_shapes=sorted(host.shapes), cfg=cfg,
+              host_gap=host_gap, answered=answered, rows=s["batch"], image_calls=image_calls,
+              insert_events=len(call_steps), host_turns=host_turns, host_shapes=sorted(host.shapes), cfg=cfg,
               prompt_tokens=probe["attention_mask"].sum(1).tolist(), prompt_patches=len(probe["pixel_values"]))
 
 

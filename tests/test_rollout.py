@@ -88,6 +88,21 @@ def test_rollout_logprobs_equal_training_forward_with_tool_views(env):
   assert err < 1e-4, f"rollout vs training log-prob gap {err:.2e}"
 
 
+def test_tool_view_on_a_later_row_keeps_positions(env):
+  """Row 1 calls a tool while row 0 does not: views and grids must stay packed in the same order."""
+  config, params, processor, ro, prompt, images = env
+  forced = _script(processor, config, [_call("confirm", image=1, bbox_2d=[0, 0, 60, 60]), "<answer>A</answer>"])
+  forced = forced[::-1].copy()  # the script on row 1, row 0 samples freely
+  out, trajs = ro(params, prompt, images, jax.random.key(4), forced_tokens=forced)
+  assert trajs[1].calls and trajs[1].calls[0].entered
+  pv, grid = rl.training_images(trajs, 4096, 16, max_pixels=PIX["max_pixels"], min_pixels=PIX["min_pixels"],
+                                view_max_pixels=PIX["max_pixels"])
+  lp = np.asarray(logprobs.sequence_logprobs(ro.model, params, out["tokens"], out["attention_mask"], pv, grid,
+                                             temperature=CFG.temperature))
+  act = out["action_mask"].astype(bool)
+  assert np.abs(lp[act] - out["logprobs"][act]).max() < 1e-4
+
+
 def test_failed_calls_become_error_observations(env):
   config, params, processor, ro, prompt, images = env
   turns = ['<tool_call>{"name": "confirm", "arguments": {"image": 2, "bbox_2d": [10, 10</tool_call>',  # bad JSON

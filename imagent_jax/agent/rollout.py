@@ -174,7 +174,7 @@ def _host_step(episode_id, need, tokens, turn_start, cursor):
   grid = np.zeros((r, 3), np.int32)
   stop = np.zeros((r,), bool)
   stop_status = np.full((r,), RUNNING, np.int32)
-  filled = 0
+  filled = n_views = 0
   for row in np.flatnonzero(need):
     text = ep.tokenizer.decode(tokens[row, turn_start[row]:cursor[row]].tolist())
     ids, patches, g, status = _observation(ep, int(row), text, int(cursor[row]))
@@ -184,9 +184,12 @@ def _host_step(episode_id, need, tokens, turn_start, cursor):
     obs[row, :len(ids)] = ids
     obs_len[row] = len(ids)
     if patches is not None:
-      pixels[filled:filled + len(patches)] = patches  # views packed in row order, padding at the end
+      # Views and their grids are packed in row order (the order their placeholders appear in
+      # the batch, which is how the vision tower and mrope_positions read them); padding last.
+      pixels[filled:filled + len(patches)] = patches
       filled += len(patches)
-      grid[row] = g
+      grid[n_views] = g
+      n_views += 1
   return obs, obs_len, pixels, grid, stop, stop_status
 
 
