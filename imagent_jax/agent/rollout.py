@@ -144,16 +144,15 @@ def _observation(ep: _Episode, row: int, turn_text: str, cursor: int):
     patches, grid = images_lib.preprocess_image(result.image, min_pixels=ep.tool_config.view_min_pixels,
                                                 max_pixels=ep.cfg.view_max_patches * 14 * 14)
     grid = np.asarray(grid, np.int64)
-  text = protocol.observation_suffix(result.text, result.image is not None)
-  ids = ep.tokenizer.encode(text)
-  if grid is not None:
-    ids = chat.expand_image_placeholders(ids, grid[None], merge_size=ep.merge_size, image_pad_id=ep.image_pad_id)
-  if len(ids) > ep.cfg.obs_max_tokens:
-    # An error text too long for the observation slot: shorten the text, keep the image.
-    short = protocol.observation_suffix(result.text[:80], result.image is not None)
-    ids = ep.tokenizer.encode(short)
-    if grid is not None:
-      ids = chat.expand_image_placeholders(ids, grid[None], merge_size=ep.merge_size, image_pad_id=ep.image_pad_id)
+  def encode(text: str) -> list[int]:
+    ids = ep.tokenizer.encode(protocol.observation_suffix(text, result.image is not None))
+    if grid is None:
+      return ids
+    return chat.expand_image_placeholders(ids, grid[None], merge_size=ep.merge_size, image_pad_id=ep.image_pad_id)
+
+  ids = encode(result.text)
+  if len(ids) > ep.cfg.obs_max_tokens:  # a text too long for the observation slot: shorten it, keep the image
+    ids = encode(result.text[:80])
   fits = len(ids) <= ep.cfg.obs_max_tokens and cursor + len(ids) + 1 <= ep.seq_len
   ep.calls[row].append(Call(name, result.ok, result.error_kind, result.view_index,
                             fits and result.image is not None))
