@@ -66,6 +66,14 @@ def load_model_and_processor(config, workdir: str, mesh, *, random_init: bool = 
   return model_config, params, processor, tok_dir
 
 
+def build_model(config, model_config, *, remat: bool = False):
+  """The ``Qwen25VL`` module of a run: dtypes from ``config.model``, and vision bands bounded by
+  the processor's ``max_pixels`` (no input or tool view has a larger frame; see ``VisionTower``)."""
+  from imagent_jax.models import qwen2_5_vl as qvl
+  return qvl.Qwen25VL(model_config, dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype],
+                      remat=remat, max_frame_patches=config.processor.max_pixels // model_config.vision.patch_size ** 2)
+
+
 def rollout_config(config) -> rl.RolloutConfig:
   r = config.rollout
   return rl.RolloutConfig(group_size=r.group_size, max_prompt_len=r.max_prompt_len, prompt_patches=r.prompt_patches,

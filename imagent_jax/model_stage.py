@@ -72,7 +72,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   print("\nImages (resized to multiples of 28 within min/max pixels)\n" +
         text_table(["image", "input WxH", "resized WxH", "patch grid", "tokens"], img_rows))
 
-  model = qvl.Qwen25VL(model_config, dtype=components.DTYPES[config.model.dtype], param_dtype=components.DTYPES[config.model.param_dtype])
+  model = components.build_model(config, model_config)
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, **x))
   feed = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in inputs}
   t0 = time.perf_counter()

@@ -20,7 +20,6 @@ from imagent_jax import components, parallel
 from imagent_jax.agent import masks, protocol, rewards
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools
-from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
 
 
@@ -64,8 +63,7 @@ def _print_trajectory(row: int, traj: rl.Trajectory, reward: dict, kept: float, 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   mesh = parallel.make_mesh(dict(config.mesh))
   model_config, params, processor, _ = components.load_model_and_processor(config, workdir, mesh)
-  model = qvl.Qwen25VL(model_config, dtype=components.DTYPES[config.model.dtype],
-                       param_dtype=components.DTYPES[config.model.param_dtype])
+  model = components.build_model(config, model_config)
   cfg, tcfg = components.rollout_config(config), components.tool_config(config)
   ro = rl.Rollout(model, processor, cfg, tcfg)
   examples = components.eval_examples(config, workdir, "validation", config.rollout.num_prompts)

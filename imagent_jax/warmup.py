@@ -201,8 +201,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   mesh = parallel.make_mesh(dict(config.mesh))
   model_config, params, processor, tok_dir = components.load_model_and_processor(config, workdir, mesh,
                                                                                random_init=True)
-  model = qvl.Qwen25VL(model_config, dtype=components.DTYPES[config.model.dtype],
-                       param_dtype=components.DTYPES[config.model.param_dtype])
+  model = components.build_model(config, model_config)
   tcfg = components.tool_config(config)
   system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), config.tools.prompt_style)
   warm = min(w.warmup_steps, max(1, w.steps // 2))

@@ -1,7 +1,6 @@
 """Sharding on 8 fake CPU devices: a sharded forward equals the unsharded one, and shards are real."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec

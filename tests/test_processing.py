@@ -20,7 +20,6 @@ from imagent_jax.models import presets
 from imagent_jax.processing import (Processor, apply_chat_template, build_tiny_tokenizer,
                                     expand_image_placeholders, load_tokenizer, num_image_tokens,
                                     preprocess_image, preprocess_images, smart_resize, to_rgb)
-from imagent_jax.processing import chat
 
 # A small max_pixels keeps transformers' (slow, numpy) side of every comparison fast.
 MIN_PIXELS = 56 * 56

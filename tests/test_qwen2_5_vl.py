@@ -24,9 +24,9 @@ TOL = 1e-4
 
 
 @functools.lru_cache(maxsize=None)
-def _forward(config, dtype=jnp.float32):
+def _forward(config, dtype=jnp.float32, max_frame_patches=0):
   """Jitted apply: compiling once per shape is much faster than op-by-op eager dispatch on CPU."""
-  model = qvl.Qwen25VL(config, dtype=dtype, param_dtype=dtype)
+  model = qvl.Qwen25VL(config, dtype=dtype, param_dtype=dtype, max_frame_patches=max_frame_patches)
   return jax.jit(lambda p, ids, m, pv, g: model.apply({"params": p}, input_ids=ids, attention_mask=m,
                                                        pixel_values=pv, image_grid_thw=g))
 IMAGE_SIZES = [(60, 90), (200, 56), (150, 330), (84, 84)]  # (height, width): wide, tall, odd, square
@@ -87,12 +87,12 @@ def _torch_logits(model, config, ids, mask, pixel_values, grid):
   return out.logits.numpy(), pos.numpy()
 
 
-def _compare(models, ids, mask, imgs):
+def _compare(models, ids, mask, imgs, max_frame_patches=0):
   config, params, torch_model = models
   pv = np.concatenate([p for p, _ in imgs]) if imgs else None
   grid = np.stack([g for _, g in imgs]) if imgs else None
   ref, _ = _torch_logits(torch_model, config, ids, mask, pv, grid)
-  ours = _forward(config)(params, ids, mask, pv, grid)
+  ours = _forward(config, max_frame_patches=max_frame_patches)(params, ids, mask, pv, grid)
   ours = np.asarray(ours)
   valid = mask.astype(bool)
   assert ours.shape == ref.shape
@@ -125,6 +125,47 @@ def test_many_images_of_different_sizes_in_one_prompt(models, images):
   parts = [3, images[0][1], 2, images[1][1], images[2][1], 4, images[3][1], 5]
   ids, mask = _batch(config, [_row(config, np.random.RandomState(4), parts)])
   _compare(models, ids, mask, images)
+
+
+def test_banded_vision_attention_matches_transformers(models, images):
+  """Window and full-attention blocks both in bands (3 x band < patches): same logits."""
+  config = models[0]
+  imgs = images * 3
+  largest = max(int(g[1] * g[2]) for _, g in imgs)
+  total = sum(int(g.prod()) for _, g in imgs)
+  window = (config.vision.window_units * config.vision.spatial_merge_size) ** 2
+  assert 3 * largest < total and 3 * window < total  # both banded paths run
+  parts = [2]
+  for _, g in imgs:
+    parts += [g, 1]
+  ids, mask = _batch(config, [_row(config, np.random.RandomState(11), parts)])
+  _compare(models, ids, mask, imgs, max_frame_patches=largest)
+
+
+def test_frame_larger_than_the_band_is_refused(models, images):
+  config, params, _ = models
+  model = qvl.Qwen25VL(config, max_frame_patches=16)
+  pv, g = images[2]
+  with pytest.raises(ValueError, match="max_frame_patches=16"):
+    model.apply({"params": params}, pv, g[None], method=model.encode_images)
+  feats = jax.jit(lambda p, x, gg: model.apply({"params": p}, x, gg, method=model.encode_images))(params, pv, g[None])
+  assert np.isnan(np.asarray(feats)).all()
+
+
+@pytest.mark.parametrize("block", [1, 5, 16])
+def test_local_segment_attention_equals_dense_segment_mask(block):
+  from imagent_jax.models.layers import local_segment_attention, masked_softmax_attention
+  rng = np.random.RandomState(block)
+  lengths, total = [], 0
+  while total < 70:
+    lengths.append(int(rng.randint(1, block + 1)))
+    total += lengths[-1]
+  seg = np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
+  q, k, v = (rng.standard_normal((total, 3, 8)).astype(np.float32) for _ in range(3))
+  dense = masked_softmax_attention(q[None, :, :, None], k[None], v[None], (seg[:, None] == seg[None, :])[None],
+                                   scale=0.3)[0, :, :, 0]
+  banded = local_segment_attention(q, k, v, seg, block=block, scale=0.3)
+  np.testing.assert_allclose(np.asarray(banded), np.asarray(dense), atol=1e-5)
 
 
 def test_left_padded_batch_with_different_images(models, images):

@@ -214,10 +214,9 @@ def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: Ro
   slots = jnp.arange(dec.key_mask.shape[1])[None, :]
   new_slots = (slots >= dec.index[:, None]) & (slots < (dec.index + obs_len)[:, None])
   key_mask = dec.key_mask | new_slots
-  logits, cache = model.apply({"params": params}, embeds, pos, key_mask, dec.cache, dec.index,
-                              method=qvl.Qwen25VL.decode)
+  last, cache = model.apply({"params": params}, embeds, pos, key_mask, dec.cache, dec.index,
+                            logits_at=jnp.maximum(obs_len - 1, 0), method=qvl.Qwen25VL.decode)  # [R, V]
   has = obs_len > 0
-  last = jnp.take_along_axis(logits, jnp.maximum(obs_len - 1, 0)[:, None, None], axis=1)[:, 0]
   next_pos = jnp.where(has, jnp.max(jnp.where(obs_mask[None], pos, -1), axis=(0, 2)) + 1, dec.next_pos)
   write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i,)))
   tokens = jnp.where(has[:, None], write(carry.tokens, obs, dec.index), carry.tokens)

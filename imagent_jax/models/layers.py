@@ -100,6 +100,29 @@ def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section: Sequenc
   return jnp.cos(emb), jnp.sin(emb)
 
 
+def cached_attention(q, k, v, mask, *, scale: float):
+  """``masked_softmax_attention`` over a KV cache kept in the layouts the two dots read.
+
+  Keys are stored ``[B, Hkv, S, hd]`` and values ``[B, Hkv, hd, S]`` (the layout of
+  ``qwen2_5_vl.init_cache``). With ``[B, S, Hkv, hd]`` XLA:CPU transposes every layer's whole
+  cache on every decode step to feed its dot kernels; in these layouts it reads them as they are.
+
+  Args:
+    q: ``[B, Lq, Hkv, G, hd]`` queries (``G`` query heads share one kv head).
+    k: ``[B, Hkv, S, hd]`` cached keys.
+    v: ``[B, Hkv, hd, S]`` cached values.
+    mask: ``[B, Lq, S]`` boolean; True where query may attend to key.
+    scale: logit multiplier (``hd ** -0.5``).
+
+  Returns:
+    ``[B, Lq, Hkv, G, hd]`` in the dtype of ``q``.
+  """
+  logits = jnp.einsum("bqkgd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgqs,bkds->bqkgd", probs, v)
+
+
 def masked_softmax_attention(q, k, v, mask, *, scale: float):
   """Grouped-query attention with a boolean mask; softmax in float32.
 
@@ -117,3 +140,47 @@ def masked_softmax_attention(q, k, v, mask, *, scale: float):
   logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+
+
+def local_segment_attention(q, k, v, segment_ids, *, block: int, scale: float):
+  """Attention within segments, computed in bands of ``block`` rows instead of a dense ``[P, P]``.
+
+  Exact when every segment is a contiguous run of at most ``block`` rows (the vision tower's
+  windows and frames after window reordering): such a run spans at most two consecutive blocks,
+  so each block of queries only needs the keys of itself and its two neighbours. Cost and memory
+  are ``P * 3 * block`` scores instead of ``P * P``.
+
+  Args:
+    q, k, v: ``[P, H, hd]``.
+    segment_ids: ``[P]`` int; a row attends to the rows with the same id (ids must be >= 0;
+      rows of one id must be contiguous and at most ``block`` long, except a trailing padding
+      segment, whose outputs are meaningless but finite).
+    block: the longest segment, in rows.
+    scale: logit multiplier.
+
+  Returns:
+    ``[P, H, hd]`` in the dtype of ``q``.
+  """
+  p, h, d = q.shape
+  nb = -(-p // block)
+  pad = nb * block - p
+  seg = jnp.asarray(segment_ids, jnp.int32)
+  if pad:
+    q, k, v = (jnp.pad(t, ((0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+    seg = jnp.pad(seg, (0, pad), constant_values=-1)
+
+  def bands(x, fill):
+    x = x.reshape((nb, block) + x.shape[1:])
+    edge = jnp.full((1,) + x.shape[1:], fill, x.dtype)
+    prev = jnp.concatenate([edge, x[:-1]], axis=0)
+    nxt = jnp.concatenate([x[1:], edge], axis=0)
+    return jnp.concatenate([prev, x, nxt], axis=1)  # [nb, 3 * block, ...]
+
+  kb, vb, segk = bands(k, 0), bands(v, 0), bands(seg, -2)
+  qb, segq = q.reshape(nb, block, h, d), seg.reshape(nb, block)
+  logits = jnp.einsum("nqhd,nkhd->nhqk", qb, kb, preferred_element_type=jnp.float32) * scale
+  mask = segq[:, :, None] == segk[:, None, :]
+  logits = jnp.where(mask[:, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("nhqk,nkhd->nqhd", probs, vb).reshape(nb * block, h, d)
+  return out[:p]

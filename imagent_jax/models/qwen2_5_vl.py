@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagent_jax.models.config import ModelConfig, VisionConfig
-from imagent_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, dense, masked_softmax_attention,
+from imagent_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, cached_attention, dense,
+                                       local_segment_attention, masked_softmax_attention,
                                        mrope_cos_sin, rope_inv_freq)
 from imagent_jax.processing.positions import mrope_positions
 
@@ -108,6 +109,8 @@ class VisionAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  block: int = 0  # longest segment in patches: banded attention (local_segment_attention); 0: dense
+
   @nn.compact
   def __call__(self, x, cos, sin, seg):
     """``x [P, Dv]``; attention only between patches with equal ``seg [P]``."""
@@ -118,8 +121,11 @@ class VisionAttention(nn.Module):
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
     k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
-    mask = seg[:, None] == seg[None, :]
-    out = masked_softmax_attention(q[None, :, :, None], k[None], v[None], mask[None], scale=c.head_dim ** -0.5)
+    if 0 < self.block and 3 * self.block < x.shape[0]:
+      out = local_segment_attention(q, k, v, seg, block=self.block, scale=c.head_dim ** -0.5)
+    else:
+      mask = seg[:, None] == seg[None, :]
+      out = masked_softmax_attention(q[None, :, :, None], k[None], v[None], mask[None], scale=c.head_dim ** -0.5)
     out = out.reshape(x.shape[0], c.hidden_size)
     return dense(c.hidden_size, ("vision_heads", "vision_embed"), name="proj", **kw)(out)
 
@@ -129,23 +135,33 @@ class VisionBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  block: int = 0
+
   @nn.compact
   def __call__(self, x, cos, sin, seg):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + VisionAttention(c, name="attn", **kw)(RMSNorm(c.rms_norm_eps, name="norm1", **kw)(x), cos, sin, seg)
+    x = x + VisionAttention(c, block=self.block, name="attn", **kw)(RMSNorm(c.rms_norm_eps, name="norm1", **kw)(x), cos, sin, seg)
     mlp = GatedMLP(c.hidden_size, c.intermediate_size, use_bias=True, axes=("vision_embed", "vision_mlp"),
                    name="mlp", **kw)
     return x + mlp(RMSNorm(c.rms_norm_eps, name="norm2", **kw)(x))
 
 
 class VisionTower(nn.Module):
-  """Patch embedding → blocks (window / full attention) → 2x2 merger, in processor token order."""
+  """Patch embedding → blocks (window / full attention) → 2x2 merger, in processor token order.
+
+  Window blocks attend in bands of one window (``local_segment_attention``), so their cost grows
+  linearly with the patch budget. Full-attention blocks do the same with bands of
+  ``max_frame_patches`` when it is set (the processor's ``max_pixels // patch_size**2``: no frame
+  is larger), else densely over the whole budget. A frame larger than ``max_frame_patches``
+  raises ``ValueError`` when the grid is concrete and makes the features NaN under ``jit``.
+  """
 
   cfg: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  max_frame_patches: int = 0
 
   @nn.compact
   def __call__(self, pixel_values, image_grid_thw):
@@ -161,11 +177,27 @@ class VisionTower(nn.Module):
     x = x[lay["perm"]]
     cos, sin = vision_rope(lay["row"], lay["col"], c.head_dim)
     block = nn.remat(VisionBlock) if self.remat else VisionBlock
+    window_patches = (c.window_units * c.spatial_merge_size) ** 2
     for i in range(c.depth):
-      seg = lay["frame_seg"] if i in c.fullatt_block_indexes else lay["window_seg"]
-      x = block(c, name=f"blocks_{i}", **kw)(x, cos, sin, seg)
+      full = i in c.fullatt_block_indexes
+      seg = lay["frame_seg"] if full else lay["window_seg"]
+      band = self.max_frame_patches if full else window_patches
+      x = block(c, block=band, name=f"blocks_{i}", **kw)(x, cos, sin, seg)
     x = PatchMerger(c, name="merger", **kw)(x)
-    return x[lay["unit_inverse"]]
+    x = x[lay["unit_inverse"]]
+    if self.max_frame_patches:
+      x = self._guard_frame_size(x, image_grid_thw)
+    return x
+
+  def _guard_frame_size(self, x, image_grid_thw):
+    g = image_grid_thw
+    largest = jnp.max(jnp.asarray(g)[:, 1] * jnp.asarray(g)[:, 2], initial=0)
+    if not isinstance(largest, jax.core.Tracer):
+      if int(largest) > self.max_frame_patches:
+        raise ValueError(f"an image of {int(largest)} patches per frame exceeds max_frame_patches="
+                         f"{self.max_frame_patches} (the processor's max_pixels / patch_size**2)")
+      return x
+    return jnp.where(largest > self.max_frame_patches, jnp.nan, x)
 
 
 class PatchMerger(nn.Module):
@@ -204,17 +236,14 @@ class Attention(nn.Module):
     v = dense(hkv * hd, ("embed", "kv_heads"), use_bias=True, name="v_proj", **kw)(x).reshape(b, l, hkv, hd)
     cos, sin = cos.astype(self.dtype), sin.astype(self.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    new_cache = None
-    if cache is not None:
-      # Each row writes at its own slot: rows of an agent rollout drift apart as tool
-      # observations of different lengths are inserted.
-      idx = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
-      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
-      k = write(cache["k"], k.astype(cache["k"].dtype), idx)
-      v = write(cache["v"], v.astype(cache["v"].dtype), idx)
-      new_cache = {"k": k, "v": v}
-      k, v = k.astype(self.dtype), v.astype(self.dtype)
-    out = masked_softmax_attention(q.reshape(b, l, hkv, hq // hkv, hd), k, v, mask, scale=hd ** -0.5)
+    q = q.reshape(b, l, hkv, hq // hkv, hd)
+    if cache is None:
+      new_cache = None
+      out = masked_softmax_attention(q, k, v, mask, scale=hd ** -0.5)
+    else:
+      new_cache = write_cache(cache, k, v, cache_index)
+      out = cached_attention(q, new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype), mask,
+                             scale=hd ** -0.5)
     out = dense(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out.reshape(b, l, hq * hd))
     return out, new_cache
 
@@ -323,17 +352,21 @@ class Qwen25VL(nn.Module):
     dtype: compute dtype (activations, matmuls); norms, softmax and rotary run in float32.
     param_dtype: dtype the parameters are created in (loading casts to the dtype asked for).
     remat: rematerialise each block in the backward pass (training memory).
+    max_frame_patches: the largest image frame any input has, in patches (the processor's
+      ``max_pixels // patch_size**2``); lets full-attention vision blocks attend in bands
+      (``VisionTower``). 0: dense attention over the whole patch budget.
   """
 
   config: ModelConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  max_frame_patches: int = 0
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.visual = VisionTower(c.vision, remat=self.remat, **kw)
+    self.visual = VisionTower(c.vision, remat=self.remat, max_frame_patches=self.max_frame_patches, **kw)
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, **kw,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
@@ -360,19 +393,23 @@ class Qwen25VL(nn.Module):
       x = _guard_image_token_count(x, input_ids == self.config.image_token_id, 0)
     return x
 
-  def decode(self, inputs_embeds, positions, attention_mask, cache=None, cache_index=0):
+  def decode(self, inputs_embeds, positions, attention_mask, cache=None, cache_index=0, logits_at=None):
     """Runs the decoder.
 
     Args:
       inputs_embeds: ``[B, Lq, D]``.
       positions: ``[3, B, Lq]`` M-RoPE positions.
       attention_mask: ``[B, S]`` key mask over the whole cache (``S == Lq`` without a cache).
-      cache: optional list (one per layer) of ``{'k', 'v': [B, S, Hkv, hd]}``.
+      cache: optional KV cache (``init_cache``), one entry per layer.
       cache_index: cache slot of the first of the ``Lq`` new tokens: a scalar or ``[B]`` (rows
         may sit at different slots).
+      logits_at: optional ``[B]`` int: compute the logits only at query position
+        ``logits_at[b]`` of each row (a prefill needs only each row's last real token; the
+        vocabulary projection of every position would cost ``[B, Lq, V]``).
 
     Returns:
-      ``(logits [B, Lq, V] float32, new cache or None)``.
+      ``(logits, new cache or None)``: logits ``[B, Lq, V]`` float32, or ``[B, V]`` with
+      ``logits_at``.
     """
     c = self.config
     x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", "embed_act"))
@@ -383,6 +420,8 @@ class Qwen25VL(nn.Module):
       x, lc = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
       if cache is not None:
         new_cache.append(lc)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)[:, 0]  # [B, D]
     x = self.norm(x)
     if c.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)
@@ -452,9 +491,35 @@ def abstract_params(config: ModelConfig, param_dtype=jnp.float32):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32):
-  """Empty KV cache: one ``{'k', 'v': [B, max_len, Hkv, hd]}`` per decoder layer."""
-  shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
+  """Empty KV cache: one ``{'k': [B, Hkv, S, hd], 'v': [B, Hkv, hd, S]}`` per decoder layer.
+
+  ``S = max_len`` slots. The layouts are the ones ``layers.cached_attention``'s two dots read
+  without transposing the cache (``write_cache`` is the one place that writes them).
+  """
+  hkv, hd = config.num_key_value_heads, config.head_dim
+  return [{"k": jnp.zeros((batch, hkv, max_len, hd), dtype), "v": jnp.zeros((batch, hkv, hd, max_len), dtype)}
+          for _ in range(config.num_hidden_layers)]
+
+
+def write_cache(cache, k, v, index):
+  """Writes new keys and values into one layer's cache (``init_cache`` layout).
+
+  Args:
+    cache: ``{'k': [B, Hkv, S, hd], 'v': [B, Hkv, hd, S]}``.
+    k, v: ``[B, L, Hkv, hd]`` for the ``L`` new tokens.
+    index: slot of the first new token: a scalar or ``[B]``. Each row writes at its own slot:
+      rows of an agent rollout drift apart as tool observations of different lengths are
+      inserted.
+
+  Returns:
+    the updated ``{'k', 'v'}`` (same shapes and dtype as ``cache``).
+  """
+  b = k.shape[0]
+  idx = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (b,))
+  put = lambda axis: jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis))
+  k_new = jnp.transpose(k, (0, 2, 1, 3)).astype(cache["k"].dtype)  # [B, Hkv, L, hd]
+  v_new = jnp.transpose(v, (0, 2, 3, 1)).astype(cache["v"].dtype)  # [B, Hkv, hd, L]
+  return {"k": put(1)(cache["k"], k_new, idx), "v": put(2)(cache["v"], v_new, idx)}
 
 
 def count_params(params) -> int:

@@ -30,7 +30,6 @@ from imagent_jax import components, parallel
 from imagent_jax.agent import masks, protocol, rewards
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools
-from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.rl import grpo, logprobs
 
 log = logging.getLogger("imagent_jax")
@@ -116,8 +115,7 @@ class Trainer:
     r = config.rl
     self.mesh = parallel.make_mesh(dict(config.mesh))
     self.model_config, params, self.processor, _ = components.load_model_and_processor(config, workdir, self.mesh)
-    self.model = qvl.Qwen25VL(self.model_config, dtype=components.DTYPES[config.model.dtype],
-                              param_dtype=components.DTYPES[config.model.param_dtype], remat=r.remat)
+    self.model = components.build_model(config, self.model_config, remat=r.remat)
     self.rollout_cfg = components.rollout_config(config)
     self.tool_cfg = components.tool_config(config)
     self.rollout = rl.Rollout(self.model, self.processor, self.rollout_cfg, self.tool_cfg)

@@ -31,7 +31,7 @@ _NEG = -1e30
 class DecodeState:
   """Everything the decode loop carries. Shapes: ``B`` rows, ``S`` cache slots, ``V`` vocabulary."""
 
-  cache: Any  # list of {'k', 'v': [B, S, Hkv, hd]}
+  cache: Any  # list (one per layer) of {'k': [B, Hkv, S, hd], 'v': [B, Hkv, hd, S]}: qvl.init_cache
   key_mask: jax.Array  # [B, S] bool: cache slots that hold real tokens
   index: jax.Array  # [B] int32: next cache slot to write, per row
   next_pos: jax.Array  # [B] int32: M-RoPE position (all three streams) of the next text token
@@ -92,6 +92,8 @@ def prefill(model: qvl.Qwen25VL, params, input_ids, attention_mask, pixel_values
     image_grid_thw: ``[N, 3]`` or None.
     cache_len: ``S >= L`` slots; slots ``L..S-1`` are left for generated (or inserted) tokens.
     num_image_features: real merged features when ``pixel_values`` is padded to a static budget.
+
+  Only each row's last real position goes through the vocabulary projection.
   """
   c = model.config
   b, l = input_ids.shape
@@ -103,9 +105,11 @@ def prefill(model: qvl.Qwen25VL, params, input_ids, attention_mask, pixel_values
                                       spatial_merge_size=c.vision.spatial_merge_size)
   cache = qvl.init_cache(c, b, cache_len, model.dtype)
   key_mask = jnp.zeros((b, cache_len), bool).at[:, :l].set(attention_mask.astype(bool))
-  logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0, method=qvl.Qwen25VL.decode)
+  last = l - 1 - jnp.argmax(jnp.asarray(attention_mask)[:, ::-1] > 0, axis=1)  # [B] last real position
+  logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0, logits_at=last,
+                              method=qvl.Qwen25VL.decode)
   return DecodeState(cache=cache, key_mask=key_mask, index=jnp.full((b,), l, jnp.int32), next_pos=l + deltas,
-                     logits=logits[:, -1])
+                     logits=logits)
 
 
 def decode_step(model: qvl.Qwen25VL, params, state: DecodeState, tokens, active=None) -> DecodeState:
