@@ -132,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.image_slots = 4 * 2 * 8
   c.rl.minibatch_patch_budget = 0  # 0: patch_budget // num_minibatches
   c.rl.minibatch_image_slots = 0
+  c.rl.length_bucket = 256  # training pass over the used token span, rounded up to this (0: full static length)
   c.rl.log_logprob_gap = True  # one extra forward per step: rollout vs training log-probs
   c.rl.eval_every = 25
   c.rl.eval_examples = 16
@@ -215,6 +216,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     rewards.RewardConfig(**config.reward)
   except (ValueError, KeyError, TypeError) as e:
     errors.append(f"config.tools / config.reward: {e}")
+  if config.rl.length_bucket < 0:
+    errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
   try:
     from imagent_jax import components
     components.grpo_config(config)

@@ -376,3 +376,24 @@ def test_sharded_step_equals_unsharded(env):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0),
                          s_params, params)
   assert int(grpo.optimizer_step(s_opt)) == 2
+
+
+def test_trimming_all_padding_columns_keeps_the_logprobs(env):
+  b, config = env["batch"], env["config"]
+  left, right = 37, 50
+  wide = {k: (np.pad(v, ((0, 0), (left, right)), constant_values=config.pad_token_id if k == "tokens" else 0)
+              if k in ("tokens", "attention_mask", "loss_mask", "old_logp") else v) for k, v in b.items()}
+  used = b["attention_mask"].astype(bool).any(0)
+  span = int(np.nonzero(used)[0][-1] - np.nonzero(used)[0][0] + 1)
+  trimmed = grpo.trim_padding_columns(wide, multiple=16)
+  assert trimmed["tokens"].shape == (b["tokens"].shape[0], -(-span // 16) * 16)
+  assert trimmed["pixel_values"] is wide["pixel_values"] or np.array_equal(trimmed["pixel_values"], b["pixel_values"])
+  for k in ("tokens", "attention_mask", "loss_mask", "old_logp"):  # nothing used is cut
+    assert (trimmed[k] * trimmed["attention_mask"]).sum() == pytest.approx((b[k] * b["attention_mask"]).sum())
+  logp = np.asarray(logprobs.sequence_logprobs(env["model"], env["params"], trimmed["tokens"],
+                                               trimmed["attention_mask"], b["pixel_values"], b["image_grid_thw"]))
+  # Every real token after the first of its row (the first has no prefix; it is never trained on).
+  after_first = lambda m: m.astype(bool) & (np.cumsum(m, axis=1) > 1)
+  np.testing.assert_allclose(logp[after_first(trimmed["attention_mask"])], b["old_logp"][after_first(b["attention_mask"])],
+                             atol=1e-5)
+  assert grpo.trim_padding_columns(wide, multiple=0)["tokens"].shape == wide["tokens"].shape

@@ -592,6 +592,37 @@ def row_image_spans(tokens, attention_mask, image_grid_thw, *, image_token_id: i
   return spans
 
 
+def trim_padding_columns(batch: Batch, multiple: int = 256) -> dict[str, np.ndarray]:
+  """Host-side: drops the leading and trailing columns that are padding in every row.
+
+  A rollout batch is laid out at its static budget (left-padded prompt, right-padded response);
+  most of it is padding early in training. Keeping only the used span, rounded up to a multiple
+  of ``multiple`` (so a run compiles a few widths, not one per step), cuts the training pass's
+  attention cost. Log-probs and M-RoPE positions do not change: positions come from the
+  attention mask, and only all-padding columns go.
+
+  Args:
+    batch: ``train_step`` fields (and any other per-token ``[R, T]`` arrays, such as an action
+      mask); every 2-D field except ``pixel_values`` / ``image_grid_thw`` is cut the same way.
+    multiple: width granularity; 0 keeps the batch as it is.
+
+  Returns:
+    the batch with ``[R, T']`` fields, ``T' <= T``.
+  """
+  host = {k: (None if v is None else np.asarray(v)) for k, v in batch.items()}
+  width_all = host["tokens"].shape[1]
+  used = host["attention_mask"].astype(bool).any(axis=0)
+  if multiple <= 0 or not used.any():
+    return host
+  first = int(np.argmax(used))
+  last = width_all - 1 - int(np.argmax(used[::-1]))
+  width = min(width_all, -(-(last - first + 1) // multiple) * multiple)
+  start = min(first, width_all - width)
+  cut = lambda v: v[:, start:start + width]
+  per_token = lambda k, v: v is not None and k not in ("pixel_values", "image_grid_thw") and v.ndim == 2
+  return {k: (cut(v) if per_token(k, v) else v) for k, v in host.items()}
+
+
 def split_minibatches(batch: Batch, num_minibatches: int, *, image_token_id: int, merge_unit: int, perm=None,
                       patch_budget: int | None = None, image_slots: int | None = None) -> list[dict[str, np.ndarray]]:
   """Host-side: splits a rollout batch into minibatches of whole rows, each with its own images.

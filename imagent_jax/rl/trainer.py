@@ -207,16 +207,18 @@ class Trainer:
     pv, grid = rl.training_images(trajs, c.rl.patch_budget, c.rl.image_slots, max_pixels=c.processor.max_pixels,
                                   min_pixels=c.processor.min_pixels, view_max_pixels=c.tools.view_max_pixels)
     batch = dict(tokens=out["tokens"], attention_mask=out["attention_mask"], loss_mask=np.asarray(loss_mask),
-                 advantages=np.asarray(advantages), old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid)
+                 advantages=np.asarray(advantages), old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid,
+                 action_mask=out["action_mask"])
+    batch = grpo.trim_padding_columns(batch, c.rl.length_bucket)  # the used span only: less attention
+    act = batch.pop("action_mask").astype(bool)
     metrics: dict[str, float] = {}
     if c.rl.log_logprob_gap:
-      fwd = np.asarray(logprobs.sequence_logprobs(self.model, self.params, out["tokens"], out["attention_mask"], pv,
-                                                  grid, temperature=self.rollout_cfg.temperature))
-      act = out["action_mask"].astype(bool)
-      metrics["logprob_gap_max"] = float(np.abs(fwd[act] - out["logprobs"][act]).max()) if act.any() else 0.0
+      fwd = np.asarray(logprobs.sequence_logprobs(self.model, self.params, batch["tokens"], batch["attention_mask"],
+                                                  pv, grid, temperature=self.rollout_cfg.temperature))
+      metrics["logprob_gap_max"] = float(np.abs(fwd[act] - batch["old_logp"][act]).max()) if act.any() else 0.0
     if self.ref_params is not None:
-      batch["ref_logp"] = np.asarray(logprobs.sequence_logprobs(self.model, self.ref_params, out["tokens"],
-                                                                out["attention_mask"], pv, grid,
+      batch["ref_logp"] = np.asarray(logprobs.sequence_logprobs(self.model, self.ref_params, batch["tokens"],
+                                                                batch["attention_mask"], pv, grid,
                                                                 temperature=self.rollout_cfg.temperature))
     times["prepare_s"] = time.perf_counter() - t0
 
