@@ -10,6 +10,7 @@ from PIL import Image
 
 from imagent_jax.models import hf_io
 from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.processing.positions import mrope_positions
 from imagent_jax.sampling import sampler
 
 N_NEW = 32
@@ -109,6 +110,31 @@ def test_group_rows_share_one_prefill(setup):
                                         rng=jax.random.key(1))["tokens"])
   assert sampled.shape == (8, 8)
   assert len({tuple(r) for r in sampled[:4]}) > 1  # the group's samples differ
+
+
+def test_prefill_logits_are_the_forward_logits_at_each_rows_last_token(setup):
+  """Prefill sends only each row's last real position through the head; it must be the forward's."""
+  config, params, _, pv, grid = setup
+  ids, mask = _batch(config, np.random.RandomState(8), [[3, grid[2], 4], [6], [11]])  # left-padded, 3 lengths
+  pv, grid = pv[-int(grid[2].prod()):], grid[2:]
+  model = qvl.Qwen25VL(config)
+  state = jax.jit(lambda p, i, m, x, g: sampler.prefill(model, p, i, m, x, g, ids.shape[1] + 4))(
+      params, ids, mask, pv, grid)
+  full = np.asarray(jax.jit(lambda p, i, m, x, g: model.apply({"params": p}, input_ids=i, attention_mask=m,
+                                                              pixel_values=x, image_grid_thw=g))(
+      params, ids, mask, pv, grid))
+  assert state.logits.shape == (3, config.vocab_size)
+  np.testing.assert_allclose(np.asarray(state.logits), full[:, -1], atol=1e-4)
+  assert np.abs(full[:, -2] - full[:, -1]).max() > 1e-2  # another position would fail the check above
+  # decode(logits_at=...) picks any position of each row, e.g. each row's first real token.
+  embeds = model.apply({"params": params}, ids, model.apply({"params": params}, pv, grid,
+                                                            method=qvl.Qwen25VL.encode_images),
+                       method=qvl.Qwen25VL.embed)
+  pos, _ = mrope_positions(ids, mask, grid, image_token_id=config.image_token_id,
+                           spatial_merge_size=config.vision.spatial_merge_size)
+  first = np.argmax(mask, axis=1)
+  picked, _ = model.apply({"params": params}, embeds, pos, mask, logits_at=first, method=qvl.Qwen25VL.decode)
+  np.testing.assert_allclose(np.asarray(picked), full[np.arange(3), first], atol=1e-4)
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(setup):
