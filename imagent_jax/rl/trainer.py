@@ -163,7 +163,7 @@ class Trainer:
       return
     state, meta = restored
     self.params, self.opt_state = state["params"], state["opt_state"]
-    self.rng = jax.random.wrap_key_data(state["rng"])
+    self.rng = jax.random.wrap_key_data(np.asarray(state["rng"]))  # uncommitted: usable with any mesh
     self.step = int(meta["step"])
     self.train_stream.set_state(meta["data"])
     self._saved_step = self.step

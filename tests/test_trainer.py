@@ -1,7 +1,4 @@
-"""WIP, not in the suite yet (too slow on CPU, see the issue note): kill-and-resume of the RL trainer.
-
-Run: XLA_FLAGS=--xla_force_host_platform_device_count=1 python -m pytest -q experiments/check_trainer_resume.py
-"""
+"""The RL trainer: kill-and-resume equals an uninterrupted run; SIGTERM checkpoints and stops."""
 
 import json
 import os
