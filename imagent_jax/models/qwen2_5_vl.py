@@ -327,7 +327,9 @@ def _guard_image_token_count(x, is_img, n_feat):
       logging.getLogger("imagent_jax").error("%s (inside jit: logits are NaN)", _mismatch_message(int(n), int(f)))
 
   n_tok = is_img.sum()
-  jax.debug.callback(report, n_tok, n_feat)
+  # The host is called only on a mismatch: an unconditional callback would cost a host round
+  # trip on every decode step.
+  jax.lax.cond(n_tok == n_feat, lambda: None, lambda: jax.debug.callback(report, n_tok, n_feat))
   return jnp.where(n_tok == n_feat, x, jnp.nan)
 
 
