@@ -136,6 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.log_logprob_gap = True  # one extra forward per step: rollout vs training log-probs
   c.rl.eval_every = 25
   c.rl.eval_examples = 16
+  c.rl.test_examples = 64  # rl stage: greedy test-split accuracy and tool use of the base and of the result
   c.rl.checkpoint_every = 25
   c.rl.keep_checkpoints = 2
   c.rl.progress_bar = True
@@ -148,7 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup.patch_budget = 2 * 3 * 256
     c.warmup.image_slots = 2 * 3
     c.rollout.scripted_rows = 1
-    c.stages = "model,warmup,rollout"
+    c.stages = "model,warmup,rollout,rl"
     c.data.train_size = 16
     c.data.validation_size = 4
     c.data.test_size = 4
@@ -158,6 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rl.batch_size = 2
     c.rl.eval_every = 2
     c.rl.eval_examples = 2
+    c.rl.test_examples = 2
     c.rl.checkpoint_every = 1
     c.rl.patch_budget = 2 * 2 * 3 * 256
     c.rl.image_slots = 2 * 2 * 6
@@ -216,6 +218,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     rewards.RewardConfig(**config.reward)
   except (ValueError, KeyError, TypeError) as e:
     errors.append(f"config.tools / config.reward: {e}")
+  if config.data.source in ("synthetic", "synthetic_mifg"):
+    try:
+      most_images = int(str(config.data.images_per_question).split(",")[-1])
+    except ValueError:
+      most_images = 0
+      errors.append(f"config.data.images_per_question={config.data.images_per_question!r} is not 'min,max'")
+    need = config.rl.batch_size * most_images
+    if need > config.rollout.max_prompt_images:
+      errors.append(f"config.rollout.max_prompt_images={config.rollout.max_prompt_images} < rl.batch_size x "
+                    f"{most_images} images per question = {need}")
+    if need * (config.processor.max_pixels // 196) > config.rollout.prompt_patches:
+      errors.append(f"config.rollout.prompt_patches={config.rollout.prompt_patches} cannot hold rl.batch_size="
+                    f"{config.rl.batch_size} questions of {most_images} images of up to "
+                    f"{config.processor.max_pixels // 196} patches ({need * (config.processor.max_pixels // 196)})")
   if config.rl.length_bucket < 0:
     errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
   try:

@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from imagent_jax import components
 from imagent_jax.analysis import plots
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table
 
@@ -20,15 +21,26 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
 
   t0 = time.perf_counter()
   trainer = Trainer(config, workdir)
+  test = (components.eval_examples(config, workdir, "test", config.rl.test_examples)
+          if config.rl.test_examples > 0 else [])
+  if test and trainer.step == 0:  # the base, before any update (a resumed run logged it already)
+    trainer.log(trainer.evaluate(test, prefix="test"), stage="test")
   last = trainer.train()
+  if test:
+    trainer.log(trainer.evaluate(test, prefix="test"), stage="test")
   seconds = time.perf_counter() - t0
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   train = [r for r in records if r["stage"] == "rl"]
   evals = [r for r in records if r["stage"] == "eval"]
+  tests = [r for r in records if r["stage"] == "test"]
   curves = plots.plot_training_curves(train, evals, os.path.join(workdir, "rl_curves.png"))
   rows = [(k, _fmt(train[-1].get(k)) if train else "-") for k in _TABLE_KEYS]
   if evals:
     rows += [(f"eval/{k} (step {e['step']})", _fmt(e.get(f"eval/{k}"))) for e in (evals[0], evals[-1])
+             for k in ("accuracy", "tool_calls_per_trajectory", "confirm_on_target")]
+  if len(tests) >= 2:
+    rows += [(f"test/{k} ({name}, {len(test)} questions)", _fmt(e.get(f"test/{k}")))
+             for name, e in (("base", tests[0]), ("after RL", tests[-1]))
              for k in ("accuracy", "tool_calls_per_trajectory", "confirm_on_target")]
   print("\n" + "\n".join(f"  {k}: {v}" for k, v in rows))
   report.add("RL (GRPO)", f"{trainer.step} steps in {seconds:.0f}s (this run).\n\n"

@@ -20,7 +20,7 @@ def _main(*args, timeout=600):
 def test_smoke_config_end_to_end(tmp_path):
   res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path))
   assert res.returncode == 0, res.stderr[-3000:]
-  for stage in ("model", "warmup", "rollout"):
+  for stage in ("model", "warmup", "rollout", "rl"):
     assert f"=== stage {stage} done" in res.stdout
   assert "reloaded max |logit diff| = 0.00e+00" in res.stdout
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -40,6 +40,18 @@ def test_smoke_config_end_to_end(tmp_path):
   rollout = [r for r in records if r["stage"] == "rollout"][0]
   assert rollout["stage"] == "rollout" and rollout["calls_ok/confirm"] >= 1 and "mask/kept_fraction" in rollout
   assert "## Agent rollout" in report
+  # The rl stage: GRPO steps from the warmup base, logged, checkpointed, plotted.
+  rl_rows = [r for r in records if r["stage"] == "rl"]
+  assert [r["step"] for r in rl_rows] == [1, 2]
+  for key in ("reward", "accuracy", "tool_calls_per_trajectory", "mask/kept_fraction", "logprob_gap_max",
+              "train/grad_norm", "time/rollout_s", "time/update_s"):
+    assert key in rl_rows[-1], key
+  assert rl_rows[-1]["logprob_gap_max"] < 1e-3  # rollout and training see the same tokens and positions
+  assert [r["step"] for r in records if r["stage"] == "eval"] == [0, 2]
+  assert [r["step"] for r in records if r["stage"] == "test"] == [0, 2]  # base and result on the test split
+  assert "test/accuracy (after RL, 2 questions)" in res.stdout
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+  assert "## RL (GRPO)" in report and (tmp_path / "rl_curves.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("override,message", [
@@ -49,6 +61,7 @@ def test_smoke_config_end_to_end(tmp_path):
     ("--config.model.checkpoint=/nonexistent", "is not a folder with a config.json"),
     ("--config.tools.names=zoom", "config.tools / config.reward"),
     ("--config.tools.view_max_pixels=1000000", "exceeds config.processor.max_pixels"),
+    ("--config.rl.batch_size=9", "cannot hold rl.batch_size=9 questions"),
 ])
 def test_invalid_config_fails_before_compiling(tmp_path, override, message):
   res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path), override, timeout=120)

@@ -248,8 +248,9 @@ class Trainer:
       log.warning("step %d: %d update(s) skipped: non-finite loss or gradient", self.step, int(upd["skipped"]))
     return metrics
 
-  def evaluate(self, examples: Sequence[dict] | None = None) -> dict[str, float]:
-    """Greedy single rollouts on held-out examples: accuracy and tool use."""
+  def evaluate(self, examples: Sequence[dict] | None = None, prefix: str = "eval") -> dict[str, float]:
+    """Greedy single rollouts on held-out examples (default: the validation ones): accuracy and
+    tool use, as ``{f"{prefix}/accuracy": ..., f"{prefix}/tool_calls_per_trajectory": ..., ...}``."""
     examples = self.eval_examples if examples is None else list(examples)
     if not examples:
       return {}
@@ -266,8 +267,8 @@ class Trainer:
         t.prompt_index += len(ex_all)
       trajs_all += trajs
       ex_all += chunk
-    out = {"eval/accuracy": float(np.mean(accs))}
-    out.update({f"eval/{k}": v for k, v in trajectory_stats(trajs_all, ex_all, self.tool_cfg.enabled(), 1).items()})
+    out = {f"{prefix}/accuracy": float(np.mean(accs))}
+    out.update({f"{prefix}/{k}": v for k, v in trajectory_stats(trajs_all, ex_all, self.tool_cfg.enabled(), 1).items()})
     return out
 
   def log(self, metrics: dict[str, float], stage: str = "rl") -> None:
