@@ -90,3 +90,30 @@ def test_invalid_rl_config_is_refused_before_compiling():
     c.rollout.group_size = 1  # std-normalised advantages need groups of at least 2
   with pytest.raises(ValueError, match="config.rl"):
     default_config.validate(c)
+
+
+def test_confirm_hits_and_their_chance_baseline():
+  from types import SimpleNamespace as NS
+
+  from PIL import Image
+
+  from imagent_jax.rl.trainer import confirm_hits
+  example = {"images": [Image.new("RGB", (100, 80)), Image.new("RGB", (100, 80))], "target_image": 1,
+             "target_box": [40, 40, 50, 50]}
+  refs = [NS(root=1, root_box=(0, 0, 100, 80)), NS(root=2, root_box=(0, 0, 100, 80)),  # the two inputs
+          NS(root=2, root_box=(35, 35, 60, 60)),  # view 3: on the target
+          NS(root=2, root_box=(0, 0, 30, 30)),  # view 4: right image, wrong place
+          NS(root=1, root_box=(35, 35, 60, 60)),  # view 5: wrong image
+          NS(root=2, root_box=(0, 0, 100, 80))]  # view 6: the whole target image
+  call = lambda view, name="confirm", ok=True: NS(name=name, ok=ok, view_index=view)
+  traj = NS(calls=[call(3), call(4), call(5), call(6), call(3, ok=False), call(3, name="reflect")],
+            context=NS(refs=refs))
+  hits, total, chance = confirm_hits(traj, example)
+  assert (hits, total) == (2, 4)
+  # A whole-image box covers the target wherever it goes: chance 1/2 (two images); the
+  # 30x30 box misses the 10x10 target in most placements; 25x25 boxes in some.
+  single = lambda view: confirm_hits(NS(calls=[call(view)], context=NS(refs=refs)), example)[2]
+  assert single(6) == pytest.approx(0.5)
+  assert 0 < single(3) < 0.5 and single(3) == pytest.approx(single(5))
+  assert chance == pytest.approx(single(3) + single(4) + single(5) + single(6))
+  assert confirm_hits(traj, dict(example, target_box=None)) == (0, 0, 0.0)

@@ -61,28 +61,40 @@ class ExampleStream:
     self.index = int(state["next_index"])
 
 
-def confirm_hits(traj: rl.Trajectory, example: dict) -> tuple[int, int]:
-  """``(confirm calls whose zoom covers the answer region, successful confirm calls)``.
+def confirm_hits(traj: rl.Trajectory, example: dict, samples: int = 256) -> tuple[int, int, float]:
+  """``(hits, successful confirm calls, chance)`` of one trajectory.
 
-  A zoom covers it when its box, mapped back to the root input image, overlaps the example's
-  ``target_box`` in ``target_image`` by at least half of the target's area.
+  A zoom hits when its box, mapped back to the root input image, is on the example's
+  ``target_image`` and overlaps its ``target_box`` by at least half of the target's area.
+  ``chance`` is the expected number of hits had each call put a box of the same size uniformly at
+  random on a uniformly chosen input image (Monte Carlo over ``samples`` placements, fixed seed),
+  the baseline ``confirm_on_target`` must beat to show that the model aims its zooms.
   """
   if "target_box" not in example or example.get("target_box") is None:
-    return 0, 0
+    return 0, 0, 0.0
   hits = total = 0
+  chance = 0.0
+  k = example["target_image"]
   tx0, ty0, tx1, ty1 = example["target_box"]
   area = max((tx1 - tx0) * (ty1 - ty0), 1e-6)
+  width, height = example["images"][k].size
   for c in traj.calls:
     if c.name != "confirm" or not c.ok or c.view_index is None:
       continue
     total += 1
     ref = traj.context.refs[c.view_index - 1]
-    if ref.root - 1 != example["target_image"]:
-      continue
     x0, y0, x1, y1 = ref.root_box
+    bw, bh = min(x1 - x0, width), min(y1 - y0, height)
+    rng = np.random.default_rng(0)  # the same placements for every box: a deterministic baseline
+    rx, ry = rng.uniform(0, width - bw, samples), rng.uniform(0, height - bh, samples)
+    inter = (np.clip(np.minimum(rx + bw, tx1) - np.maximum(rx, tx0), 0, None)
+             * np.clip(np.minimum(ry + bh, ty1) - np.maximum(ry, ty0), 0, None))
+    chance += float(np.mean(inter >= 0.5 * area)) / len(example["images"])
+    if ref.root - 1 != k:
+      continue
     inter = max(0.0, min(x1, tx1) - max(x0, tx0)) * max(0.0, min(y1, ty1) - max(y0, ty0))
     hits += inter >= 0.5 * area
-  return hits, total
+  return hits, total, chance
 
 
 def trajectory_stats(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], tool_names: Sequence[str],
@@ -96,11 +108,12 @@ def trajectory_stats(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], t
          "malformed_calls_per_trajectory": sum(t.num_malformed_calls for t in trajs) / n}
   for name in tool_names:
     out[f"calls/{name}"] = sum(sum(c.name == name for c in t.calls) for t in trajs) / n
-  hits = totals = 0
+  hits = totals = chance = 0
   for t in trajs:
-    h, tot = confirm_hits(t, examples[t.prompt_index])
-    hits, totals = hits + h, totals + tot
+    h, tot, ch = confirm_hits(t, examples[t.prompt_index])
+    hits, totals, chance = hits + h, totals + tot, chance + ch
   out["confirm_on_target"] = hits / totals if totals else float("nan")
+  out["confirm_on_target_chance"] = chance / totals if totals else float("nan")
   for code, name in enumerate(masks.STATUS_NAMES):
     out[f"status/{name}"] = sum(t.status == code for t in trajs) / n
   return out
