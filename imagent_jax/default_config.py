@@ -169,6 +169,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
+def released_qwen_config(preset: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The default with a released Qwen2.5-VL (``preset``, e.g. ``"qwen2_5_vl_7b"``) read from a
+  local folder (``--config.model.checkpoint``): bf16, the released processor's pixel budget, the
+  JSON tool schemas those models were tuned on, prompt and response budgets of real questions,
+  and a local JSONL dataset (``--config.data.train_path`` etc.)."""
+  c = get_config(arg)
+  with c.unlocked():
+    c.model.preset = preset
+    c.model.checkpoint = ""  # set with --config.model.checkpoint=/path/to/folder
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "bfloat16"
+    c.model.export_hf = False
+    c.tools.prompt_style = "full"
+    c.tools.view_max_pixels = 28 * 28 * 256
+    c.rollout.max_prompt_len = 4096
+    c.rollout.prompt_patches = 4 * 5120
+    c.rollout.max_new_tokens = 2048
+    c.rollout.obs_max_tokens = 384
+    c.processor.max_pixels = 28 * 28 * 1280  # the released processor's default
+    c.demo.max_side = 1024
+    c.data.source = "jsonl"
+  return c
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ``ValueError`` naming every problem of ``config`` (before anything compiles)."""
   from imagent_jax import parallel

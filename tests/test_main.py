@@ -74,3 +74,21 @@ def test_unknown_config_key_is_refused(tmp_path):
   res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.model.presett=tiny", timeout=120)
   assert res.returncode != 0
   assert "presett" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["synthetic_tiny", "smoke", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+def test_every_config_file_is_valid(tmp_path, name):
+  import importlib.util
+
+  from imagent_jax import default_config
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  if name.startswith("qwen"):
+    assert config.model.preset == name and config.model.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="needs config.model.tokenizer"):  # the checkpoint is the user's
+      default_config.validate(config)
+    (tmp_path / "config.json").write_text("{}")
+    config.model.checkpoint = str(tmp_path)
+  default_config.validate(config, num_devices=8)
