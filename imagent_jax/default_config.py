@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg: ``"smoke"`` shrinks everything to the fastest run that still exercises each stage.
   """
   c = ml_collections.ConfigDict()
-  c.stages = "model,rollout"  # comma-separated, run in order; also "warmup", "rl" (see README)
+  c.stages = "model,warmup,rollout,rl"  # comma-separated, run in order (see README)
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -149,7 +149,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup.patch_budget = 2 * 3 * 256
     c.warmup.image_slots = 2 * 3
     c.rollout.scripted_rows = 1
-    c.stages = "model,warmup,rollout,rl"
     c.data.train_size = 16
     c.data.validation_size = 4
     c.data.test_size = 4
