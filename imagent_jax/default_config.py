@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup.image_slots = 8 * 5
   c.warmup.log_every = 10
   c.warmup.progress_bar = True
+  c.warmup.probe_examples = 64  # after training: accuracy when handed the answer's zoom (warmup.read_zoom_probe)
 
   c.rollout = ml_collections.ConfigDict()  # imagent_jax.agent.rollout.RolloutConfig
   c.rollout.num_prompts = 2
@@ -148,6 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup.batch_size = 2
     c.warmup.patch_budget = 2 * 3 * 256
     c.warmup.image_slots = 2 * 3
+    c.warmup.probe_examples = 2
     c.rollout.scripted_rows = 1
     c.data.train_size = 16
     c.data.validation_size = 4

@@ -190,6 +190,48 @@ def make_step(model, optimizer):
   return step
 
 
+def read_zoom_probe(model_config, params, processor, examples, tool_config: tools.ToolConfig, system: str, *,
+                    batch_size: int = 8, max_new_tokens: int = 48) -> dict[str, float]:
+  """How well a model reads the answer when handed the zoom of its region (greedy).
+
+  Each question comes with its images plus the ``confirm`` zoom of the target region as an extra
+  input image, in the ``read_zoom`` task's format. The accuracy is the ceiling that RL with the
+  ``confirm`` tool can reach from this base: if the model cannot read a perfect zoom, it gains
+  nothing by learning to zoom.
+
+  Args:
+    model_config, params: the model.
+    processor: its ``Processor``.
+    examples: synthetic examples with ``target_image`` / ``target_box`` (``data.synthetic``).
+    tool_config: the tools (the zoom is made by ``confirm``).
+    system: the system prompt.
+    batch_size: questions per ``generate`` call.
+    max_new_tokens: response budget.
+
+  Returns:
+    ``{"read_zoom_accuracy", "read_zoom_format"}``: the share answered right, and the share
+    with an ``<answer>`` block.
+  """
+  from imagent_jax.agent import rewards
+  from imagent_jax.sampling import sampler
+  right = answered = 0
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    messages, images = [], []
+    for e in chunk:
+      imgs, content, _ = _read_zoom(e, tools.ToolContext(e["images"], tool_config), None)
+      messages.append([{"role": "system", "content": system}, {"role": "user", "content": content}])
+      images.append(imgs)
+    out = sampler.generate(model_config, params, processor(messages, images), max_new_tokens=max_new_tokens,
+                           stop_token_ids=[model_config.eos_token_id])
+    for e, toks, n in zip(chunk, np.asarray(out["tokens"]), np.asarray(out["lengths"])):
+      answer = rewards.extract_answer(processor.tokenizer.decode(toks[:n], skip_special_tokens=True))
+      answered += answer is not None
+      right += answer is not None and rewards.match_answer(answer, e["answer"], e.get("options"))
+  n = max(len(examples), 1)
+  return {"read_zoom_accuracy": right / n, "read_zoom_format": answered / n}
+
+
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   """Trains (or reuses) the tool-naive base and saves it under ``<workdir>/base``."""
   out_dir = components.base_dir(workdir)
@@ -236,8 +278,18 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   last = history[-1]
   print(f"Warmup: {w.steps} steps in {seconds:.0f}s; final loss {last['loss']:.3f}, "
         f"token accuracy {last['token_accuracy']:.2f}; base saved to {out_dir}")
+  probe = {}
+  if w.probe_examples > 0:
+    held_out = components.eval_examples(config, workdir, "validation", w.probe_examples)
+    probe = read_zoom_probe(model_config, params, processor, held_out, tcfg, system)
+    metrics.write(w.steps, "warmup_probe", **probe)
+    options = held_out[0].get("options") if held_out else None
+    chance = f" (chance {1 / len(options):.2f})" if options else ""
+    print(f"Reading a handed zoom (the ceiling for RL with confirm): accuracy {probe['read_zoom_accuracy']:.3f} "
+          f"on {len(held_out)} validation questions{chance}")
   report.add("Warmup", markdown_table(["measure", "value"], [
       ("steps", w.steps), ("seconds", round(seconds, 1)), ("first loss", round(history[0]["loss"], 4)),
       ("final loss", round(last["loss"], 4)), ("final token accuracy", round(last["token_accuracy"], 4)),
-      ("tasks", w.tasks), ("base checkpoint", f"`{out_dir}`")]))
-  return {"steps": w.steps, "seconds": seconds, **last}
+      ("tasks", w.tasks), ("base checkpoint", f"`{out_dir}`")]
+      + [(f"{k} ({w.probe_examples} validation questions)", round(v, 4)) for k, v in probe.items()]))
+  return {"steps": w.steps, "seconds": seconds, **last, **probe}
