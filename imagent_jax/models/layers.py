@@ -100,6 +100,14 @@ def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section: Sequenc
   return jnp.cos(emb), jnp.sin(emb)
 
 
+def _gqa_softmax_attention(q, k, v, mask, scale: float, k_axes: str, v_axes: str):
+  """The one grouped-query attention; ``k_axes`` / ``v_axes`` name the key and value layouts."""
+  logits = jnp.einsum(f"bqkgd,{k_axes}->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum(f"bkgqs,{v_axes}->bqkgd", probs, v)
+
+
 def cached_attention(q, k, v, mask, *, scale: float):
   """``masked_softmax_attention`` over a KV cache kept in the layouts the two dots read.
 
@@ -117,10 +125,7 @@ def cached_attention(q, k, v, mask, *, scale: float):
   Returns:
     ``[B, Lq, Hkv, G, hd]`` in the dtype of ``q``.
   """
-  logits = jnp.einsum("bqkgd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgqs,bkds->bqkgd", probs, v)
+  return _gqa_softmax_attention(q, k, v, mask, scale, "bksd", "bkds")
 
 
 def masked_softmax_attention(q, k, v, mask, *, scale: float):
@@ -136,10 +141,7 @@ def masked_softmax_attention(q, k, v, mask, *, scale: float):
   Returns:
     ``[B, Lq, Hkv, G, hd]`` in the dtype of ``q``.
   """
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return _gqa_softmax_attention(q, k, v, mask, scale, "bskd", "bskd")
 
 
 def local_segment_attention(q, k, v, segment_ids, *, block: int, scale: float):
