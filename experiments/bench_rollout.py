@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_models  # experiments/bench_models.py (the script's folder is on sys.path)
+
 from imagent_jax.agent import masks as masks_lib
 from imagent_jax.agent import protocol
 from imagent_jax.agent import rollout as rl
@@ -71,10 +73,7 @@ def model_config(quick: bool):
   """
   if quick:
     return get_preset("tiny")
-  return get_preset("tiny").replace(
-      vocab_size=4096, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-      num_key_value_heads=4, mrope_section=(8, 12, 12),
-      vision=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=768))
+  return bench_models.widened_tiny(num_hidden_layers=8)
 
 
 def rollout_settings(quick: bool, batch: int) -> dict[str, Any]:
