@@ -131,6 +131,41 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def optimizer_state_shardings(optimizer, config, mesh: Mesh, rules=None):
+  """``NamedSharding`` pytree of ``optimizer.init(params)`` for a model ``config``: every subtree
+  shaped like the params (Adam moments, ...) sharded like them, every other leaf replicated."""
+  from imagent_jax.models import qwen2_5_vl
+
+  p_shard = param_shardings(config, mesh, rules)
+  abstract = jax.eval_shape(optimizer.init, qwen2_5_vl.abstract_params(config))
+  params_def = jax.tree_util.tree_structure(p_shard)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  like_params = lambda x: jax.tree_util.tree_structure(x) == params_def
+  return jax.tree_util.tree_map(lambda x: p_shard if like_params(x) else replicated, abstract, is_leaf=like_params)
+
+
+def batch_shardings(batch, mesh: Mesh, replicated_keys=("pixel_values", "image_grid_thw")):
+  """Per-field ``NamedSharding`` of a dict batch of row-major arrays.
+
+  Rows go over ``('data', 'fsdp')`` when the row count (of the first field not in
+  ``replicated_keys``) divides that product; otherwise, and for ``replicated_keys`` (the packed
+  images, whose leading axis is patches, not rows), the field is replicated. ``None`` fields are
+  left out.
+  """
+  rows = next(int(np.shape(v)[0]) for k, v in batch.items() if v is not None and k not in replicated_keys)
+  split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+  out = {}
+  for k, v in batch.items():
+    if v is None:
+      continue
+    ndim = np.ndim(v)
+    if k in replicated_keys or not split:
+      out[k] = NamedSharding(mesh, PartitionSpec(*([None] * ndim)))
+    else:
+      out[k] = data_sharding(mesh, ndim)
+  return out
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
   """Multi-host start-up: ``jax.distributed.initialize`` when more than one process is expected.

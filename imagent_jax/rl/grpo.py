@@ -484,29 +484,12 @@ def jit_train_step(model, cfg: GRPOConfig, donate: bool = False, jit_kwargs: Map
 
 def opt_state_shardings(cfg: GRPOConfig, model_config, mesh: Mesh, rules=None):
   """``NamedSharding`` pytree of ``make_optimizer(cfg)``'s state: moments like their params, scalars replicated."""
-  p_shard = parallel.param_shardings(model_config, mesh, rules)
-  from imagent_jax.models import qwen2_5_vl  # local import, as in parallel.py
-  abstract = jax.eval_shape(make_optimizer(cfg).init, qwen2_5_vl.abstract_params(model_config))
-  params_def = jax.tree_util.tree_structure(p_shard)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  like_params = lambda x: jax.tree_util.tree_structure(x) == params_def
-  return jax.tree_util.tree_map(lambda x: p_shard if like_params(x) else replicated, abstract, is_leaf=like_params)
+  return parallel.optimizer_state_shardings(make_optimizer(cfg), model_config, mesh, rules)
 
 
 def batch_shardings(batch: Batch, mesh: Mesh) -> dict[str, NamedSharding]:
   """Rows over ``('data', 'fsdp')`` when they divide evenly (else replicated); images replicated."""
-  rows = int(np.shape(batch["tokens"])[0])
-  split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
-  out = {}
-  for k, v in batch.items():
-    if v is None:
-      continue
-    ndim = np.ndim(v)
-    if k in ("pixel_values", "image_grid_thw") or not split:
-      out[k] = NamedSharding(mesh, PartitionSpec(*([None] * ndim)))
-    else:
-      out[k] = parallel.data_sharding(mesh, ndim)
-  return out
+  return parallel.batch_shardings(batch, mesh)
 
 
 def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None, jit_kwargs: Mapping[str, Any] | None = None):
