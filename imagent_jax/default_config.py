@@ -143,6 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.progress_bar = True
 
   if arg == "smoke":
+    c.model.preset = "micro"  # tiny with one decoder layer and two vision blocks: half the compile time
     c.demo.num_images = 2
     c.demo.max_side = 160
     c.warmup.steps = 3
@@ -213,9 +214,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                     "Face Qwen2.5-VL checkpoint; nothing is downloaded)")
   elif m.preset not in presets.PRESETS:
     errors.append(f"config.model.preset={m.preset!r} is not one of {sorted(presets.PRESETS)}")
-  elif m.preset != "tiny" and not m.tokenizer:
+  elif m.preset not in presets.TINY_TOKENIZER_PRESETS and not m.tokenizer:
     errors.append(f"config.model.preset={m.preset!r} without a checkpoint needs config.model.tokenizer (a local "
-                  "tokenizer folder); only 'tiny' builds its own")
+                  f"tokenizer folder); only {', '.join(presets.TINY_TOKENIZER_PRESETS)} build their own")
   for name in ("dtype", "param_dtype"):
     if m[name] not in DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} is not one of {DTYPES}")

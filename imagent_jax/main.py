@@ -13,6 +13,9 @@ import os
 import sys
 import time
 
+# TensorFlow (read by tfds for the array_record data) prints info lines on import; keep warnings.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags

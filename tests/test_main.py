@@ -29,7 +29,7 @@ def test_smoke_config_end_to_end(tmp_path):
   assert "| total |" in report and "vision_windows.png" in report
   assert (tmp_path / "vision_windows.png").stat().st_size > 1000
   assert (tmp_path / "hf_export" / "model.safetensors").exists()
-  assert json.loads((tmp_path / "config.json").read_text())["model"]["preset"] == "tiny"
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["preset"] == "micro"
   # The rollout stage: readable trajectories, tool views saved as PNGs, its metrics logged.
   assert "scripted demo policy) status=answered" in res.stdout and "-> tool confirm: ok" in res.stdout
   assert any(p.name.startswith("traj0_view") for p in (tmp_path / "rollout").iterdir())

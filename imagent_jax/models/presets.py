@@ -62,13 +62,26 @@ def tiny(vocab_size: int = 512) -> ModelConfig:
                           fullatt_block_indexes=(1, 3), window_size=112))
 
 
+def micro(vocab_size: int = 512) -> ModelConfig:
+  """``tiny`` cut to one decoder layer and two vision blocks (one windowed, one full attention):
+  the fastest model to compile that still has every architectural feature (the smoke config)."""
+  cfg = tiny(vocab_size)
+  return cfg.replace(num_hidden_layers=1, vision=dict(depth=2, fullatt_block_indexes=(1,)))
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
+    "micro": micro,
     "qwen2_5_vl_3b": qwen2_5_vl_3b,
     "qwen2_5_vl_7b": qwen2_5_vl_7b,
     "qwen2_5_vl_32b": qwen2_5_vl_32b,
     "qwen2_5_vl_72b": qwen2_5_vl_72b,
 }
+
+
+# Presets whose special tokens sit where the tiny tokenizer (``processing.build_tiny_tokenizer``)
+# puts them: runs without a checkpoint build that tokenizer in the workdir.
+TINY_TOKENIZER_PRESETS = ("tiny", "micro")
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
