@@ -128,6 +128,7 @@ def difficulty(config):
     over["num_images"] = tuple(int(x) for x in d.images_per_question.split(","))
   if d.categories:
     over["categories"] = tuple(c.strip() for c in d.categories.split(","))
+  over["option_order"] = d.option_order
   return synthetic.DifficultyConfig.for_processor(config.processor.max_pixels, **over)
 
 

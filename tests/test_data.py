@@ -190,6 +190,31 @@ def test_difficulty_config_is_validated_and_scales_to_a_processor():
   w, h = synthetic.base_view_size(side, side, max_pixels=28 * 28 * 1280)
   assert 7 * w / side <= 2.0 and big.image_side[1] > side
   assert synthetic.DifficultyConfig(num_images=[2, 3]).num_images == (2, 3)  # lists from configs
+  with pytest.raises(ValueError, match="option_order"):
+    synthetic.DifficultyConfig(option_order="sorted")
+
+
+def test_canonical_option_order_keeps_the_scene_and_the_answer():
+  seen_shape_orders = set()
+  for category in ("shape", "color", "digit", "count"):
+    for index in range(12):
+      rand = synthetic.generate_example(3, index, synthetic.DifficultyConfig(categories=(category,)))
+      canon = synthetic.generate_example(
+          3, index, synthetic.DifficultyConfig(categories=(category,), option_order="canonical"))
+      # Same pixels and target; only the listing order of the options changes.
+      for a, b in zip(rand["images"], canon["images"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      assert rand["target_box"] == canon["target_box"] and sorted(rand["options"]) == sorted(canon["options"])
+      letters = synthetic.OPTION_LETTERS
+      assert rand["options"][letters.index(rand["answer"])] == canon["options"][letters.index(canon["answer"])]
+      if category == "shape":
+        seen_shape_orders.add(tuple(canon["options"]))
+        assert canon["options"] == list(synthetic.SHAPES)  # four shapes: the letter names the shape
+      elif category == "color":
+        assert canon["options"] == sorted(canon["options"], key=synthetic.MARK_COLORS.index)
+      else:
+        assert canon["options"] == sorted(canon["options"], key=lambda o: (len(o), o))
+  assert len(seen_shape_orders) == 1
 
 
 def test_synthetic_source():

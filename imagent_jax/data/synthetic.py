@@ -118,6 +118,7 @@ _INK_FRACTION = {"circle": 0.77, "square": 1.0, "triangle": 0.53, "cross": 0.55}
 DIGITS = "0123456789"
 LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"  # no I, O, Q: too close to 1, 0 and each other
 OPTION_LETTERS = "ABCD"
+OPTION_ORDERS = ("random", "canonical")
 
 _BACKGROUNDS = {"grey": (200, 200, 200), "sand": (214, 204, 182), "slate": (184, 198, 212),
                 "sage": (196, 212, 188), "rose": (218, 196, 200), "stone": (176, 176, 186),
@@ -161,6 +162,11 @@ class DifficultyConfig:
       counts).
     categories: the categories to draw from, uniformly; empty: all registered ones that fit
       ``num_images``.
+    option_order: ``"random"`` (options listed in a random order) or ``"canonical"`` (in a fixed
+      order: palette order for colours, ``SHAPES`` order for shapes, ascending for glyphs and
+      counts). Canonical order makes the letter a function of what is seen where every option
+      set is the whole alphabet (``shape``: four shapes, four letters), which a tiny model
+      trained from scratch can learn without first learning to read the option list.
   """
   image_side: tuple[int, int] = (800, 1216)
   num_images: tuple[int, int] = (1, 4)
@@ -171,6 +177,7 @@ class DifficultyConfig:
   cluster_side: int = 72
   max_count: int = 5
   categories: tuple[str, ...] = ()
+  option_order: str = "random"
 
   def __post_init__(self):
     for name in ("image_side", "num_images", "mark_size", "categories"):
@@ -193,6 +200,8 @@ class DifficultyConfig:
     if not max(64, self.cluster_side + 2 * _MARGIN) <= s0 <= s1:
       problems.append(f"image_side={self.image_side} must satisfy max(64, cluster_side + {2 * _MARGIN}) <= "
                       "min <= max")
+    if self.option_order not in OPTION_ORDERS:
+      problems.append(f"option_order={self.option_order!r} must be one of {OPTION_ORDERS}")
     unknown = [c for c in self.categories if c not in CATEGORIES]
     if unknown:
       problems.append(f"unknown categories {unknown}; registered: {sorted(CATEGORIES)}")
@@ -625,6 +634,19 @@ def encode_png(image: Image.Image) -> bytes:
           + _png_chunk(b"PLTE", bytes(palette)) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
 
 
+def _canonical_key(option: str) -> tuple:
+  for rank, names in enumerate((MARK_COLORS, SHAPES)):
+    if option in names:
+      return (rank, names.index(option), "")
+  return (2, int(option), "") if option.isdigit() else (3, 0, option)
+
+
+def _canonical_options(q: Question) -> Question:
+  """``q`` with its options in canonical order (``DifficultyConfig.option_order``)."""
+  order = sorted(range(len(q.options)), key=lambda i: _canonical_key(q.options[i]))
+  return dataclasses.replace(q, options=[q.options[i] for i in order], answer_index=order.index(q.answer_index))
+
+
 def generate_example(seed: int, index: int, difficulty: DifficultyConfig = DifficultyConfig(), *,
                      image_format: str = "rgb") -> dict[str, Any]:
   """Example ``index`` of the synthetic fine-grained QA stream ``seed``; a pure function.
@@ -654,6 +676,8 @@ def generate_example(seed: int, index: int, difficulty: DifficultyConfig = Diffi
   sizes = [(int(rng.integers(s0, s1 + 1)), int(rng.integers(s0, s1 + 1))) for _ in range(num_images)]
   scene = Scene(rng, sizes, difficulty)
   q = category.fn(rng, scene)
+  if difficulty.option_order == "canonical":
+    q = _canonical_options(q)
   scene.fill()
   if image_format == "rgb":
     images = [image.convert("RGB") for image in scene.images]
