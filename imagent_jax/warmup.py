@@ -4,13 +4,17 @@ Offline there is no pretrained VLM to start RL from, so the embedded default fir
 supervised next-token prediction on generated tasks that teach what a pretrained base would
 know — and nothing about *when* to use a tool:
 
-* ``read_zoom``: the question's images plus a zoom of the region that holds the answer, given as
-  an extra *input* image ("Image 4 is a zoom of image 2") → think, then answer. The model learns
+* ``read_zoom``: the question's images plus the ``confirm`` zoom of the region that holds the
+  answer, placed and labelled where an RL trajectory's first tool view would be ("Image 3: zoom
+  of image 2 at [...].") but given as part of the prompt → think, then answer. The model learns
   to read details in zoomed views.
+* ``direct``: the RL prompt exactly → think, then answer. The model learns the answer format for
+  the plain question; where the base view cannot show the detail this is a guess.
 * ``locate``: "where is the detail this question is about?" → the image number and its box in the
   pixels the model sees. The model learns to ground, which good ``confirm`` boxes need.
-* ``tool_syntax``: an explicit instruction ("Call confirm on image 2 with box [...]") → the tool
-  call, alone. The model learns the call syntax in isolation.
+* ``tool_syntax``: the RL prompt plus an explicit instruction ("Call the confirm tool on image 2
+  with box [...]", a random image and box) → the tool call, alone. The model learns the call
+  syntax in isolation.
 
 It never sees a trajectory that solves a question by calling a tool: the RL stage must discover
 when and where calling one pays. The trained base is saved as a Hugging Face folder under
@@ -62,41 +66,59 @@ def _shown_box(example, ctx: tools.ToolContext, pad: int = 8) -> tuple[int, list
   return k, [int(round(v)) for v in box]
 
 
-def _user_content(images, text: str) -> list:
-  content = []
-  for i in range(len(images)):
-    content += [{"type": "text", "text": f"Image {i + 1}: "}, {"type": "image"}, {"type": "text", "text": "\n"}]
-  return content + [{"type": "text", "text": text}]
+def _user_content(example, num_images: int) -> list:
+  """The user turn of the RL prompt for ``example`` (``protocol.build_prompt_messages``)."""
+  messages = protocol.build_prompt_messages(example["question"], num_images, example.get("options"), tools=())
+  return messages[1]["content"]
 
 
-def _question_text(example) -> str:
-  letters = "ABCDEFGH"
-  opts = "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(example["options"]))
-  return f"{example['question']}\n{opts}\nAnswer with the option's letter."
+def _with_instruction(content: list, text: str) -> list:
+  """``content`` with ``text`` appended to its last (question) item."""
+  last = dict(content[-1], text=content[-1]["text"] + "\n" + text)
+  return content[:-1] + [last]
+
+
+ANSWER_THOUGHT = "<think>I look at the images.</think>"
+ZOOM_THOUGHT = "<think>The zoom shows the detail.</think>"
 
 
 @register_task("read_zoom")
 def _read_zoom(example, ctx, rng):
+  """The question's images + the ``confirm`` zoom of the answer's region, placed as a tool view is."""
   k, box = _shown_box(example, ctx)
   result = tools.run_tool_call(ctx, protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box}))
-  images = list(example["images"]) + [result.image]
   n = len(example["images"])
-  text = f"Image {n + 1} is a zoom of image {k + 1}.\n" + _question_text(example)
-  response = f"<think>Image {n + 1} shows the detail.</think><answer>{example['answer']}</answer>"
-  return images, _user_content(images, text), response
+  content = _user_content(example, n)
+  # The zoom sits where an RL trajectory's first tool view would: after the inputs, numbered n + 1,
+  # followed by the tool's own observation text ("Image 3: zoom of image 2 at [...].").
+  zoom = [{"type": "image"}, {"type": "text", "text": result.text + "\n"}]
+  content = content[:-1] + zoom + content[-1:]
+  response = f"{ZOOM_THOUGHT}<answer>{example['answer']}</answer>"
+  return list(example["images"]) + [result.image], content, response
+
+
+@register_task("direct")
+def _direct(example, ctx, rng):
+  """The RL prompt exactly, answered without tools: the answer format, and a guess where the base
+  view cannot show the detail (the tool-naive base's accuracy is what the base view allows)."""
+  images = list(example["images"])
+  return images, _user_content(example, len(images)), f"{ANSWER_THOUGHT}<answer>{example['answer']}</answer>"
 
 
 @register_task("locate")
 def _locate(example, ctx, rng):
   k, box = _shown_box(example, ctx, pad=0)
-  text = f"Question: {example['question']}\nWhich image holds the detail this is about, and where? Give the image " \
-         "number and the box [x0, y0, x1, y1] in its pixels."
+  images = list(example["images"])
+  content = _user_content(dict(example, options=None), len(images))
+  content = _with_instruction(content, "Which image holds the detail this is about, and where? Give the image "
+                                       "number and the box [x0, y0, x1, y1] in its pixels.")
   response = f"<think>The detail is small.</think><answer>image {k + 1} {json.dumps(box)}</answer>"
-  return list(example["images"]), _user_content(example["images"], text), response
+  return images, content, response
 
 
 @register_task("tool_syntax")
 def _tool_syntax(example, ctx, rng):
+  """The RL prompt plus an explicit instruction to call a tool on a random image (and box)."""
   n = len(example["images"])
   k = int(rng.integers(n))
   if rng.random() < 0.5:
@@ -109,7 +131,7 @@ def _tool_syntax(example, ctx, rng):
     call = protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
     text = f"Call the confirm tool on image {k + 1} with box {json.dumps(box)}."
   response = f"<think>As asked.</think>{protocol.render_tool_call(call)}"
-  return list(example["images"]), _user_content(example["images"], text), response
+  return list(example["images"]), _with_instruction(_user_content(example, n), text), response
 
 
 def make_example(config, index: int, tool_config: tools.ToolConfig, system: str):
@@ -173,10 +195,14 @@ def sft_loss(model: qvl.Qwen25VL, params, batch):
   return (nll * mask).sum() / n, acc
 
 
-def make_step(model, optimizer):
-  """The jitted SFT step; a non-finite loss or gradient leaves params and optimizer untouched."""
+def make_step(model, optimizer, mesh=None):
+  """The jitted SFT step ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
-  @jax.jit
+  A non-finite loss or gradient leaves params and optimizer untouched. With a ``mesh``, params
+  and optimizer state keep their logical-axis shardings in and out (so the second call does not
+  recompile for new layouts) and are donated; batch rows go over ``('data', 'fsdp')``.
+  """
+
   def step(params, opt_state, batch):
     (loss, acc), grads = jax.value_and_grad(lambda p: sft_loss(model, p, batch), has_aux=True)(params)
     gnorm = optax.global_norm(grads)
@@ -187,7 +213,23 @@ def make_step(model, optimizer):
     return keep(new_params, params), keep(new_opt, opt_state), dict(loss=loss, token_accuracy=acc, grad_norm=gnorm,
                                                                    skipped=(~ok).astype(jnp.int32))
 
-  return step
+  if mesh is None:
+    return jax.jit(step)
+  p_shard = parallel.param_shardings(model.config, mesh)
+  o_shard = parallel.optimizer_state_shardings(optimizer, model.config, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  compiled = {}
+
+  def sharded(params, opt_state, batch):
+    b_shard = parallel.batch_shardings(batch, mesh)
+    key = tuple(sorted((k, s.spec) for k, s in b_shard.items()))
+    if key not in compiled:
+      compiled[key] = jax.jit(step, in_shardings=(p_shard, o_shard, b_shard),
+                              out_shardings=(p_shard, o_shard, replicated), donate_argnums=(0, 1))
+    return compiled[key](params, opt_state, jax.device_put(batch, b_shard))
+
+  sharded.param_shardings, sharded.opt_state_shardings = p_shard, o_shard
+  return sharded
 
 
 def read_zoom_probe(model_config, params, processor, examples, tool_config: tools.ToolConfig, system: str, *,
@@ -250,8 +292,8 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   schedule = optax.warmup_cosine_decay_schedule(0.0, w.learning_rate, warm, max(warm + 1, w.steps),
                                                 w.learning_rate * 0.1)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=w.weight_decay))
-  opt_state = optimizer.init(params)
-  step_fn = make_step(model, optimizer)
+  step_fn = make_step(model, optimizer, mesh)
+  opt_state = jax.jit(optimizer.init, out_shardings=step_fn.opt_state_shardings)(params)
   pad = model_config.pad_token_id if model_config.pad_token_id is not None else 0
   t0 = time.perf_counter()
   history = []
