@@ -54,6 +54,8 @@ def load_model_and_processor(config, workdir: str, mesh, *, random_init: bool = 
   else:
     model_config = presets.get_preset(m.preset)
     params = parallel.init_sharded_params(model_config, jax.random.key(config.seed), mesh, param_dtype=param_dtype)
+    from imagent_jax.models import qwen2_5_vl as qvl
+    params = qvl.rescale_init(params, m.init)
     tok_dir = m.tokenizer
     if not tok_dir:
       tok_dir = os.path.join(workdir, "tokenizer")

@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype
   c.model.param_dtype = "float32"
   c.model.export_hf = True  # model stage: save_pretrained into <workdir>/hf_export and check the reload
+  c.model.init = "fan_in"  # random init (no checkpoint): "fan_in" (std 1/sqrt(fan_in): trains from scratch) or "hf"
   c.model.from_warmup_base = True  # without a checkpoint, start from <workdir>/base when the warmup made one
 
   c.processor = ml_collections.ConfigDict()
@@ -218,6 +219,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   elif m.preset not in presets.TINY_TOKENIZER_PRESETS and not m.tokenizer:
     errors.append(f"config.model.preset={m.preset!r} without a checkpoint needs config.model.tokenizer (a local "
                   f"tokenizer folder); only {', '.join(presets.TINY_TOKENIZER_PRESETS)} build their own")
+  if m.init not in ("hf", "fan_in"):
+    errors.append(f"config.model.init={m.init!r} is not one of ('hf', 'fan_in')")
   for name in ("dtype", "param_dtype"):
     if m[name] not in DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} is not one of {DTYPES}")

@@ -183,7 +183,12 @@ def encode_batch(processor, examples, max_len: int, patch_budget: int, image_slo
 
 
 def sft_loss(model: qvl.Qwen25VL, params, batch):
-  """Mean next-token cross-entropy over ``loss_mask`` tokens; also returns token accuracy."""
+  """Mean next-token cross-entropy over ``loss_mask`` tokens.
+
+  Returns:
+    ``(loss, aux)``: the scalar loss and ``aux`` with ``token_accuracy`` (scalar) and
+    ``row_loss [B]`` (each row's mean over its own response tokens, for per-task curves).
+  """
   logits = model.apply({"params": params}, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
@@ -192,7 +197,8 @@ def sft_loss(model: qvl.Qwen25VL, params, batch):
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   n = jnp.maximum(mask.sum(), 1.0)
   acc = ((logits[:, :-1].argmax(-1) == targets) * mask).sum() / n
-  return (nll * mask).sum() / n, acc
+  row_loss = (nll * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+  return (nll * mask).sum() / n, dict(token_accuracy=acc, row_loss=row_loss)
 
 
 def make_step(model, optimizer, mesh=None):
@@ -204,14 +210,14 @@ def make_step(model, optimizer, mesh=None):
   """
 
   def step(params, opt_state, batch):
-    (loss, acc), grads = jax.value_and_grad(lambda p: sft_loss(model, p, batch), has_aux=True)(params)
+    (loss, aux), grads = jax.value_and_grad(lambda p: sft_loss(model, p, batch), has_aux=True)(params)
     gnorm = optax.global_norm(grads)
     updates, new_opt = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-    return keep(new_params, params), keep(new_opt, opt_state), dict(loss=loss, token_accuracy=acc, grad_norm=gnorm,
-                                                                   skipped=(~ok).astype(jnp.int32))
+    return keep(new_params, params), keep(new_opt, opt_state), dict(loss=loss, grad_norm=gnorm,
+                                                                   skipped=(~ok).astype(jnp.int32), **aux)
 
   if mesh is None:
     return jax.jit(step)
@@ -306,7 +312,10 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
       index += 1
     batch = encode_batch(processor, examples, w.max_len, w.patch_budget, w.image_slots, pad, model_config.eos_token_id)
     params, opt_state, m = step_fn(params, opt_state, batch)
+    row_loss = np.asarray(m.pop("row_loss"))
     m = {k: float(v) for k, v in m.items()}
+    for name in sorted({e[3] for e in examples}):  # each task's mean loss: which skill lags
+      m[f"loss/{name}"] = float(np.mean([l for l, e in zip(row_loss, examples) if e[3] == name]))
     history.append(m)
     bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_accuracy']:.2f}")
     if step % max(1, w.log_every) == 0 or step == w.steps - 1:
@@ -318,8 +327,12 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
                                                         "model.safetensors.index.json")):
       shutil.copy(os.path.join(tok_dir, name), os.path.join(out_dir, name))
   last = history[-1]
+  tail = history[-20:]
+  task_loss = {k: float(np.mean([h[k] for h in tail if k in h])) for k in sorted({k for h in tail for k in h})
+               if k.startswith("loss/")}
   print(f"Warmup: {w.steps} steps in {seconds:.0f}s; final loss {last['loss']:.3f}, "
         f"token accuracy {last['token_accuracy']:.2f}; base saved to {out_dir}")
+  print("  loss by task (mean of the last 20 steps): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in task_loss.items()))
   probe = {}
   if w.probe_examples > 0:
     held_out = components.eval_examples(config, workdir, "validation", w.probe_examples)
@@ -333,5 +346,6 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
       ("steps", w.steps), ("seconds", round(seconds, 1)), ("first loss", round(history[0]["loss"], 4)),
       ("final loss", round(last["loss"], 4)), ("final token accuracy", round(last["token_accuracy"], 4)),
       ("tasks", w.tasks), ("base checkpoint", f"`{out_dir}`")]
+      + [(f"{k} (mean of the last 20 steps)", round(v, 4)) for k, v in task_loss.items()]
       + [(f"{k} ({w.probe_examples} validation questions)", round(v, 4)) for k, v in probe.items()]))
   return {"steps": w.steps, "seconds": seconds, **last, **probe}

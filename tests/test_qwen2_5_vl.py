@@ -277,3 +277,30 @@ def test_static_patch_budget_and_unused_image_slots(models, images):
   grid_pad = np.concatenate([grid, np.zeros((2, 3), grid.dtype)])
   padded = np.asarray(_forward(config)(params, ids, mask, pv_pad, grid_pad))
   np.testing.assert_allclose(padded, exact, atol=1e-5)
+
+
+def test_fan_in_init_lets_image_features_differ_between_images():
+  from imagent_jax.models import get_preset
+  config = get_preset("tiny")
+  hf = qvl.init_params(config, jax.random.key(0))
+  fan = qvl.rescale_init(hf, "fan_in")
+  assert qvl.rescale_init(hf, "hf") is hf
+  with pytest.raises(ValueError, match="init"):
+    qvl.rescale_init(hf, "xavier")
+  # Kernels get std 1/sqrt(fan_in); embeddings, biases and norms are untouched.
+  k = np.asarray(fan["visual"]["patch_embed"]["kernel"])
+  assert abs(k.std() * np.sqrt(k.shape[0]) - 1.0) < 0.05
+  np.testing.assert_array_equal(fan["embed_tokens"]["embedding"], hf["embed_tokens"]["embedding"])
+  np.testing.assert_array_equal(fan["visual"]["blocks_0"]["norm1"]["scale"], hf["visual"]["blocks_0"]["norm1"]["scale"])
+  # Two different images: with the released models' std 0.02 the tiny tower's outputs barely
+  # differ (the reason a from-scratch model ignored them); with fan_in ~18 times more (measured).
+  rng = np.random.default_rng(0)
+  pixels = rng.normal(size=(2 * 64, 3 * 2 * 14 * 14)).astype(np.float32)
+  grid = np.array([[1, 8, 8], [1, 8, 8]], np.int32)
+  model = qvl.Qwen25VL(config)
+
+  def spread(params):
+    out = np.asarray(model.apply({"params": params}, pixels, grid, method=qvl.Qwen25VL.encode_images))
+    return np.abs(out[:16].mean(0) - out[16:].mean(0)).mean() / np.abs(params["embed_tokens"]["embedding"]).mean()
+
+  assert spread(fan) > 10 * spread(hf)
