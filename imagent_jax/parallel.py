@@ -179,3 +179,28 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
       return
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+
+
+def sharded_state_step(fn, mesh: Mesh, param_sharding, opt_sharding, jit_kwargs=None):
+  """``fn(params, opt_state, batch) -> (params, opt_state, metrics)`` jitted on ``mesh``.
+
+  Params and optimizer state keep ``param_sharding`` / ``opt_sharding`` in and out and are
+  donated; batch fields are laid out by ``batch_shardings``; metrics come back replicated. One
+  compiled program per batch layout, cached. The returned step carries ``param_shardings`` and
+  ``opt_state_shardings`` (to ``jax.device_put`` or initialise a state onto).
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  compiled = {}
+
+  def step(params, opt_state, batch):
+    batch = {k: v for k, v in batch.items() if v is not None}
+    b_shard = batch_shardings(batch, mesh)
+    key = tuple(sorted((k, s.spec) for k, s in b_shard.items()))
+    if key not in compiled:
+      compiled[key] = jax.jit(fn, in_shardings=(param_sharding, opt_sharding, b_shard),
+                              out_shardings=(param_sharding, opt_sharding, replicated), donate_argnums=(0, 1),
+                              **dict(jit_kwargs or {}))
+    return compiled[key](params, opt_state, jax.device_put(batch, b_shard))  # a no-op for arrays laid out so
+
+  step.param_shardings, step.opt_state_shardings = param_sharding, opt_sharding
+  return step

@@ -221,21 +221,8 @@ def make_step(model, optimizer, mesh=None):
 
   if mesh is None:
     return jax.jit(step)
-  p_shard = parallel.param_shardings(model.config, mesh)
-  o_shard = parallel.optimizer_state_shardings(optimizer, model.config, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  compiled = {}
-
-  def sharded(params, opt_state, batch):
-    b_shard = parallel.batch_shardings(batch, mesh)
-    key = tuple(sorted((k, s.spec) for k, s in b_shard.items()))
-    if key not in compiled:
-      compiled[key] = jax.jit(step, in_shardings=(p_shard, o_shard, b_shard),
-                              out_shardings=(p_shard, o_shard, replicated), donate_argnums=(0, 1))
-    return compiled[key](params, opt_state, jax.device_put(batch, b_shard))
-
-  sharded.param_shardings, sharded.opt_state_shardings = p_shard, o_shard
-  return sharded
+  return parallel.sharded_state_step(step, mesh, parallel.param_shardings(model.config, mesh),
+                                     parallel.optimizer_state_shardings(optimizer, model.config, mesh))
 
 
 def read_zoom_probe(model_config, params, processor, examples, tool_config: tools.ToolConfig, system: str, *,

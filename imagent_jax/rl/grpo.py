@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from imagent_jax import parallel
 from imagent_jax.rl import logprobs as logprobs_lib
@@ -512,25 +512,9 @@ def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None, jit_kwarg
     ``jax.device_put`` a state onto; the step donates what it is given, and ``device_put`` may
     alias a replicated leaf with its source, so pass arrays nothing else still uses).
   """
-  p_shard = parallel.param_shardings(model.config, mesh, rules)
-  o_shard = opt_state_shardings(cfg, model.config, mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  compiled: dict[tuple, Callable] = {}
-
-  def step(params, opt_state, batch: Batch):
-    batch = {k: v for k, v in batch.items() if v is not None}
-    b_shard = batch_shardings(batch, mesh)
-    key = tuple(sorted((k, s.spec) for k, s in b_shard.items()))
-    batch = jax.device_put(batch, b_shard)  # a no-op for arrays already laid out this way
-    if key not in compiled:
-      compiled[key] = jax.jit(functools.partial(train_step, model, cfg), in_shardings=(p_shard, o_shard, b_shard),
-                              out_shardings=(p_shard, o_shard, replicated), donate_argnums=(0, 1),
-                              **dict(jit_kwargs or {}))
-    return compiled[key](params, opt_state, batch)
-
-  step.param_shardings = p_shard
-  step.opt_state_shardings = o_shard
-  return step
+  return parallel.sharded_state_step(functools.partial(train_step, model, cfg), mesh,
+                                     parallel.param_shardings(model.config, mesh, rules),
+                                     opt_state_shardings(cfg, model.config, mesh, rules), jit_kwargs)
 
 
 # ------------------------------------------------------------------------- minibatches, update
