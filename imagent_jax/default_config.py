@@ -219,8 +219,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   elif m.preset not in presets.TINY_TOKENIZER_PRESETS and not m.tokenizer:
     errors.append(f"config.model.preset={m.preset!r} without a checkpoint needs config.model.tokenizer (a local "
                   f"tokenizer folder); only {', '.join(presets.TINY_TOKENIZER_PRESETS)} build their own")
-  if m.init not in ("hf", "fan_in"):
-    errors.append(f"config.model.init={m.init!r} is not one of ('hf', 'fan_in')")
+  from imagent_jax.models import qwen2_5_vl  # pylint: disable=import-outside-toplevel
+  if m.init not in qwen2_5_vl.INITS:
+    errors.append(f"config.model.init={m.init!r} is not one of {qwen2_5_vl.INITS}")
   for name in ("dtype", "param_dtype"):
     if m[name] not in DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} is not one of {DTYPES}")

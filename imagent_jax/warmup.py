@@ -201,11 +201,11 @@ def sft_loss(model: qvl.Qwen25VL, params, batch):
   return (nll * mask).sum() / n, dict(token_accuracy=acc, row_loss=row_loss)
 
 
-def make_step(model, optimizer, mesh=None):
+def make_step(model, optimizer, mesh):
   """The jitted SFT step ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
-  A non-finite loss or gradient leaves params and optimizer untouched. With a ``mesh``, params
-  and optimizer state keep their logical-axis shardings in and out (so the second call does not
+  A non-finite loss or gradient leaves params and optimizer untouched. Params and optimizer
+  state keep their logical-axis shardings on ``mesh`` in and out (so the second call does not
   recompile for new layouts) and are donated; batch rows go over ``('data', 'fsdp')``.
   """
 
@@ -219,8 +219,6 @@ def make_step(model, optimizer, mesh=None):
     return keep(new_params, params), keep(new_opt, opt_state), dict(loss=loss, grad_norm=gnorm,
                                                                    skipped=(~ok).astype(jnp.int32), **aux)
 
-  if mesh is None:
-    return jax.jit(step)
   return parallel.sharded_state_step(step, mesh, parallel.param_shardings(model.config, mesh),
                                      parallel.optimizer_state_shardings(optimizer, model.config, mesh))
 

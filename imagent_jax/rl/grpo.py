@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from imagent_jax import parallel
 from imagent_jax.rl import logprobs as logprobs_lib
@@ -485,11 +485,6 @@ def jit_train_step(model, cfg: GRPOConfig, donate: bool = False, jit_kwargs: Map
 def opt_state_shardings(cfg: GRPOConfig, model_config, mesh: Mesh, rules=None):
   """``NamedSharding`` pytree of ``make_optimizer(cfg)``'s state: moments like their params, scalars replicated."""
   return parallel.optimizer_state_shardings(make_optimizer(cfg), model_config, mesh, rules)
-
-
-def batch_shardings(batch: Batch, mesh: Mesh) -> dict[str, NamedSharding]:
-  """Rows over ``('data', 'fsdp')`` when they divide evenly (else replicated); images replicated."""
-  return parallel.batch_shardings(batch, mesh)
 
 
 def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None, jit_kwargs: Mapping[str, Any] | None = None):
