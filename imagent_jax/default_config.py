@@ -73,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup.warmup_steps = 20
   c.warmup.weight_decay = 0.0
   c.warmup.tasks = "read_zoom,read_zoom,direct,locate,tool_syntax"  # registered in warmup.TASKS; cycled in this order
+  c.warmup.call_share = 0.25  # share of `direct` prompts answered with a tool call: the base's call prior
+  c.warmup.confirm_share = 0.5  # share of the base's calls that are confirm on the answer's region (else reflect)
   c.warmup.max_len = 768  # static sequence length (tokens)
   c.warmup.patch_budget = 8 * 4 * 256  # static patches per batch
   c.warmup.image_slots = 8 * 5
@@ -263,6 +265,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       errors.append(f"config.rollout.prompt_patches={config.rollout.prompt_patches} cannot hold rl.batch_size="
                     f"{config.rl.batch_size} questions of {most_images} images of up to "
                     f"{config.processor.max_pixels // 196} patches ({need * (config.processor.max_pixels // 196)})")
+  for name in ("call_share", "confirm_share"):
+    if not 0.0 <= config.warmup[name] <= 1.0:
+      errors.append(f"config.warmup.{name}={config.warmup[name]} must lie in [0, 1]")
   if config.rl.length_bucket < 0:
     errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
   try:

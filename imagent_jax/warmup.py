@@ -4,25 +4,30 @@ Offline there is no pretrained VLM to start RL from, so the embedded default fir
 supervised next-token prediction on generated tasks that teach what a pretrained base would
 know — and nothing about *when* to use a tool:
 
-* ``read_zoom``: the question's images plus the ``confirm`` zoom of the region that holds the
-  answer, placed and labelled where an RL trajectory's first tool view would be ("Image 3: zoom
-  of image 2 at [...].") but given as part of the prompt → think, then answer. The model learns
-  to read details in zoomed views.
+* ``read_zoom``: an RL trajectory cut after its first tool call: the RL prompt, an assistant turn
+  that calls ``confirm`` on the region holding the answer (or, a ``1 - confirm_share`` part of
+  the time, ``reflect`` on a random image), and the tool's response turn with the returned view
+  → think, then answer. Only the answer is trained: the model learns to read a returned view
+  exactly where the rollout puts it, not to call.
 * ``direct``: the RL prompt exactly → think, then answer. The model learns the answer format for
-  the plain question; where the base view cannot show the detail this is a guess.
+  the plain question; where the base view cannot show the detail this is a guess. A
+  ``call_share`` part of these prompts is answered with a tool call instead (``confirm`` on the
+  region it would ``locate``, or ``reflect``): the base's exploration prior. It calls as often
+  where a call helps as where it does not, and it never sees that a call pays.
 * ``locate``: "where is the detail this question is about?" → the image number and its box in the
   pixels the model sees. The model learns to ground, which good ``confirm`` boxes need.
 * ``tool_syntax``: the RL prompt plus an explicit instruction ("Call the confirm tool on image 2
   with box [...]", a random image and box) → the tool call, alone. The model learns the call
   syntax in isolation.
 
-It never sees a trajectory that solves a question by calling a tool: the RL stage must discover
-when and where calling one pays. The trained base is saved as a Hugging Face folder under
+No warmup task rewards a call or shows the answer after a call being better than without: the RL
+stage must discover when calling pays and raise the call rate from the prior. The trained base is saved as a Hugging Face folder under
 ``<workdir>/base`` and reused by later runs in the same workdir.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -42,12 +47,17 @@ from imagent_jax.models import hf_io
 from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table
 
-TaskFn = Callable[[dict, tools.ToolContext, np.random.Generator], tuple[list, list, str]]
+TaskFn = Callable[[dict, tools.ToolContext, np.random.Generator, "TaskOptions"], tuple[list, list, str]]
 TASKS: dict[str, TaskFn] = {}
 
 
 def register_task(name: str):
-  """Registers a warmup task: ``fn(example, ctx, rng) -> (images, user_content, response_text)``."""
+  """Registers a warmup task: ``fn(example, ctx, rng, options) -> (images, messages, response_text)``.
+
+  ``messages`` are the conversation after the system prompt (the user turn, and for multi-turn
+  tasks the assistant and tool turns before the trained response); ``rng`` is None for a
+  deterministic variant (the probe).
+  """
 
   def deco(fn: TaskFn) -> TaskFn:
     TASKS[name] = fn
@@ -78,46 +88,70 @@ def _with_instruction(content: list, text: str) -> list:
   return content[:-1] + [last]
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+  """Warmup task knobs (``config.warmup``).
+
+  Attributes:
+    call_share: share of ``direct`` prompts answered with a tool call (the base's call prior).
+    confirm_share: share of the base's calls (``direct``) and of ``read_zoom``'s calls that are
+      ``confirm`` on the answer's region; the rest are ``reflect`` on a random input image.
+  """
+  call_share: float = 0.0
+  confirm_share: float = 1.0
+
+
 ANSWER_THOUGHT = "<think>I look at the images.</think>"
-ZOOM_THOUGHT = "<think>The zoom shows the detail.</think>"
+VIEW_THOUGHTS = {"confirm": "<think>The zoom shows the detail.</think>",
+                 "reflect": "<think>I look at the image again.</think>"}
+
+
+def _base_call(example, ctx, rng, options: TaskOptions) -> protocol.ToolCall:
+  """A call of the base's prior: ``confirm`` on the answer's (padded) region, or ``reflect`` on a
+  random input image; always ``confirm`` when ``rng`` is None."""
+  if rng is None or rng.random() < options.confirm_share:
+    k, box = _shown_box(example, ctx)
+    return protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
+  return protocol.ToolCall("reflect", {"image": int(rng.integers(len(example["images"]))) + 1})
 
 
 @register_task("read_zoom")
-def _read_zoom(example, ctx, rng):
-  """The question's images + the ``confirm`` zoom of the answer's region, placed as a tool view is."""
-  k, box = _shown_box(example, ctx)
-  result = tools.run_tool_call(ctx, protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box}))
+def _read_zoom(example, ctx, rng, options):
+  """The RL prompt, a call, its tool response with the view → answer (the rollout's exact layout)."""
+  call = _base_call(example, ctx, rng, options)
+  result = tools.run_tool_call(ctx, call)
   n = len(example["images"])
-  content = _user_content(example, n)
-  # The zoom sits where an RL trajectory's first tool view would: after the inputs, numbered n + 1,
-  # followed by the tool's own observation text ("Image 3: zoom of image 2 at [...].").
-  zoom = [{"type": "image"}, {"type": "text", "text": result.text + "\n"}]
-  content = content[:-1] + zoom + content[-1:]
-  response = f"{ZOOM_THOUGHT}<answer>{example['answer']}</answer>"
-  return list(example["images"]) + [result.image], content, response
+  messages = [{"role": "user", "content": _user_content(example, n)},
+              {"role": "assistant", "content": ANSWER_THOUGHT + protocol.render_tool_call(call)},
+              protocol.tool_response_message(result.text, result.image is not None)]
+  response = f"{VIEW_THOUGHTS[call.name]}<answer>{example['answer']}</answer>"
+  return list(example["images"]) + [result.image], messages, response
 
 
 @register_task("direct")
-def _direct(example, ctx, rng):
-  """The RL prompt exactly, answered without tools: the answer format, and a guess where the base
-  view cannot show the detail (the tool-naive base's accuracy is what the base view allows)."""
+def _direct(example, ctx, rng, options):
+  """The RL prompt exactly, answered without tools (the answer format, and a guess where the base
+  view cannot show the detail), or a ``call_share`` part of the time with the base's call."""
   images = list(example["images"])
-  return images, _user_content(example, len(images)), f"{ANSWER_THOUGHT}<answer>{example['answer']}</answer>"
+  messages = [{"role": "user", "content": _user_content(example, len(images))}]
+  if rng is not None and rng.random() < options.call_share:
+    return images, messages, ANSWER_THOUGHT + protocol.render_tool_call(_base_call(example, ctx, rng, options))
+  return images, messages, f"{ANSWER_THOUGHT}<answer>{example['answer']}</answer>"
 
 
 @register_task("locate")
-def _locate(example, ctx, rng):
+def _locate(example, ctx, rng, options):
   k, box = _shown_box(example, ctx, pad=0)
   images = list(example["images"])
   content = _user_content(dict(example, options=None), len(images))
   content = _with_instruction(content, "Which image holds the detail this is about, and where? Give the image "
                                        "number and the box [x0, y0, x1, y1] in its pixels.")
   response = f"<think>The detail is small.</think><answer>image {k + 1} {json.dumps(box)}</answer>"
-  return images, content, response
+  return images, [{"role": "user", "content": content}], response
 
 
 @register_task("tool_syntax")
-def _tool_syntax(example, ctx, rng):
+def _tool_syntax(example, ctx, rng, options):
   """The RL prompt plus an explicit instruction to call a tool on a random image (and box)."""
   n = len(example["images"])
   k = int(rng.integers(n))
@@ -131,7 +165,13 @@ def _tool_syntax(example, ctx, rng):
     call = protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
     text = f"Call the confirm tool on image {k + 1} with box {json.dumps(box)}."
   response = f"<think>As asked.</think>{protocol.render_tool_call(call)}"
-  return list(example["images"]), _with_instruction(_user_content(example, n), text), response
+  content = _with_instruction(_user_content(example, n), text)
+  return list(example["images"]), [{"role": "user", "content": content}], response
+
+
+def task_options(config) -> TaskOptions:
+  """``TaskOptions`` from ``config.warmup``."""
+  return TaskOptions(call_share=float(config.warmup.call_share), confirm_share=float(config.warmup.confirm_share))
 
 
 def make_example(config, index: int, tool_config: tools.ToolConfig, system: str):
@@ -143,9 +183,8 @@ def make_example(config, index: int, tool_config: tools.ToolConfig, system: str)
   names = [t.strip() for t in w.tasks.split(",")]
   task = names[index % len(names)]
   ctx = tools.ToolContext(source["images"], tool_config)
-  images, content, response = TASKS[task](source, ctx, rng)
-  messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
-  return messages, images, response, task
+  images, turns, response = TASKS[task](source, ctx, rng, task_options(config))
+  return [{"role": "system", "content": system}] + turns, images, response, task
 
 
 def encode_batch(processor, examples, max_len: int, patch_budget: int, image_slots: int, pad_id: int, eos_id: int):
@@ -227,8 +266,9 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
                     batch_size: int = 8, max_new_tokens: int = 48) -> dict[str, float]:
   """How well a model reads the answer when handed the zoom of its region (greedy).
 
-  Each question comes with its images plus the ``confirm`` zoom of the target region as an extra
-  input image, in the ``read_zoom`` task's format. The accuracy is the ceiling that RL with the
+  Each question is a trajectory cut after its first tool call, in the ``read_zoom`` task's layout
+  (the rollout's): the RL prompt, a ``confirm`` call on the target region, and the tool response
+  with the zoom. The accuracy is the ceiling that RL with the
   ``confirm`` tool can reach from this base: if the model cannot read a perfect zoom, it gains
   nothing by learning to zoom.
 
@@ -252,8 +292,8 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
     chunk = examples[i:i + batch_size]
     messages, images = [], []
     for e in chunk:
-      imgs, content, _ = _read_zoom(e, tools.ToolContext(e["images"], tool_config), None)
-      messages.append([{"role": "system", "content": system}, {"role": "user", "content": content}])
+      imgs, turns, _ = _read_zoom(e, tools.ToolContext(e["images"], tool_config), None, TaskOptions())
+      messages.append([{"role": "system", "content": system}] + turns)
       images.append(imgs)
     out = sampler.generate(model_config, params, processor(messages, images), max_new_tokens=max_new_tokens,
                            stop_token_ids=[model_config.eos_token_id])

@@ -1,5 +1,7 @@
 """The warmup's read-zoom probe: prompts built from real examples, answers scored by the reward's matcher."""
 
+import collections
+
 import jax
 import numpy as np
 
@@ -44,7 +46,10 @@ def test_warmup_tasks_match_the_rl_prompt_and_tool_layout():
   tcfg = components.tool_config(config)
   system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
   config.warmup.tasks = "read_zoom,direct,locate,tool_syntax"
-  for index in range(8):
+  config.warmup.call_share = 0.5
+  config.warmup.confirm_share = 0.5
+  seen = collections.Counter()
+  for index in range(48):
     messages, images, response, task = warmup.make_example(config, index, tcfg, system)
     assert task == config.warmup.tasks.split(",")[index % 4]
     source = synthetic.generate_example(config.data.seed + 7919, index, components.difficulty(config))
@@ -54,20 +59,60 @@ def test_warmup_tasks_match_the_rl_prompt_and_tool_layout():
     text = chat.apply_chat_template(messages)
     rl_text = chat.apply_chat_template(rl_prompt)
     assert text.count("<|vision_start|>") == len(images)
+    turn = protocol.parse_turn(response)
     if task == "direct":
-      assert text == rl_text and response.endswith(f"<answer>{source['answer']}</answer>")
+      assert text == rl_text
+      if turn.tool_call is not None:  # the base's call prior: confirm on the answer's region, or reflect
+        seen["direct_call"] += 1
+        ctx = tools.ToolContext(source["images"], tcfg)
+        result = tools.run_tool_call(ctx, turn.tool_call)
+        assert result.ok, result.text
+        if turn.tool_call.name == "confirm":
+          seen["confirm"] += 1
+          assert turn.tool_call.arguments["image"] == source["target_image"] + 1
+          assert _covers(ctx, turn.tool_call.arguments["bbox_2d"], source)
+      else:
+        seen["direct_answer"] += 1
+        assert response.endswith(f"<answer>{source['answer']}</answer>")
     elif task == "read_zoom":
-      # The zoom is image n + 1, labelled with the confirm tool's own observation text, after the inputs.
-      k = source["target_image"] + 1
-      assert len(images) == n + 1 and f"<|vision_end|>Image {n + 1}: zoom of image {k} at [" in text
-      assert text.index(f"Image {n + 1}: zoom") < text.index(source["question"])
-      assert response.endswith(f"<answer>{source['answer']}</answer>")
+      # The rollout's exact layout: the RL prompt, the assistant's call, the tool response turn with
+      # the view (image n + 1) and the opening of the next assistant turn; only the answer is trained.
+      call = protocol.parse_turn(text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]).tool_call
+      assert call is not None
+      ctx = tools.ToolContext(source["images"], tcfg)
+      result = tools.run_tool_call(ctx, call)
+      assert result.ok and result.text.startswith(f"Image {n + 1}: ")
+      prefix = rl_text + text[len(rl_text):].split("</tool_call>")[0] + "</tool_call>"
+      assert text.startswith(rl_text) and text == prefix + protocol.observation_suffix(result.text, True)
+      assert len(images) == n + 1 and np.array_equal(np.asarray(images[-1]), np.asarray(result.image))
+      assert turn.answer == source["answer"] and turn.tool_call is None
+      seen["read_" + call.name] += 1
     elif task == "tool_syntax":
       assert text.startswith(rl_text.split("Answer with the option's letter.")[0])
-      turn = protocol.parse_turn(response)
       assert turn.tool_call is not None and turn.answer is None
       result = tools.run_tool_call(tools.ToolContext(source["images"], tcfg), turn.tool_call)
       assert result.ok, result.text
     else:
-      answer = protocol.parse_turn(response).answer
-      assert answer.startswith(f"image {source['target_image'] + 1} [")
+      assert turn.answer.startswith(f"image {source['target_image'] + 1} [")
+  # Both shares are drawn: some direct prompts call, some answer; read_zoom reads both tools' views.
+  assert min(seen["direct_call"], seen["direct_answer"], seen["read_confirm"], seen["read_reflect"]) > 0, seen
+
+
+def _covers(ctx, box, source):
+  """Whether ``box`` (shown pixels of the target image) maps onto the target region's pixels."""
+  k = source["target_image"] + 1
+  (w0, h0), (ws, hs) = ctx.views[k - 1].size, ctx.shown_sizes[k - 1]
+  x0, y0, x1, y1 = source["target_box"]
+  bx0, by0, bx1, by1 = box
+  return bx0 * w0 / ws <= x0 + 1 and by0 * h0 / hs <= y0 + 1 and bx1 * w0 / ws >= x1 - 1 and by1 * h0 / hs >= y1 - 1
+
+
+def test_warmup_without_call_share_never_calls_unasked():
+  config = default_config.get_config("smoke")
+  config.warmup.tasks = "direct"
+  config.warmup.call_share = 0.0
+  tcfg = components.tool_config(config)
+  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
+  for index in range(12):
+    _, _, response, _ = warmup.make_example(config, index, tcfg, system)
+    assert protocol.parse_turn(response).tool_call is None
