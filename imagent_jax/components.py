@@ -131,6 +131,7 @@ def difficulty(config):
   if d.categories:
     over["categories"] = tuple(c.strip() for c in d.categories.split(","))
   over["option_order"] = d.option_order
+  over["box_hint_pixels"] = config.processor.max_pixels if d.box_hint else 0
   return synthetic.DifficultyConfig.for_processor(config.processor.max_pixels, **over)
 
 

@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.images_per_question = "1,4"
   c.data.categories = ""  # comma list of synthetic categories; default all
   c.data.option_order = "random"  # synthetic options: "random" or "canonical" (DifficultyConfig.option_order)
+  c.data.box_hint = False  # synthetic questions end with where the detail is, in the pixels the model sees
   c.data.train_path = ""  # jsonl: file or folder (schema in imagent_jax/data/builders/jsonl.py)
   c.data.validation_path = ""
   c.data.test_path = ""

@@ -66,14 +66,11 @@ def register_task(name: str):
   return deco
 
 
-def _shown_box(example, ctx: tools.ToolContext, pad: int = 8) -> tuple[int, list[int]]:
-  """The target region, padded, in the pixels of the target image as the model sees it."""
+def _shown_box(example, ctx: tools.ToolContext, pad: int = synthetic.HINT_PAD) -> tuple[int, list[int]]:
+  """The target region, padded, in the pixels of the target image as the model sees it (the
+  question's box when it has a hint: ``synthetic.DifficultyConfig.box_hint_pixels``)."""
   k = example["target_image"]
-  (w0, h0), (ws, hs) = ctx.views[k].size, ctx.shown_sizes[k]
-  x0, y0, x1, y1 = example["target_box"]
-  box = [max(0, x0 - pad) * ws / w0, max(0, y0 - pad) * hs / h0, min(w0, x1 + pad) * ws / w0,
-         min(h0, y1 + pad) * hs / h0]
-  return k, [int(round(v)) for v in box]
+  return k, synthetic.view_box(example["target_box"], ctx.views[k].size, ctx.shown_sizes[k], pad)
 
 
 def _user_content(example, num_images: int) -> list:

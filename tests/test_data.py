@@ -217,6 +217,38 @@ def test_canonical_option_order_keeps_the_scene_and_the_answer():
   assert len(seen_shape_orders) == 1
 
 
+def test_box_hint_names_the_target_region_in_the_pixels_the_model_sees():
+  from imagent_jax.agent import protocol, tools
+  max_pixels = 28 * 28 * 64
+  tcfg = tools.ToolConfig(view_max_pixels=max_pixels, input_min_pixels=56 * 56, input_max_pixels=max_pixels)
+  hinted = 0
+  for index in range(16):
+    plain = synthetic.generate_example(5, index, synthetic.DifficultyConfig())
+    ex = synthetic.generate_example(5, index, synthetic.DifficultyConfig(box_hint_pixels=max_pixels))
+    for a, b in zip(plain["images"], ex["images"]):  # same scene; only the question text grows
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if ex["category"] == "locate":  # the hint would name the answer
+      assert ex["question"] == plain["question"]
+      continue
+    hinted += 1
+    k = ex["target_image"]
+    head, tail = ex["question"].split(" The detail is at ")
+    assert head == plain["question"] and tail.endswith(f" in image {k + 1}.")
+    box = json.loads(tail.split(" in image ")[0])
+    # The box is in the pixels the processor shows image k at, and a confirm call on it covers the target.
+    ctx = tools.ToolContext(ex["images"], tcfg)
+    (ws, hs), (w0, h0) = ctx.shown_sizes[k], ex["images"][k].size
+    assert (ws, hs) == synthetic.shown_size(w0, h0, max_pixels) and ws * hs <= max_pixels
+    x0, y0, x1, y1 = ex["target_box"]
+    assert box[0] * w0 / ws <= x0 and box[1] * h0 / hs <= y0 and box[2] * w0 / ws >= x1 - 1 and box[3] * h0 / hs >= y1 - 1
+    assert (box[2] - box[0]) * w0 / ws < 4 * (x1 - x0 + 2 * synthetic.HINT_PAD)  # tight: not the whole image
+    result = tools.run_tool_call(ctx, protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box}))
+    assert result.ok, result.text
+  assert hinted >= 8
+  with pytest.raises(ValueError, match="box_hint_pixels"):
+    synthetic.DifficultyConfig(box_hint_pixels=-1)
+
+
 def test_synthetic_source():
   source = synthetic.SyntheticSource(5, seed=2, difficulty=SMALL)
   assert len(source) == 5

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import math
 import struct
 import zlib
@@ -167,6 +168,13 @@ class DifficultyConfig:
       counts). Canonical order makes the letter a function of what is seen where every option
       set is the whole alphabet (``shape``: four shapes, four letters), which a tiny model
       trained from scratch can learn without first learning to read the option list.
+    box_hint_pixels: 0 (default): the question does not say where its detail is. Otherwise the
+      question ends with "The detail is at [x0, y0, x1, y1] in image k." (the target region,
+      padded by ``HINT_PAD`` pixels, in the pixels of image k shrunk to this many pixels: the
+      processor's ``max_pixels``, so the box is in the pixels the model sees and a ``confirm``
+      call can copy it). Categories registered with ``hintable=False`` (``locate``, whose
+      answer is the image) never get one. A model far too small to ground coordinates can then
+      still zoom in the right place; what it must learn is *whether* to.
   """
   image_side: tuple[int, int] = (800, 1216)
   num_images: tuple[int, int] = (1, 4)
@@ -178,6 +186,7 @@ class DifficultyConfig:
   max_count: int = 5
   categories: tuple[str, ...] = ()
   option_order: str = "random"
+  box_hint_pixels: int = 0
 
   def __post_init__(self):
     for name in ("image_side", "num_images", "mark_size", "categories"):
@@ -200,6 +209,8 @@ class DifficultyConfig:
     if not max(64, self.cluster_side + 2 * _MARGIN) <= s0 <= s1:
       problems.append(f"image_side={self.image_side} must satisfy max(64, cluster_side + {2 * _MARGIN}) <= "
                       "min <= max")
+    if self.box_hint_pixels < 0:
+      problems.append(f"box_hint_pixels={self.box_hint_pixels} must be >= 0 (0: no hint)")
     if self.option_order not in OPTION_ORDERS:
       problems.append(f"option_order={self.option_order!r} must be one of {OPTION_ORDERS}")
     unknown = [c for c in self.categories if c not in CATEGORIES]
@@ -274,12 +285,13 @@ class Category:
   name: str
   min_images: int
   fn: Callable[[np.random.Generator, "Scene"], Question]
+  hintable: bool = True
 
 
 CATEGORIES: dict[str, Category] = {}
 
 
-def register_category(name: str, min_images: int = 1):
+def register_category(name: str, min_images: int = 1, hintable: bool = True):
   """Decorator registering ``fn(rng, scene) -> Question`` as question category ``name``.
 
   The function draws the marks its question is about into ``scene`` (``Scene.add_mark``,
@@ -289,12 +301,14 @@ def register_category(name: str, min_images: int = 1):
   Args:
     name: category name, unique.
     min_images: fewest images the category needs.
+    hintable: whether a question may say where its detail is (``DifficultyConfig.box_hint_pixels``);
+      False where that gives the answer away.
   """
   if name in CATEGORIES:
     raise ValueError(f"category {name!r} is already registered")
 
   def decorator(fn):
-    CATEGORIES[name] = Category(name=name, min_images=min_images, fn=fn)
+    CATEGORIES[name] = Category(name=name, min_images=min_images, fn=fn, hintable=hintable)
     return fn
 
   return decorator
@@ -553,7 +567,7 @@ def _shape(rng: np.random.Generator, scene: Scene) -> Question:
   return Question(f"In image {k + 1}, what shape is the small {color} mark?", options, answer, k, box, size)
 
 
-@register_category("locate", min_images=2)
+@register_category("locate", min_images=2, hintable=False)
 def _locate(rng: np.random.Generator, scene: Scene) -> Question:
   """Which image holds a colour-shape pair; every image holds one mark of that colour."""
   k = scene.pick_image()
@@ -647,6 +661,26 @@ def _canonical_options(q: Question) -> Question:
   return dataclasses.replace(q, options=[q.options[i] for i in order], answer_index=order.index(q.answer_index))
 
 
+HINT_PAD = 8  # pixels of the source image around a hinted (and a warmup call's) target region
+
+
+def shown_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+  """``(width, height)`` of a ``width x height`` image as a processor with ``max_pixels`` shows it."""
+  h, w = images_lib.smart_resize(height, width, min_pixels=images_lib.MIN_PIXELS, max_pixels=max_pixels)
+  return w, h
+
+
+def view_box(box: Box, size: tuple[int, int], shown: tuple[int, int], pad: int = HINT_PAD) -> list[int]:
+  """``box`` (source pixels of an image of ``size = (width, height)``) grown by ``pad`` source
+  pixels (clipped to the image) and mapped to the image's shown pixels ``shown = (width, height)``;
+  rounded to ints."""
+  (w0, h0), (ws, hs) = size, shown
+  x0, y0, x1, y1 = box
+  grown = [max(0, x0 - pad) * ws / w0, max(0, y0 - pad) * hs / h0, min(w0, x1 + pad) * ws / w0,
+           min(h0, y1 + pad) * hs / h0]
+  return [int(round(v)) for v in grown]
+
+
 def generate_example(seed: int, index: int, difficulty: DifficultyConfig = DifficultyConfig(), *,
                      image_format: str = "rgb") -> dict[str, Any]:
   """Example ``index`` of the synthetic fine-grained QA stream ``seed``; a pure function.
@@ -679,6 +713,11 @@ def generate_example(seed: int, index: int, difficulty: DifficultyConfig = Diffi
   if difficulty.option_order == "canonical":
     q = _canonical_options(q)
   scene.fill()
+  if difficulty.box_hint_pixels and category.hintable:
+    size = scene.images[q.target_image].size
+    box = view_box(q.target_box, size, shown_size(*size, difficulty.box_hint_pixels))
+    q = dataclasses.replace(q, question=f"{q.question} The detail is at {json.dumps(box)} in image "
+                                        f"{q.target_image + 1}.")
   if image_format == "rgb":
     images = [image.convert("RGB") for image in scene.images]
   elif image_format == "png":
