@@ -17,8 +17,8 @@ know — and nothing about *when* to use a tool:
 * ``locate``: "where is the detail this question is about?" → the image number and its box in the
   pixels the model sees. The model learns to ground, which good ``confirm`` boxes need.
 * ``tool_syntax``: the RL prompt plus an explicit instruction ("Call the confirm tool on image 2
-  with box [...]", a random image and box) → the tool call, alone. The model learns the call
-  syntax in isolation.
+  with box [...]", a random image and box; or "Zoom in on the detail the question is about.")
+  → the tool call, alone. The model learns the call syntax and to follow a request to zoom.
 
 No warmup task rewards a call or shows the answer after a call being better than without: the RL
 stage must discover when calling pays and raise the call rate from the prior. The trained base is saved as a Hugging Face folder under
@@ -149,10 +149,20 @@ def _locate(example, ctx, rng, options):
 
 @register_task("tool_syntax")
 def _tool_syntax(example, ctx, rng, options):
-  """The RL prompt plus an explicit instruction to call a tool on a random image (and box)."""
+  """The RL prompt plus an explicit instruction to call a tool → the call, alone.
+
+  A third of the time "Zoom in on the detail the question is about." (``confirm`` on the
+  answer's region: the question's box where it gives one); otherwise a named tool on a random
+  image (and box).
+  """
   n = len(example["images"])
   k = int(rng.integers(n))
-  if rng.random() < 0.5:
+  draw = rng.random()
+  if draw < 1 / 3:
+    k, box = _shown_box(example, ctx)
+    call = protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
+    text = "Zoom in on the detail the question is about."
+  elif draw < 2 / 3:
     call = protocol.ToolCall("reflect", {"image": k + 1})
     text = f"Call the reflect tool on image {k + 1}."
   else:
