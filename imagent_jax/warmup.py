@@ -103,12 +103,17 @@ VIEW_THOUGHTS = {"confirm": "<think>The zoom shows the detail.</think>",
                  "reflect": "<think>I look at the image again.</think>"}
 
 
+def _zoom_call(example, ctx) -> protocol.ToolCall:
+  """``confirm`` on the answer's padded region (the question's box where it gives one)."""
+  k, box = _shown_box(example, ctx)
+  return protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
+
+
 def _base_call(example, ctx, rng, options: TaskOptions) -> protocol.ToolCall:
-  """A call of the base's prior: ``confirm`` on the answer's (padded) region, or ``reflect`` on a
-  random input image; always ``confirm`` when ``rng`` is None."""
+  """A call of the base's prior: ``_zoom_call``, or ``reflect`` on a random input image; always
+  the zoom when ``rng`` is None."""
   if rng is None or rng.random() < options.confirm_share:
-    k, box = _shown_box(example, ctx)
-    return protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
+    return _zoom_call(example, ctx)
   return protocol.ToolCall("reflect", {"image": int(rng.integers(len(example["images"]))) + 1})
 
 
@@ -122,7 +127,8 @@ def _read_zoom(example, ctx, rng, options):
               {"role": "assistant", "content": ANSWER_THOUGHT + protocol.render_tool_call(call)},
               protocol.tool_response_message(result.text, result.image is not None)]
   response = f"{VIEW_THOUGHTS[call.name]}<answer>{example['answer']}</answer>"
-  return list(example["images"]) + [result.image], messages, response
+  view = [result.image] if result.image is not None else []  # a refused call (tools disabled) returns none
+  return list(example["images"]) + view, messages, response
 
 
 @register_task("direct")
@@ -159,8 +165,7 @@ def _tool_syntax(example, ctx, rng, options):
   k = int(rng.integers(n))
   draw = rng.random()
   if draw < 1 / 3:
-    k, box = _shown_box(example, ctx)
-    call = protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
+    call = _zoom_call(example, ctx)
     text = "Zoom in on the detail the question is about."
   elif draw < 2 / 3:
     call = protocol.ToolCall("reflect", {"image": k + 1})
