@@ -28,6 +28,10 @@ Usage::
   python experiments/bench_rollout.py                 # ~58M-parameter model, batch 8, 128 new tokens
   python experiments/bench_rollout.py --quick         # tiny model, a few tokens: a smoke test
 
+Part (a) also prints a roofline: the bytes of weights a decode step reads, over the fastest rate
+at which XLA or torch streams a matrix that size through a batch-B matmul on this machine, is
+the least time a step can take in float32, and bounds the speedup any implementation can have.
+
 The last two lines printed are ``decode_speedup_vs_transformers=<x>`` (our tokens/s over
 transformers' tokens/s) and ``rollout_speedup_vs_host_loop=<y>`` (host loop wall over ours).
 """
@@ -219,6 +223,39 @@ def bench_decode(config, params, torch_model, batch: int, new_tokens: int, repea
               ours_compile=res["compile_a"], ours_first=res["first_a"], hf_wall=hf_wall, hf_walls=hf_walls,
               hf_compile=float("nan"), tokens=n, agree=agree, same=same,
               hf_shape=tuple(hf_tokens.shape), first_diff=first_diff)
+
+
+def decode_weight_bytes(params) -> int:
+  """Bytes of weights one decode step reads: every language-model weight, except the embedding
+  table (a step gathers only B of its rows; with tied embeddings it is the head and counts)."""
+  skip = {"visual"} | ({"embed_tokens"} if "lm_head" in params else set())
+  return sum(int(x.nbytes) for key, sub in params.items() if key not in skip for x in jax.tree_util.tree_leaves(sub))
+
+
+def weight_stream_rates(nbytes: int, batch: int, repeats: int = 5) -> dict[str, float]:
+  """Bytes/s at which each framework streams a float32 weight matrix of ``nbytes`` through a
+  ``[batch, in] @ [in, out]`` matmul, the access pattern of a weight-bound decode step (best of
+  ``repeats``). The faster of the two is what this machine sustains: a decode step cannot take
+  less than ``decode_weight_bytes / rate``."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  rows = 4096
+  cols = max(nbytes // 4 // rows, 1)
+  w = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+  x = np.ones((batch, rows), np.float32)
+  wj, xj = jnp.asarray(w), jnp.asarray(x)
+  mm = jax.jit(jnp.matmul)
+  wt, xt = torch.from_numpy(w), torch.from_numpy(x)
+  rates = {}
+  for name, fn in (("xla", lambda: mm(xj, wj).block_until_ready()), ("torch", lambda: torch.mm(xt, wt))):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+      t = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - t)
+    rates[name] = w.nbytes / best
+  return rates
 
 
 # ----------------------------------------------------------------------------------- (b) rollout
@@ -589,6 +626,8 @@ def main(argv=None):
     if args.only in (None, "decode"):
       torch_model = load_torch_model(ckpt)
       dec = bench_decode(config, params, torch_model, args.batch, new_tokens, repeats)
+      dec["weight_bytes"] = decode_weight_bytes(params)
+      dec["stream_rates"] = weight_stream_rates(dec["weight_bytes"], args.batch)
       del torch_model
       _print_decode(dec, new_tokens)
     if args.only in (None, "rollout"):
@@ -616,7 +655,17 @@ def main(argv=None):
         f"to compile); total script time "
         f"{time.perf_counter() - t_start:.0f} s; 1-min load average {load_start:.2f} at start, "
         f"{os.getloadavg()[0]:.2f} at end on {threads} CPUs)")
-  if dec is not None:
+  if dec is not None and dec["weight_bytes"] < 64e6:
+    print(f"(a) roofline skipped: {dec['weight_bytes'] / 1e6:.1f} MB of weights fit in the CPU caches")
+  elif dec is not None:
+    roof = dec["weight_bytes"] / max(dec["stream_rates"].values())
+    ours_step, hf_step = dec["ours_wall"] / new_tokens, dec["hf_wall"] / new_tokens
+    print(f"(a) roofline: a decode step reads {dec['weight_bytes'] / 1e6:.0f} MB of weights; a B={args.batch} matmul "
+          f"streams a matrix that size at {dec['stream_rates']['xla'] / 1e9:.1f} GB/s in XLA and "
+          f"{dec['stream_rates']['torch'] / 1e9:.1f} GB/s in torch, so a step takes at least {roof * 1e3:.1f} ms. "
+          f"Per step (wall / new tokens, prefill included): ours {ours_step * 1e3:.1f} ms ({roof / ours_step:.0%} of "
+          f"that bound), transformers {hf_step * 1e3:.1f} ms ({roof / hf_step:.0%}); no fp32 decoder can beat "
+          f"transformers by more than {hf_step / roof:.2f}x on this machine.")
     print(f"decode_speedup_vs_transformers={dec['hf_wall'] / dec['ours_wall']:.2f}")
   if rol is not None:
     print(f"rollout_speedup_vs_host_loop={rol['host_wall'] / rol['ours_wall']:.2f}")

@@ -71,8 +71,8 @@ def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str
     times["warmup_s"] = _main(base_run, ["stages=warmup", "warmup.progress_bar=False",
                                          f"data.data_dir={data_dir}"] + common, os.path.join(root, "warmup.log"))
     print(f"warmup: {times['warmup_s']:.0f}s", flush=True)
-  for variant in variants:
-    for seed in seeds:
+  for seed in seeds:  # seed-major: a stopped sweep has every variant about equally far
+    for variant in variants:
       wd = os.path.join(root, variant, f"seed{seed}")
       done = os.path.join(wd, "claim_done.json")
       if os.path.exists(done):
@@ -178,6 +178,8 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", default=os.path.join(ROOT_DIR, "runs", "cpu_claim"), help="where the runs live")
   p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--rl-steps", type=int, default=50,
+                 help="GRPO steps of every run (the same budget for all; ~8 s a step on 2 CPU cores)")
   p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. --set rl.steps=40")
@@ -189,7 +191,7 @@ def main(argv=None) -> None:
     p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
   if not args.collect_only:
-    run_sweep(args.root, variants, seeds, args.set)
+    run_sweep(args.root, variants, seeds, [f"rl.steps={args.rl_steps}"] + args.set)
   write_outputs(collect(args.root, variants, seeds), args.root, variants, seeds)
 
 
