@@ -66,11 +66,15 @@ def register_task(name: str):
   return deco
 
 
-def _shown_box(example, ctx: tools.ToolContext, pad: int = synthetic.HINT_PAD) -> tuple[int, list[int]]:
-  """The target region, padded, in the pixels of the target image as the model sees it (the
-  question's box when it has a hint: ``synthetic.DifficultyConfig.box_hint_pixels``)."""
+def _shown_box(example, ctx: tools.ToolContext, pad: int | None = None) -> tuple[int, list[int]]:
+  """The target region, padded (default: by its category's ``zoom_pad``), in the pixels of the
+  target image as the model sees it (the question's box when it has a hint:
+  ``synthetic.DifficultyConfig.box_hint_pixels``)."""
   k = example["target_image"]
-  return k, synthetic.view_box(example["target_box"], ctx.views[k].size, ctx.shown_sizes[k], pad)
+  size, shown = ctx.views[k].size, ctx.shown_sizes[k]
+  if pad is None:
+    return k, synthetic.zoom_box(example, size, shown)
+  return k, synthetic.view_box(example["target_box"], size, shown, pad)
 
 
 def _user_content(example, num_images: int) -> list:

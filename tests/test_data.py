@@ -118,6 +118,13 @@ def _check_answer_in_pixels(ex, arrays):
     assert len(marks) == synthetic.DifficultyConfig().max_count + 1
     for _, (a0, b0, a1, b1) in marks:  # all inside the target box
       assert y0 <= a0 and x0 <= b0 and a1 <= y1 and b1 <= x1
+  elif category == "mosaic":
+    side = synthetic.DifficultyConfig().mosaic_square
+    assert crop.shape == (2 * side, 2 * side)
+    squares = [crop[dy:dy + side, dx:dx + side] for dy in (0, side) for dx in (0, side)]
+    index = {synthetic._MARK_INDEX[c]: c for c in synthetic.MARK_COLORS}
+    names = [index[int(sq.flat[0])] for sq in squares if (sq == sq.flat[0]).all() and int(sq.flat[0]) in index]
+    assert names[0] == answer and sorted(names) == sorted(ex["options"])
   else:
     raise AssertionError(f"untested category {category}")
 
@@ -227,7 +234,7 @@ def test_box_hint_names_the_target_region_in_the_pixels_the_model_sees():
     ex = synthetic.generate_example(5, index, synthetic.DifficultyConfig(box_hint_pixels=max_pixels))
     for a, b in zip(plain["images"], ex["images"]):  # same scene; only the question text grows
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    if ex["category"] == "locate":  # the hint would name the answer
+    if not synthetic.CATEGORIES[ex["category"]].hintable:  # locate: the hint would name the answer
       assert ex["question"] == plain["question"]
       continue
     hinted += 1
@@ -542,3 +549,41 @@ def test_finite_epochs_and_drop_remainder():
   assert sizes == [3, 3, 3, 3]
   with pytest.raises(ValueError, match="batch_size"):
     pipeline.make_iterator(source, batch_size=0, seed=0)
+
+
+def test_mosaic_is_one_base_pixel_and_a_zoom_on_it_shows_the_answer():
+  from imagent_jax.agent import protocol, tools
+  max_pixels = 28 * 28 * 64  # a 224 x 224 base view of a 896 x 896 image: 4 source pixels a shown one
+  d = synthetic.DifficultyConfig(image_side=(896, 896), num_images=(1, 3), categories=("mosaic",))
+  tcfg = tools.ToolConfig(view_max_pixels=max_pixels, input_min_pixels=56 * 56, input_max_pixels=max_pixels,
+                          min_box_side=4.0)
+  palette = {name: np.array(synthetic.PALETTE[name], float) for name in synthetic.MARK_COLORS}
+  letters = set()
+  for index in range(12):
+    ex = synthetic.generate_example(3, index, d)
+    k = ex["target_image"]
+    assert ex["category"] == "mosaic" and ex["target_box"] == [444, 444, 448, 448]
+    assert ex["question"].startswith(f"In image {k + 1}, ") and "The detail is at" not in ex["question"]
+    answer = ex["options"][synthetic.OPTION_LETTERS.index(ex["answer"])]
+    letters.add(ex["answer"])
+    for j, image in enumerate(ex["images"]):  # every image has a mosaic of four distinct mark colours
+      px = np.asarray(image.convert("RGB"), float)
+      squares = [px[444 + dy, 444 + dx] for dy in (0, 2) for dx in (0, 2)]
+      names = [min(palette, key=lambda n: np.abs(palette[n] - s).sum()) for s in squares]
+      assert all(np.abs(palette[n] - s).sum() == 0 for n, s in zip(names, squares)) and len(set(names)) == 4
+      if j == k:
+        assert sorted(names) == sorted(ex["options"]) and names[0] == answer
+    ctx = tools.ToolContext(ex["images"], tcfg)
+    box = synthetic.zoom_box(ex, ex["images"][k].size, ctx.shown_sizes[k])
+    assert ctx.shown_sizes[k] == (224, 224) and box == [111, 111, 112, 112]  # one base-view pixel
+    result = tools.run_tool_call(ctx, protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box}))
+    assert result.ok, result.text
+    view = np.asarray(result.image.convert("RGB"), float)
+    h, w = view.shape[:2]
+    quadrant = view[h // 8:3 * h // 8, w // 8:3 * w // 8].mean((0, 1))  # the middle of the top-left quarter
+    assert min(palette, key=lambda n: np.abs(palette[n] - quadrant).sum()) == answer
+  assert len(letters) > 1  # the answer is not always the same letter
+  # Elsewhere a hint or a zoom pads the target; the mosaic's zoom is the mosaic itself.
+  assert synthetic.CATEGORIES["mosaic"].zoom_pad == 0 and synthetic.CATEGORIES["color"].zoom_pad == synthetic.HINT_PAD
+  with pytest.raises(ValueError, match="mosaic_square"):
+    synthetic.DifficultyConfig(mosaic_square=0)

@@ -116,3 +116,30 @@ def test_warmup_without_call_share_never_calls_unasked():
   for index in range(12):
     _, _, response, _ = warmup.make_example(config, index, tcfg, system)
     assert protocol.parse_turn(response).tool_call is None
+
+
+def test_warmup_zooms_use_the_category_zoom_box():
+  """A mosaic question's zoom is the mosaic itself (zoom_pad 0), one base-view pixel here."""
+  from imagent_jax.processing import chat
+  config = default_config.get_config()
+  config.data.categories, config.data.image_side = "mosaic", "896,896"
+  config.tools.min_box_side = 4.0
+  config.warmup.tasks = "read_zoom,direct,tool_syntax"
+  config.warmup.call_share, config.warmup.confirm_share = 1.0, 1.0
+  tcfg = components.tool_config(config)
+  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
+  confirms = 0
+  for index in range(9):
+    messages, _, response, task = warmup.make_example(config, index, tcfg, system)
+    source = synthetic.generate_example(config.data.seed + 7919, index, components.difficulty(config))
+    k = source["target_image"]
+    shown = tools.ToolContext(source["images"], tcfg).shown_sizes[k]
+    assert shown == (224, 224)
+    text = chat.apply_chat_template(messages) + response
+    for call_text in text.split("<|im_start|>user")[1].split("<tool_call>")[1:]:  # past the system prompt
+      call = protocol.parse_turn("<tool_call>" + call_text.split("</tool_call>")[0] + "</tool_call>").tool_call
+      if task != "tool_syntax" or "Zoom in on the detail the question is about." in text:
+        confirms += 1
+        assert call.arguments == {"image": k + 1, "bbox_2d": [111, 111, 112, 112]}, (task, call.arguments)
+        assert synthetic.zoom_box(source, source["images"][k].size, shown) == [111, 111, 112, 112]
+  assert confirms >= 6  # 3 read_zoom, 3 direct (call_share 1), and any tool_syntax zoom requests

@@ -132,6 +132,7 @@ _TAG_INDEX, _INK_INDEX = len(_PALETTE_RGB) - 2, len(_PALETTE_RGB) - 1
 _PALETTE_BYTES = bytes(v for rgb in _PALETTE_RGB for v in rgb)
 _MARGIN = 4  # free pixels between a small mark and the image border
 _GAP = 3  # free pixels between two small marks
+HINT_PAD = 8  # pixels of the source image around a hinted (and a warmup call's) target region
 _PLACE_TRIES = 200
 _TAG_PROB = 0.4  # chance that an image without a question tag gets a distractor tag
 _GLYPH_HEIGHT = 7  # ink height of a digit in PIL's default bitmap font (letters: 6)
@@ -161,6 +162,9 @@ class DifficultyConfig:
     cluster_side: side of the square region holding the marks of a ``count`` question.
     max_count: the largest answer of a ``count`` question (>= 4; options are four consecutive
       counts).
+    mosaic_square: side in pixels of each square of a ``mosaic`` question's 2 x 2 mosaic (>= 1).
+      With ``image_side=(896, 896)`` and a 224 x 224 base view (the tiny config's
+      ``max_pixels``), the default 2 makes the whole mosaic one base-view pixel.
     categories: the categories to draw from, uniformly; empty: all registered ones that fit
       ``num_images``.
     option_order: ``"random"`` (options listed in a random order) or ``"canonical"`` (in a fixed
@@ -183,6 +187,7 @@ class DifficultyConfig:
   num_distractors: int = 6
   num_clutter: int = 5
   cluster_side: int = 72
+  mosaic_square: int = 2
   max_count: int = 5
   categories: tuple[str, ...] = ()
   option_order: str = "random"
@@ -197,6 +202,8 @@ class DifficultyConfig:
       problems.append(f"num_images={self.num_images} must satisfy 1 <= min <= max <= {len(OPTION_LETTERS)}")
     if not 3 <= m0 <= m1:
       problems.append(f"mark_size={self.mark_size} must satisfy 3 <= min <= max")
+    if self.mosaic_square < 1:
+      problems.append(f"mosaic_square={self.mosaic_square} must be >= 1")
     if self.glyph_scale < 1 or self.num_distractors < 0 or self.num_clutter < 0:
       problems.append("glyph_scale must be >= 1 and num_distractors, num_clutter >= 0")
     if self.max_count < 4:
@@ -286,12 +293,13 @@ class Category:
   min_images: int
   fn: Callable[[np.random.Generator, "Scene"], Question]
   hintable: bool = True
+  zoom_pad: int = HINT_PAD
 
 
 CATEGORIES: dict[str, Category] = {}
 
 
-def register_category(name: str, min_images: int = 1, hintable: bool = True):
+def register_category(name: str, min_images: int = 1, hintable: bool = True, zoom_pad: int = HINT_PAD):
   """Decorator registering ``fn(rng, scene) -> Question`` as question category ``name``.
 
   The function draws the marks its question is about into ``scene`` (``Scene.add_mark``,
@@ -303,12 +311,14 @@ def register_category(name: str, min_images: int = 1, hintable: bool = True):
     min_images: fewest images the category needs.
     hintable: whether a question may say where its detail is (``DifficultyConfig.box_hint_pixels``);
       False where that gives the answer away.
+    zoom_pad: source pixels around ``Question.target_box`` that a zoom on the detail should
+      include (``zoom_box``; the warmup's calls use it).
   """
   if name in CATEGORIES:
     raise ValueError(f"category {name!r} is already registered")
 
   def decorator(fn):
-    CATEGORIES[name] = Category(name=name, min_images=min_images, fn=fn, hintable=hintable)
+    CATEGORIES[name] = Category(name=name, min_images=min_images, fn=fn, hintable=hintable, zoom_pad=zoom_pad)
     return fn
 
   return decorator
@@ -488,6 +498,23 @@ class Scene:
     self._has_tag[k] = True
     return [x0, y0, x0 + width, y0 + height]
 
+  def add_mosaic(self, k: int, colors: Sequence[str]) -> Box:
+    """Draws a 2 x 2 mosaic of ``difficulty.mosaic_square``-pixel squares, ``colors`` in the order
+    top-left, top-right, bottom-left, bottom-right, at the centre of image ``k``.
+
+    Its corner is the image centre rounded down to a multiple of the mosaic's side, minus one
+    side, so where the base view shrinks the image by exactly that side the mosaic is one
+    base-view pixel. Returns its box; nothing else is placed over it.
+    """
+    side = self.difficulty.mosaic_square
+    width, height = self.images[k].size
+    x0, y0 = (width // 2) // (2 * side) * (2 * side) - 2 * side, (height // 2) // (2 * side) * (2 * side) - 2 * side
+    for i, color in enumerate(colors):
+      sx, sy = x0 + (i % 2) * side, y0 + (i // 2) * side
+      self._draws[k].rectangle([sx, sy, sx + side - 1, sy + side - 1], fill=_MARK_INDEX[color])
+    self._occupied[k].append((x0, y0, x0 + 2 * side, y0 + 2 * side))
+    return [x0, y0, x0 + 2 * side, y0 + 2 * side]
+
   @property
   def glyph_height(self) -> float:
     return float(_GLYPH_HEIGHT * self.difficulty.glyph_scale)
@@ -609,6 +636,37 @@ def _count(rng: np.random.Generator, scene: Scene) -> Question:
                   _union(boxes), min(sizes))
 
 
+@register_category("mosaic", hintable=False, zoom_pad=0)
+def _mosaic(rng: np.random.Generator, scene: Scene) -> Question:
+  """The colour of the top-left square of a 2 x 2 mosaic at the centre of an image.
+
+  Every image has such a mosaic of four distinct colours, and the options are the four colours of
+  the asked image's mosaic, so the base view, where the mosaic blends into about one pixel, holds
+  nothing about the answer; a zoom on the mosaic shows it. The mosaic's place is fixed, so a model
+  too small to ground coordinates can learn where to zoom; what it must learn is whether to, and
+  on which image. ``target_box`` is the whole mosaic (``zoom_pad`` 0: a zoom on exactly it).
+  """
+  k = scene.pick_image()
+  box, colors = None, []
+  for j in range(scene.num_images):
+    drawn = _sample(rng, MARK_COLORS, 4)  # top-left first
+    placed = scene.add_mosaic(j, drawn)
+    if j == k:
+      box, colors = placed, drawn
+  options = _sample(rng, colors, len(colors))
+  return Question(f"In image {k + 1}, what color is the top-left square of the tiny mosaic at the centre?",
+                  options, options.index(colors[0]), k, box, float(scene.difficulty.mosaic_square))
+
+
+def zoom_box(example: dict, size: tuple[int, int], shown: tuple[int, int]) -> list[int]:
+  """Where a ``confirm`` zoom on ``example``'s detail goes, in the pixels of its target image
+  (``size = (width, height)``) as shown (``shown``): ``view_box`` of the target box grown by its
+  category's ``zoom_pad`` (``HINT_PAD`` for an unknown category)."""
+  category = CATEGORIES.get(example.get("category") or "")
+  pad = category.zoom_pad if category is not None else HINT_PAD
+  return view_box(example["target_box"], size, shown, pad)
+
+
 # --------------------------------------------------------------------------------------------
 # Examples.
 
@@ -659,9 +717,6 @@ def _canonical_options(q: Question) -> Question:
   """``q`` with its options in canonical order (``DifficultyConfig.option_order``)."""
   order = sorted(range(len(q.options)), key=lambda i: _canonical_key(q.options[i]))
   return dataclasses.replace(q, options=[q.options[i] for i in order], answer_index=order.index(q.answer_index))
-
-
-HINT_PAD = 8  # pixels of the source image around a hinted (and a warmup call's) target region
 
 
 def shown_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
