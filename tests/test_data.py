@@ -118,13 +118,12 @@ def _check_answer_in_pixels(ex, arrays):
     assert len(marks) == synthetic.DifficultyConfig().max_count + 1
     for _, (a0, b0, a1, b1) in marks:  # all inside the target box
       assert y0 <= a0 and x0 <= b0 and a1 <= y1 and b1 <= x1
-  elif category == "mosaic":
+  elif category == "mosaic":  # the target is the top-left square of a 2 x 2 mosaic of the option colours
     side = synthetic.DifficultyConfig().mosaic_square
-    assert crop.shape == (2 * side, 2 * side)
-    squares = [crop[dy:dy + side, dx:dx + side] for dy in (0, side) for dx in (0, side)]
+    assert (x1 - x0, y1 - y0) == (side, side) and (crop == synthetic._MARK_INDEX[answer]).all()
+    mosaic = arrays[k][y0:y0 + 2 * side, x0:x0 + 2 * side]
     index = {synthetic._MARK_INDEX[c]: c for c in synthetic.MARK_COLORS}
-    names = [index[int(sq.flat[0])] for sq in squares if (sq == sq.flat[0]).all() and int(sq.flat[0]) in index]
-    assert names[0] == answer and sorted(names) == sorted(ex["options"])
+    assert sorted(index[int(mosaic[dy, dx])] for dy in (0, side) for dx in (0, side)) == sorted(ex["options"])
   else:
     raise AssertionError(f"untested category {category}")
 
@@ -556,13 +555,13 @@ def test_mosaic_is_one_base_pixel_and_a_zoom_on_it_shows_the_answer():
   max_pixels = 28 * 28 * 64  # a 224 x 224 base view of a 896 x 896 image: 4 source pixels a shown one
   d = synthetic.DifficultyConfig(image_side=(896, 896), num_images=(1, 3), categories=("mosaic",))
   tcfg = tools.ToolConfig(view_max_pixels=max_pixels, input_min_pixels=56 * 56, input_max_pixels=max_pixels,
-                          min_box_side=4.0)
+                          min_box_side=2.0)
   palette = {name: np.array(synthetic.PALETTE[name], float) for name in synthetic.MARK_COLORS}
   letters = set()
   for index in range(12):
     ex = synthetic.generate_example(3, index, d)
     k = ex["target_image"]
-    assert ex["category"] == "mosaic" and ex["target_box"] == [444, 444, 448, 448]
+    assert ex["category"] == "mosaic" and ex["target_box"] == [444, 444, 446, 446]  # the top-left square
     assert ex["question"].startswith(f"In image {k + 1}, ") and "The detail is at" not in ex["question"]
     answer = ex["options"][synthetic.OPTION_LETTERS.index(ex["answer"])]
     letters.add(ex["answer"])
@@ -575,13 +574,15 @@ def test_mosaic_is_one_base_pixel_and_a_zoom_on_it_shows_the_answer():
         assert sorted(names) == sorted(ex["options"]) and names[0] == answer
     ctx = tools.ToolContext(ex["images"], tcfg)
     box = synthetic.zoom_box(ex, ex["images"][k].size, ctx.shown_sizes[k])
-    assert ctx.shown_sizes[k] == (224, 224) and box == [111, 111, 112, 112]  # one base-view pixel
+    assert ctx.shown_sizes[k] == (224, 224) and box == [111, 111, 111.5, 111.5]  # half a base-view pixel
     result = tools.run_tool_call(ctx, protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box}))
     assert result.ok, result.text
     view = np.asarray(result.image.convert("RGB"), float)
     h, w = view.shape[:2]
-    quadrant = view[h // 8:3 * h // 8, w // 8:3 * w // 8].mean((0, 1))  # the middle of the top-left quarter
-    assert min(palette, key=lambda n: np.abs(palette[n] - quadrant).sum()) == answer
+    middle = view[h // 4:3 * h // 4, w // 4:3 * w // 4].reshape(-1, 3)  # the zoom shows the answer's colour
+    assert all(min(palette, key=lambda n: np.abs(palette[n] - px).sum()) == answer for px in middle)
+    whole = synthetic.view_box([444, 444, 448, 448], ex["images"][k].size, ctx.shown_sizes[k], 0)
+    assert whole == [111, 111, 112, 112]  # the whole mosaic is one base-view pixel
   assert len(letters) > 1  # the answer is not always the same letter
   # Elsewhere a hint or a zoom pads the target; the mosaic's zoom is the mosaic itself.
   assert synthetic.CATEGORIES["mosaic"].zoom_pad == 0 and synthetic.CATEGORIES["color"].zoom_pad == synthetic.HINT_PAD

@@ -119,11 +119,11 @@ def test_warmup_without_call_share_never_calls_unasked():
 
 
 def test_warmup_zooms_use_the_category_zoom_box():
-  """A mosaic question's zoom is the mosaic itself (zoom_pad 0), one base-view pixel here."""
+  """A mosaic question's zoom is its top-left square (zoom_pad 0, exact): half a base-view pixel here."""
   from imagent_jax.processing import chat
   config = default_config.get_config()
   config.data.categories, config.data.image_side = "mosaic", "896,896"
-  config.tools.min_box_side = 4.0
+  config.tools.min_box_side = 2.0
   config.warmup.tasks = "read_zoom,direct,tool_syntax"
   config.warmup.call_share, config.warmup.confirm_share = 1.0, 1.0
   tcfg = components.tool_config(config)
@@ -140,6 +140,6 @@ def test_warmup_zooms_use_the_category_zoom_box():
       call = protocol.parse_turn("<tool_call>" + call_text.split("</tool_call>")[0] + "</tool_call>").tool_call
       if task != "tool_syntax" or "Zoom in on the detail the question is about." in text:
         confirms += 1
-        assert call.arguments == {"image": k + 1, "bbox_2d": [111, 111, 112, 112]}, (task, call.arguments)
-        assert synthetic.zoom_box(source, source["images"][k].size, shown) == [111, 111, 112, 112]
+        assert call.arguments == {"image": k + 1, "bbox_2d": [111, 111, 111.5, 111.5]}, (task, call.arguments)
+        assert synthetic.zoom_box(source, source["images"][k].size, shown) == [111, 111, 111.5, 111.5]
   assert confirms >= 6  # 3 read_zoom, 3 direct (call_share 1), and any tool_syntax zoom requests

@@ -28,6 +28,10 @@ Categories (registered with ``register_category``; ``CATEGORIES``):
 * ``shape``    "In image 2, what shape is the small purple mark?"
 * ``locate``   "Which image contains a small blue triangle?" (needs >= 2 images)
 * ``count``    "How many small red circles are in image 2?"
+* ``mosaic``   "In image 1, what color is the top-left square of the tiny mosaic at the centre?"
+  (every image has a 2 x 2 mosaic of four distinct colours at its centre, the options are the
+  asked mosaic's colours: the base view's blend of them says nothing; the place is fixed, so a
+  model that cannot ground coordinates can still learn where to zoom)
 
 Each example records ``category``, ``target_image`` (0-based) and ``target_box``
 (``[x0, y0, x1, y1]`` in that image's own pixels, ``x1``/``y1`` exclusive): the region a good
@@ -164,7 +168,8 @@ class DifficultyConfig:
       counts).
     mosaic_square: side in pixels of each square of a ``mosaic`` question's 2 x 2 mosaic (>= 1).
       With ``image_side=(896, 896)`` and a 224 x 224 base view (the tiny config's
-      ``max_pixels``), the default 2 makes the whole mosaic one base-view pixel.
+      ``max_pixels``), the default 2 makes the whole mosaic one base-view pixel and each square
+      half of one.
     categories: the categories to draw from, uniformly; empty: all registered ones that fit
       ``num_images``.
     option_order: ``"random"`` (options listed in a random order) or ``"canonical"`` (in a fixed
@@ -294,12 +299,14 @@ class Category:
   fn: Callable[[np.random.Generator, "Scene"], Question]
   hintable: bool = True
   zoom_pad: int = HINT_PAD
+  exact_zoom: bool = False
 
 
 CATEGORIES: dict[str, Category] = {}
 
 
-def register_category(name: str, min_images: int = 1, hintable: bool = True, zoom_pad: int = HINT_PAD):
+def register_category(name: str, min_images: int = 1, hintable: bool = True, zoom_pad: int = HINT_PAD,
+                      exact_zoom: bool = False):
   """Decorator registering ``fn(rng, scene) -> Question`` as question category ``name``.
 
   The function draws the marks its question is about into ``scene`` (``Scene.add_mark``,
@@ -313,12 +320,15 @@ def register_category(name: str, min_images: int = 1, hintable: bool = True, zoo
       False where that gives the answer away.
     zoom_pad: source pixels around ``Question.target_box`` that a zoom on the detail should
       include (``zoom_box``; the warmup's calls use it).
+    exact_zoom: ``zoom_box`` keeps fractions of a shown pixel (a detail smaller than one base-view
+      pixel can only be isolated so) instead of rounding to whole pixels.
   """
   if name in CATEGORIES:
     raise ValueError(f"category {name!r} is already registered")
 
   def decorator(fn):
-    CATEGORIES[name] = Category(name=name, min_images=min_images, fn=fn, hintable=hintable, zoom_pad=zoom_pad)
+    CATEGORIES[name] = Category(name=name, min_images=min_images, fn=fn, hintable=hintable, zoom_pad=zoom_pad,
+                                exact_zoom=exact_zoom)
     return fn
 
   return decorator
@@ -636,23 +646,26 @@ def _count(rng: np.random.Generator, scene: Scene) -> Question:
                   _union(boxes), min(sizes))
 
 
-@register_category("mosaic", hintable=False, zoom_pad=0)
+@register_category("mosaic", hintable=False, zoom_pad=0, exact_zoom=True)
 def _mosaic(rng: np.random.Generator, scene: Scene) -> Question:
   """The colour of the top-left square of a 2 x 2 mosaic at the centre of an image.
 
   Every image has such a mosaic of four distinct colours, and the options are the four colours of
   the asked image's mosaic, so the base view, where the mosaic blends into about one pixel, holds
-  nothing about the answer; a zoom on the mosaic shows it. The mosaic's place is fixed, so a model
-  too small to ground coordinates can learn where to zoom; what it must learn is whether to, and
-  on which image. ``target_box`` is the whole mosaic (``zoom_pad`` 0: a zoom on exactly it).
+  nothing about the answer; a zoom on the top-left square shows only its colour. The mosaic's
+  place is fixed, so a model too small to ground coordinates can learn where to zoom; what it must
+  learn is whether to, and on which image. ``target_box`` is the top-left square, smaller than a
+  base-view pixel: its zoom box keeps fractions of a pixel (``exact_zoom``), e.g.
+  ``[111, 111, 111.5, 111.5]`` for a 896-pixel image shown at 224.
   """
   k = scene.pick_image()
   box, colors = None, []
   for j in range(scene.num_images):
     drawn = _sample(rng, MARK_COLORS, 4)  # top-left first
-    placed = scene.add_mosaic(j, drawn)
+    x0, y0, _, _ = scene.add_mosaic(j, drawn)
     if j == k:
-      box, colors = placed, drawn
+      side = scene.difficulty.mosaic_square
+      box, colors = [x0, y0, x0 + side, y0 + side], drawn
   options = _sample(rng, colors, len(colors))
   return Question(f"In image {k + 1}, what color is the top-left square of the tiny mosaic at the centre?",
                   options, options.index(colors[0]), k, box, float(scene.difficulty.mosaic_square))
@@ -661,10 +674,11 @@ def _mosaic(rng: np.random.Generator, scene: Scene) -> Question:
 def zoom_box(example: dict, size: tuple[int, int], shown: tuple[int, int]) -> list[int]:
   """Where a ``confirm`` zoom on ``example``'s detail goes, in the pixels of its target image
   (``size = (width, height)``) as shown (``shown``): ``view_box`` of the target box grown by its
-  category's ``zoom_pad`` (``HINT_PAD`` for an unknown category)."""
+  category's ``zoom_pad`` (``HINT_PAD`` for an unknown category), exact where the category asks."""
   category = CATEGORIES.get(example.get("category") or "")
-  pad = category.zoom_pad if category is not None else HINT_PAD
-  return view_box(example["target_box"], size, shown, pad)
+  if category is None:
+    return view_box(example["target_box"], size, shown, HINT_PAD)
+  return view_box(example["target_box"], size, shown, category.zoom_pad, exact=category.exact_zoom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,14 +739,17 @@ def shown_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
   return w, h
 
 
-def view_box(box: Box, size: tuple[int, int], shown: tuple[int, int], pad: int = HINT_PAD) -> list[int]:
+def view_box(box: Box, size: tuple[int, int], shown: tuple[int, int], pad: int = HINT_PAD,
+             exact: bool = False) -> list:
   """``box`` (source pixels of an image of ``size = (width, height)``) grown by ``pad`` source
   pixels (clipped to the image) and mapped to the image's shown pixels ``shown = (width, height)``;
-  rounded to ints."""
+  rounded to ints, or with ``exact`` to 2 decimals (ints where whole)."""
   (w0, h0), (ws, hs) = size, shown
   x0, y0, x1, y1 = box
   grown = [max(0, x0 - pad) * ws / w0, max(0, y0 - pad) * hs / h0, min(w0, x1 + pad) * ws / w0,
            min(h0, y1 + pad) * hs / h0]
+  if exact:
+    return [int(v) if float(v).is_integer() else v for v in (round(v, 2) for v in grown)]
   return [int(round(v)) for v in grown]
 
 
