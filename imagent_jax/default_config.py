@@ -51,11 +51,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.validation_size = 500
   c.data.test_size = 500
   c.data.seed = 0
-  c.data.image_side = ""  # "min,max" pixels; default: sized so the details hide at the processor's base view
+  c.data.image_side = "896,896"  # "min,max" pixels ("": sized so the details hide at the base view); 896 = 4 x 224
   c.data.images_per_question = "1,4"
-  c.data.categories = "color"  # comma list of synthetic categories; "": all (see README: what the tiny model can read)
+  c.data.categories = "mosaic"  # comma list of synthetic categories; "": all (see README: what the tiny model can read)
   c.data.option_order = "canonical"  # synthetic options: "random" or "canonical" (DifficultyConfig.option_order)
-  c.data.box_hint = True  # synthetic questions end with where the detail is, in the pixels the model sees
+  c.data.box_hint = False  # synthetic questions end with where the detail is, in the pixels the model sees
   c.data.train_path = ""  # jsonl: file or folder (schema in imagent_jax/data/builders/jsonl.py)
   c.data.validation_path = ""
   c.data.test_path = ""
@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tools.prompt_style = "compact"  # system prompt: "full" JSON schemas (pretrained Qwen) or "compact" (tiny models)
   c.tools.max_tool_images = 4
   c.tools.view_max_pixels = 28 * 28 * 64  # visual-token budget of a returned view (<= processor.max_pixels)
-  c.tools.min_box_side = 28.0
+  c.tools.min_box_side = 2.0  # root pixels; the mosaic's squares are 2 pixels (released configs: 28)
   c.tools.max_aspect = 8.0
 
   c.reward = ml_collections.ConfigDict()  # imagent_jax.agent.rewards.RewardConfig
@@ -191,6 +191,7 @@ def released_qwen_config(preset: str, arg: str | None = None) -> ml_collections.
     c.model.export_hf = False
     c.tools.prompt_style = "full"
     c.tools.view_max_pixels = 28 * 28 * 256
+    c.tools.min_box_side = 28.0
     c.rollout.max_prompt_len = 4096
     c.rollout.prompt_patches = 4 * 5120
     c.rollout.max_new_tokens = 2048
