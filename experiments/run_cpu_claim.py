@@ -182,7 +182,7 @@ def main(argv=None) -> None:
                  help="GRPO steps of every run (the same budget for all; ~9 s a step on 2 CPU cores)")
   p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override for every run, e.g. --set rl.steps=40")
+                 help="config override for every run, e.g. --set rl.learning_rate=5e-5")
   p.add_argument("--collect-only", action="store_true", help="only (re)write the results from finished runs")
   args = p.parse_args(argv)
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -301,6 +301,12 @@ class Category:
   zoom_pad: int = HINT_PAD
   exact_zoom: bool = False
 
+  def view_box(self, target_box: Box, size: tuple[int, int], shown: tuple[int, int]) -> list:
+    """Where a zoom on a detail at ``target_box`` of an image of ``size`` goes, in the image's shown
+    pixels ``shown``: the box grown by ``zoom_pad``, exact where ``exact_zoom`` (``view_box``).
+    A question's box hint and the warmup's calls both come from here."""
+    return view_box(target_box, size, shown, self.zoom_pad, exact=self.exact_zoom)
+
 
 CATEGORIES: dict[str, Category] = {}
 
@@ -674,11 +680,12 @@ def _mosaic(rng: np.random.Generator, scene: Scene) -> Question:
 def zoom_box(example: dict, size: tuple[int, int], shown: tuple[int, int]) -> list[int]:
   """Where a ``confirm`` zoom on ``example``'s detail goes, in the pixels of its target image
   (``size = (width, height)``) as shown (``shown``): ``view_box`` of the target box grown by its
-  category's ``zoom_pad`` (``HINT_PAD`` for an unknown category), exact where the category asks."""
+  category's ``zoom_pad`` (``HINT_PAD`` for an unknown category), exact where the category asks
+  (``Category.view_box``)."""
   category = CATEGORIES.get(example.get("category") or "")
   if category is None:
     return view_box(example["target_box"], size, shown, HINT_PAD)
-  return view_box(example["target_box"], size, shown, category.zoom_pad, exact=category.exact_zoom)
+  return category.view_box(example["target_box"], size, shown)
 
 
 # --------------------------------------------------------------------------------------------
@@ -787,7 +794,7 @@ def generate_example(seed: int, index: int, difficulty: DifficultyConfig = Diffi
   scene.fill()
   if difficulty.box_hint_pixels and category.hintable:
     size = scene.images[q.target_image].size
-    box = view_box(q.target_box, size, shown_size(*size, difficulty.box_hint_pixels))
+    box = category.view_box(q.target_box, size, shown_size(*size, difficulty.box_hint_pixels))
     q = dataclasses.replace(q, question=f"{q.question} The detail is at {json.dumps(box)} in image "
                                         f"{q.target_image + 1}.")
   if image_format == "rgb":
