@@ -111,7 +111,8 @@ def odd_one_out(rng: np.random.Generator, num_images: int, min_side: int, max_si
 # ============================================================================================
 # Synthetic multi-image fine-grained QA.
 
-GENERATOR_VERSION = 1  # bump whenever the same (seed, index, difficulty) would draw other pixels
+GENERATOR_VERSION = 2  # bump whenever the same (seed, index, difficulty) would draw other pixels or records
+# 2: the mosaic category (its target_box became the top-left square before it landed)
 _SALT = 0x51A7E  # keeps these streams apart from other users of small integer seeds
 
 MARK_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
