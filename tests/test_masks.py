@@ -127,7 +127,8 @@ def test_loss_mask_exact(options, row_keep, expected_metrics):
   assert mask.dtype == jnp.float32 and mask.shape == (12, T)
   want = {"mask/turn_limit": 1, "mask/truncated": 1, "mask/malformed": 1, "mask/masked_total": 3,
           "mask/action_tokens": int(TOKENS.sum()), "mask/loss_tokens": int(expected.sum()),
-          "status/answered": 9, "status/truncated": 1, "status/turn_limit": 1, "status/no_answer": 1,
+          "mask/status/answered": 9, "mask/status/truncated": 1, "mask/status/turn_limit": 1,
+          "mask/status/no_answer": 1,
           **expected_metrics}
   for key, value in want.items():
     assert int(metrics[key]) == value, key

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from imagent_jax import default_config
-from imagent_jax.agent import rewards
+from imagent_jax.agent import masks, rewards
 from imagent_jax.rl.trainer import Trainer
 
 # An untrained policy never answers right, so every group would have zero reward variance and no
@@ -66,6 +66,11 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     assert [r[key] for r in a] == [r[key] for r in b], key
   for key in ("mask/kept_fraction", "tool_calls_per_trajectory", "learning_rate", "train/grad_norm"):
     assert key in a[-1]
+  for r in a:  # status/<name> are fractions of the step's trajectories, mask/status/<name> their counts
+    fractions = [r[f"status/{name}"] for name in masks.STATUS_NAMES]
+    counts = [r[f"mask/status/{name}"] for name in masks.STATUS_NAMES]
+    assert sum(fractions) == pytest.approx(1.0) and all(0 <= f <= 1 for f in fractions), r
+    assert [c / sum(counts) for c in counts] == pytest.approx(fractions), r
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):

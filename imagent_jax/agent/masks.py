@@ -201,7 +201,8 @@ def loss_mask(action_mask, attention_mask, status, num_malformed_calls, rewards,
     ``mask/zero_variance_groups`` (groups dropped; 0 when the rule is off),
     ``mask/zero_variance_trajectories`` (trajectories dropped only by that rule),
     ``mask/kept_trajectories``, ``mask/kept_fraction``, ``mask/action_tokens`` (layer 1 tokens),
-    ``mask/loss_tokens`` (tokens in the final mask) and ``status/<name>`` (trajectories per status).
+    ``mask/loss_tokens`` (tokens in the final mask) and ``mask/status/<name>`` (the number of
+    trajectories with each status; the trainer logs the fractions as ``status/<name>``).
   """
   tokens = token_mask(action_mask, attention_mask)
   keep, counts = trajectory_mask(status, num_malformed_calls, cfg)
@@ -226,5 +227,5 @@ def loss_mask(action_mask, attention_mask, status, num_malformed_calls, rewards,
   metrics["mask/loss_tokens"] = jnp.sum(mask > 0, dtype=jnp.int32)
   status = jnp.asarray(status)
   for code, name in enumerate(STATUS_NAMES):
-    metrics[f"status/{name}"] = jnp.sum(status == code, dtype=jnp.int32)
+    metrics[f"mask/status/{name}"] = jnp.sum(status == code, dtype=jnp.int32)
   return mask, metrics
