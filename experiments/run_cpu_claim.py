@@ -62,15 +62,16 @@ def _records(workdir: str) -> list[dict]:
   return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str]) -> dict:
+def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str]) -> None:
   os.makedirs(root, exist_ok=True)
   data_dir = os.path.join(root, "data")  # one tfds build shared by every run
   base_run = os.path.join(root, "base_run")
-  times = {}
   if not os.path.isfile(os.path.join(base_run, "base", "config.json")):
-    times["warmup_s"] = _main(base_run, ["stages=warmup", "warmup.progress_bar=False",
-                                         f"data.data_dir={data_dir}"] + common, os.path.join(root, "warmup.log"))
-    print(f"warmup: {times['warmup_s']:.0f}s", flush=True)
+    seconds = _main(base_run, ["stages=warmup", "warmup.progress_bar=False", f"data.data_dir={data_dir}"] + common,
+                    os.path.join(root, "warmup.log"))
+    with open(os.path.join(base_run, "claim_done.json"), "w") as f:
+      json.dump({"seconds": seconds}, f)
+    print(f"warmup: {seconds:.0f}s", flush=True)
   for seed in seeds:  # seed-major: a stopped sweep has every variant about equally far
     for variant in variants:
       wd = os.path.join(root, variant, f"seed{seed}")
@@ -84,7 +85,6 @@ def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str
       with open(done, "w") as f:
         json.dump({"seconds": seconds}, f)
       print(f"{variant} seed {seed}: {seconds:.0f}s", flush=True)
-  return times
 
 
 def _summary(values: list[float | None]) -> dict:
@@ -118,14 +118,31 @@ def collect(root: str, variants: list[str], seeds: list[int]) -> dict:
       out["ablations"][variant] = summary
   if base_tests:
     out["base"] = {m: base_tests[0].get(f"test/{m}") for m in METRICS}
+  out["wall_s"] = _walls(root, out["runs"])
   return out
+
+
+def _walls(root: str, runs: dict) -> dict:
+  """Seconds of the warmup (the whole ``main`` process; its training steps; its zoom probe) and of
+  the rl runs (each a whole ``main`` process: model load, evaluations, 100 steps)."""
+  base_run = os.path.join(root, "base_run")
+  done = os.path.join(base_run, "claim_done.json")
+  warm = [r for r in _records(base_run) if r["stage"] == "warmup"]
+  probe = [r for r in _records(base_run) if r["stage"] == "warmup_probe"]
+  rl = [r["seconds"] for r in runs.values()]
+  return {"warmup_process": json.load(open(done))["seconds"] if os.path.exists(done) else None,
+          # from the first logged step (after compiling) to the last; the probe after it
+          "warmup_steps": warm[-1]["time"] - warm[0]["time"] if len(warm) > 1 else None,
+          "warmup_probe": probe[-1]["time"] - warm[-1]["time"] if probe and warm else None,
+          "rl_run": _summary(rl) if rl else None}
 
 
 def _fmt(s: dict | float | None) -> str:
   if isinstance(s, dict):
     if s.get("mean") is None:
       return "-"
-    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+    n = sum(v is not None for v in s["per_seed"])
+    return f"{s['mean']:.3f} ± {s['std']:.3f}" if n > 1 else f"{s['mean']:.3f} (one seed)"
   return "-" if s is None else f"{s:.3f}"
 
 
@@ -140,35 +157,64 @@ def write_outputs(results: dict, root: str, variants: list[str], seeds: list[int
   head = ["run", "seeds", "test accuracy", "tool calls / traj", "image calls / traj", "confirm on target",
           "(chance)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+  w = results.get("wall_s", {})
+  if w:
+    def sec(v):
+      return "-" if v is None else f"{v:.0f} s"
+    rl = w.get("rl_run") or {}
+    lines += ["", f"Greedy decoding on the test split; mean ± standard deviation over seeds. Wall time on this "
+                  f"machine: warmup {sec(w.get('warmup_process'))} as a process ({sec(w.get('warmup_steps'))} of "
+                  f"training steps, {sec(w.get('warmup_probe'))} of zoom probe); an rl run "
+                  f"{sec(rl.get('mean'))} on average ({len(results['runs'])} runs)."]
   with open(os.path.join(RESULTS, "cpu_claim.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
   _plot(root, variants, seeds, os.path.join(RESULTS, "cpu_claim_curves.png"))
 
 
-def _plot(root: str, variants: list[str], seeds: list[int], path: str) -> None:
+CURVES = (("eval/accuracy", "eval", "validation accuracy (greedy)"), ("reward", "rl", "reward"),
+          ("tool_calls_per_trajectory", "rl", "tool calls / trajectory"),
+          ("image_calls_per_trajectory", "rl", "successful image calls / trajectory"),
+          ("malformed_calls_per_trajectory", "rl", "malformed calls / trajectory"),
+          ("confirm_on_target", "rl", "confirm on target"))
+
+
+def _plot(root: str, variants: list[str], seeds: list[int], path: str, smooth: int = 10) -> None:
+  """Per-step curves of every variant: the mean over seeds of a ``smooth``-step trailing mean of
+  the sampled rollouts' numbers (eval points unsmoothed), shaded between the lowest and highest
+  seed."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
-  keys = [("eval/accuracy", "eval", "validation accuracy"), ("reward", "rl", "reward"),
-          ("tool_calls_per_trajectory", "rl", "tool calls / trajectory"),
-          ("confirm_on_target", "rl", "confirm on target")]
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-  for ax, (key, stage, title) in zip(axes, keys):
+  fig, axes = plt.subplots(2, 3, figsize=(13, 6.6))
+  for ax, (key, stage, title) in zip(axes.flat, CURVES):
     for variant in variants:
       curves = []
       for seed in seeds:
         recs = [r for r in _records(os.path.join(root, variant, f"seed{seed}")) if r["stage"] == stage]
-        curves.append({r["step"]: r.get(key) for r in recs if r.get(key) is not None})
-      steps = sorted(set().union(*curves)) if curves else []
-      if not steps:
+        pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])]
+        if not pts:
+          continue
+        steps, vals = map(np.asarray, zip(*pts))
+        if stage == "rl" and smooth > 1:
+          vals = np.array([vals[max(0, i - smooth + 1):i + 1].mean() for i in range(len(vals))])
+        curves.append(dict(zip(steps.tolist(), vals.tolist())))
+      if not curves:
         continue
-      mean = [np.mean([c[s] for c in curves if s in c]) for s in steps]
-      ax.plot(steps, mean, label=variant, lw=2 if variant == "rl" else 1)
-    ax.set_title(title)
+      steps = sorted(set().union(*curves))
+      per_step = [[c[s] for c in curves if s in c] for s in steps]
+      line, = ax.plot(steps, [np.mean(v) for v in per_step], label=f"{variant} ({len(curves)} seeds)",
+                      lw=2.2 if variant == "rl" else 1.1, color="black" if variant == "rl" else None)
+      if len(curves) > 1:
+        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=line.get_color(),
+                        alpha=0.12, lw=0)
+    ax.set_title(title + ("" if stage == "eval" else f" ({smooth}-step mean)"), fontsize=10)
     ax.set_xlabel("RL step")
-  axes[0].legend(fontsize=7)
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=7)
+  fig.suptitle("CPU-scale claim: sampled rollouts (T=1) of every variant; line = mean over seeds, band = min-max",
+               fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)

@@ -1,0 +1,73 @@
+"""experiments/run_cpu_claim.py: the results it collects from finished runs (fabricated here)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "run_cpu_claim.py")
+
+
+@pytest.fixture
+def claim(tmp_path, monkeypatch):
+  spec = importlib.util.spec_from_file_location("run_cpu_claim", _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.setattr(module, "RESULTS", str(tmp_path / "results"))
+  return module
+
+
+def _write(path, records):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _run(root, variant, seed, final_accuracy, calls, seconds, done=True):
+  wd = os.path.join(root, variant, f"seed{seed}")
+  base = {"step": 0, "stage": "test", "test/accuracy": 0.25, "test/tool_calls_per_trajectory": 0.0}
+  steps = [{"step": s, "stage": "rl", "time": 100.0 + s, "reward": 0.1 * s, "tool_calls_per_trajectory": calls,
+            "confirm_on_target": float("nan")} for s in (1, 2, 3)]
+  final = {"step": 3, "stage": "test", "test/accuracy": final_accuracy, "test/tool_calls_per_trajectory": calls,
+           "test/confirm_on_target": 0.5}
+  _write(os.path.join(wd, "metrics.jsonl"), [base, *steps, {"step": 3, "stage": "eval", "eval/accuracy": 0.5}, final])
+  if done:
+    with open(os.path.join(wd, "claim_done.json"), "w") as f:
+      json.dump({"seconds": seconds}, f)
+
+
+def test_collect_means_seeds_and_walls(claim, tmp_path):
+  root = str(tmp_path / "runs")
+  _write(os.path.join(root, "base_run", "metrics.jsonl"),
+         [{"step": 0, "stage": "warmup", "time": 10.0}, {"step": 9, "stage": "warmup", "time": 70.0},
+          {"step": 10, "stage": "warmup_probe", "time": 75.0}])
+  _run(root, "rl", 0, 0.5, 1.0, 100.0)
+  _run(root, "rl", 1, 0.75, 0.5, 300.0)
+  _run(root, "rl", 2, 0.0, 0.0, 1.0, done=False)  # interrupted: not counted
+  _run(root, "no_tools", 0, 0.25, 0.0, 200.0)
+
+  variants = ["rl", "no_tools", "confirm_only"]
+  out = claim.collect(root, variants, [0, 1, 2])
+  assert out["base"]["accuracy"] == 0.25 and out["base"]["tool_calls_per_trajectory"] == 0.0
+  assert out["rl"]["seeds"] == 2
+  assert out["rl"]["accuracy"]["per_seed"] == [0.5, 0.75]
+  assert out["rl"]["accuracy"]["mean"] == pytest.approx(0.625)
+  assert out["rl"]["accuracy"]["std"] == pytest.approx(0.125)
+  assert out["rl"]["tool_calls_per_trajectory"]["mean"] == pytest.approx(0.75)
+  assert out["ablations"]["no_tools"]["seeds"] == 1 and out["ablations"]["no_tools"]["accuracy"]["mean"] == 0.25
+  assert out["ablations"]["confirm_only"]["seeds"] == 0 and out["ablations"]["confirm_only"]["accuracy"]["mean"] is None
+  walls = out["wall_s"]
+  assert walls["warmup_process"] is None  # no claim_done.json in base_run
+  assert walls["warmup_steps"] == pytest.approx(60.0) and walls["warmup_probe"] == pytest.approx(5.0)
+  assert walls["rl_run"]["mean"] == pytest.approx(200.0)
+
+  claim.write_outputs(out, root, variants, [0, 1, 2])
+  results = tmp_path / "results"
+  assert json.load(open(results / "cpu_claim.json"))["rl"]["accuracy"]["mean"] == pytest.approx(0.625)
+  table = (results / "cpu_claim.md").read_text()
+  assert "| rl | 2 | 0.625 ± 0.125 |" in table
+  assert "| no_tools | 1 | 0.250 (one seed) |" in table
+  assert "| confirm_only | 0 | - |" in table
+  assert "warmup - as a process (60 s of training steps, 5 s of zoom probe)" in table
+  assert (results / "cpu_claim_curves.png").stat().st_size > 10_000
