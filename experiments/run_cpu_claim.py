@@ -128,6 +128,8 @@ def _walls(root: str, runs: dict) -> dict:
   base_run = os.path.join(root, "base_run")
   done = os.path.join(base_run, "claim_done.json")
   warm = [r for r in _records(base_run) if r["stage"] == "warmup"]
+  starts = [i for i, r in enumerate(warm) if r["step"] == 0]
+  warm = warm[starts[-1]:] if starts else warm  # an interrupted warmup's records stay in the file: use the last one
   probe = [r for r in _records(base_run) if r["stage"] == "warmup_probe"]
   rl = [r["seconds"] for r in runs.values()]
   return {"warmup_process": json.load(open(done))["seconds"] if os.path.exists(done) else None,

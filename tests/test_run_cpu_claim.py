@@ -40,7 +40,8 @@ def _run(root, variant, seed, final_accuracy, calls, seconds, done=True):
 def test_collect_means_seeds_and_walls(claim, tmp_path):
   root = str(tmp_path / "runs")
   _write(os.path.join(root, "base_run", "metrics.jsonl"),
-         [{"step": 0, "stage": "warmup", "time": 10.0}, {"step": 9, "stage": "warmup", "time": 70.0},
+         [{"step": 0, "stage": "warmup", "time": 1.0}, {"step": 9, "stage": "warmup", "time": 5.0},  # interrupted
+          {"step": 0, "stage": "warmup", "time": 10.0}, {"step": 9, "stage": "warmup", "time": 70.0},
           {"step": 10, "stage": "warmup_probe", "time": 75.0}])
   _run(root, "rl", 0, 0.5, 1.0, 100.0)
   _run(root, "rl", 1, 0.75, 0.5, 300.0)
