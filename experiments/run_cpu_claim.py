@@ -42,7 +42,7 @@ VARIANTS: dict[str, list[str]] = {
     "confirm_only": ["tools.names=confirm"],
 }
 METRICS = ("accuracy", "tool_calls_per_trajectory", "image_calls_per_trajectory", "confirm_on_target",
-           "confirm_on_target_chance")
+           "confirm_on_target_chance", "confirm_on_image", "confirm_on_image_chance")
 
 
 def _main(workdir: str, overrides: list[str], log_path: str) -> float:
@@ -157,7 +157,7 @@ def write_outputs(results: dict, root: str, variants: list[str], seeds: list[int
     s = results["rl"] if name == "rl" else results["ablations"].get(name, {})
     rows.append((name, str(s.get("seeds", 0)), *(_fmt(s.get(m)) for m in METRICS)))
   head = ["run", "seeds", "test accuracy", "tool calls / traj", "image calls / traj", "confirm on target",
-          "(chance)"]
+          "(chance)", "confirm on the asked image", "(chance)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
   w = results.get("wall_s", {})
   if w:

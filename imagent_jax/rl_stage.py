@@ -11,7 +11,8 @@ from imagent_jax.analysis import plots
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table
 
 _TABLE_KEYS = ("reward", "accuracy", "format", "tool_calls_per_trajectory", "image_calls_per_trajectory",
-               "failed_calls_per_trajectory", "confirm_on_target", "confirm_on_target_chance", "mask/kept_fraction", "mask/zero_variance_groups",
+               "failed_calls_per_trajectory", "confirm_on_target", "confirm_on_target_chance", "confirm_on_image",
+               "confirm_on_image_chance", "mask/kept_fraction", "mask/zero_variance_groups",
                "logprob_gap_max", "train/pg_loss", "train/clip_fraction", "train/grad_norm", "train/entropy",
                "response_tokens", "time/rollout_s", "time/update_s", "sampled_tokens_per_s")
 
@@ -41,7 +42,8 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   if len(tests) >= 2:
     rows += [(f"test/{k} ({name}, {len(test)} questions)", _fmt(e.get(f"test/{k}")))
              for name, e in (("base", tests[0]), ("after RL", tests[-1]))
-             for k in ("accuracy", "tool_calls_per_trajectory", "confirm_on_target", "confirm_on_target_chance")]
+             for k in ("accuracy", "tool_calls_per_trajectory", "confirm_on_target", "confirm_on_target_chance",
+                       "confirm_on_image", "confirm_on_image_chance")]
   print("\n" + "\n".join(f"  {k}: {v}" for k, v in rows))
   report.add("RL (GRPO)", f"{trainer.step} steps in {seconds:.0f}s (this run).\n\n"
              + markdown_table(["metric (last step)", "value"], rows) + f"\n\n![training curves]({os.path.basename(curves)})")

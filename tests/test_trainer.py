@@ -113,12 +113,15 @@ def test_confirm_hits_and_their_chance_baseline():
   call = lambda view, name="confirm", ok=True: NS(name=name, ok=ok, view_index=view)
   traj = NS(calls=[call(3), call(4), call(5), call(6), call(3, ok=False), call(3, name="reflect")],
             context=NS(refs=refs))
-  hits, total, chance = confirm_hits(traj, example)
+  hits, total, chance, on_image, on_image_chance = confirm_hits(traj, example)
   assert (hits, total) == (2, 4)
+  assert on_image == 3 and on_image_chance == pytest.approx(4 / 2)  # views 3, 4, 6; two images per call
   # A whole-image box covers the target wherever it goes: chance 1/2 (two images); the
   # 30x30 box misses the 10x10 target in most placements; 25x25 boxes in some.
   single = lambda view: confirm_hits(NS(calls=[call(view)], context=NS(refs=refs)), example)[2]
   assert single(6) == pytest.approx(0.5)
   assert 0 < single(3) < 0.5 and single(3) == pytest.approx(single(5))
   assert chance == pytest.approx(single(3) + single(4) + single(5) + single(6))
-  assert confirm_hits(traj, dict(example, target_box=None)) == (0, 0, 0.0)
+  assert confirm_hits(traj, dict(example, target_box=None)) == (0, 0, 0.0, 0, 0.0)
+  three = dict(example, images=example["images"] + [Image.new("RGB", (100, 80))])
+  assert confirm_hits(traj, three).on_image_chance == pytest.approx(4 / 3)

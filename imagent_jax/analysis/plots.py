@@ -74,7 +74,8 @@ def plot_training_curves(train: list[dict], evals: list[dict], path: str) -> str
   panels = [("reward", ["reward", "reward/tool_gain"]), ("accuracy", ["accuracy", "eval/accuracy"]),
             ("tool calls per trajectory", ["tool_calls_per_trajectory", "image_calls_per_trajectory",
                                            "failed_calls_per_trajectory", "eval/tool_calls_per_trajectory"]),
-            ("masks", ["mask/kept_fraction", "status/truncated", "status/turn_limit", "confirm_on_target"])]
+            ("masks and zooms (fractions)", ["mask/kept_fraction", "status/truncated", "status/turn_limit",
+                                             "confirm_on_target", "confirm_on_image"])]
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
   for ax, (title, keys) in zip(axes, panels):
     for key in keys:

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,20 +61,33 @@ class ExampleStream:
     self.index = int(state["next_index"])
 
 
-def confirm_hits(traj: rl.Trajectory, example: dict, samples: int = 256) -> tuple[int, int, float]:
-  """``(hits, successful confirm calls, chance)`` of one trajectory.
+class ConfirmHits(NamedTuple):
+  """Where one trajectory's successful ``confirm`` calls went (sums over those calls)."""
+  hits: int  # on the target image and covering half of the target box or more
+  total: int  # successful confirm calls
+  chance: float  # expected hits of same-size boxes placed uniformly on a uniformly chosen input image
+  on_image: int  # on the asked (target) image, wherever on it
+  on_image_chance: float  # expected on_image of a uniformly chosen input image: total / number of images
+
+
+def confirm_hits(traj: rl.Trajectory, example: dict, samples: int = 256) -> ConfirmHits:
+  """Where ``traj``'s successful ``confirm`` zooms went, against two chance baselines.
 
   A zoom hits when its box, mapped back to the root input image, is on the example's
   ``target_image`` and overlaps its ``target_box`` by at least half of the target's area.
   ``chance`` is the expected number of hits had each call put a box of the same size uniformly at
   random on a uniformly chosen input image (Monte Carlo over ``samples`` placements, fixed seed),
   the baseline ``confirm_on_target`` must beat to show that the model aims its zooms.
+  ``on_image`` counts zooms on the asked image, against ``on_image_chance`` (one over the number
+  of input images per call): where the detail's place is fixed, this is the part of aiming that
+  is left, which image to zoom on.
   """
   if "target_box" not in example or example.get("target_box") is None:
-    return 0, 0, 0.0
-  hits = total = 0
+    return ConfirmHits(0, 0, 0.0, 0, 0.0)
+  hits = total = on_image = 0
   chance = 0.0
   k = example["target_image"]
+  n = len(example["images"])
   tx0, ty0, tx1, ty1 = example["target_box"]
   area = max((tx1 - tx0) * (ty1 - ty0), 1e-6)
   width, height = example["images"][k].size
@@ -89,12 +102,13 @@ def confirm_hits(traj: rl.Trajectory, example: dict, samples: int = 256) -> tupl
     rx, ry = rng.uniform(0, width - bw, samples), rng.uniform(0, height - bh, samples)
     inter = (np.clip(np.minimum(rx + bw, tx1) - np.maximum(rx, tx0), 0, None)
              * np.clip(np.minimum(ry + bh, ty1) - np.maximum(ry, ty0), 0, None))
-    chance += float(np.mean(inter >= 0.5 * area)) / len(example["images"])
+    chance += float(np.mean(inter >= 0.5 * area)) / n
     if ref.root - 1 != k:
       continue
+    on_image += 1
     inter = max(0.0, min(x1, tx1) - max(x0, tx0)) * max(0.0, min(y1, ty1) - max(y0, ty0))
     hits += inter >= 0.5 * area
-  return hits, total, chance
+  return ConfirmHits(hits, total, chance, on_image, total / n)
 
 
 def trajectory_stats(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], tool_names: Sequence[str],
@@ -108,12 +122,14 @@ def trajectory_stats(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], t
          "malformed_calls_per_trajectory": sum(t.num_malformed_calls for t in trajs) / n}
   for name in tool_names:
     out[f"calls/{name}"] = sum(sum(c.name == name for c in t.calls) for t in trajs) / n
-  hits = totals = chance = 0
-  for t in trajs:
-    h, tot, ch = confirm_hits(t, examples[t.prompt_index])
-    hits, totals, chance = hits + h, totals + tot, chance + ch
-  out["confirm_on_target"] = hits / totals if totals else float("nan")
-  out["confirm_on_target_chance"] = chance / totals if totals else float("nan")
+  sums = [sum(column) for column in zip(ConfirmHits(0, 0, 0.0, 0, 0.0),
+                                          *(confirm_hits(t, examples[t.prompt_index]) for t in trajs))]
+  hits = ConfirmHits(*sums)
+  share = lambda x: x / hits.total if hits.total else float("nan")
+  out["confirm_on_target"] = share(hits.hits)
+  out["confirm_on_target_chance"] = share(hits.chance)
+  out["confirm_on_image"] = share(hits.on_image)
+  out["confirm_on_image_chance"] = share(hits.on_image_chance)
   for code, name in enumerate(masks.STATUS_NAMES):
     out[f"status/{name}"] = sum(t.status == code for t in trajs) / n
   return out
