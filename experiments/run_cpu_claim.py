@@ -189,6 +189,8 @@ def _plot(root: str, variants: list[str], seeds: list[int], path: str, smooth: i
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
+
+  from imagent_jax.analysis.plots import trailing_mean
   fig, axes = plt.subplots(2, 3, figsize=(13, 6.6))
   for ax, (key, stage, title) in zip(axes.flat, CURVES):
     for variant in variants:
@@ -200,7 +202,7 @@ def _plot(root: str, variants: list[str], seeds: list[int], path: str, smooth: i
           continue
         steps, vals = map(np.asarray, zip(*pts))
         if stage == "rl" and smooth > 1:
-          vals = np.array([vals[max(0, i - smooth + 1):i + 1].mean() for i in range(len(vals))])
+          vals = trailing_mean(vals, smooth)
         curves.append(dict(zip(steps.tolist(), vals.tolist())))
       if not curves:
         continue

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
 from imagent_jax import components
 from imagent_jax.analysis import plots
-from imagent_jax.reporting import MetricsWriter, Report, markdown_table
+from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
 
+_TEST_KEYS = ("accuracy", "tool_calls_per_trajectory", "image_calls_per_trajectory", "malformed_calls_per_trajectory",
+              "confirm_on_target", "confirm_on_target_chance", "confirm_on_image", "confirm_on_image_chance")
 _TABLE_KEYS = ("reward", "accuracy", "format", "tool_calls_per_trajectory", "image_calls_per_trajectory",
-               "failed_calls_per_trajectory", "confirm_on_target", "confirm_on_target_chance", "confirm_on_image",
-               "confirm_on_image_chance", "mask/kept_fraction", "mask/zero_variance_groups",
-               "logprob_gap_max", "train/pg_loss", "train/clip_fraction", "train/grad_norm", "train/entropy",
-               "response_tokens", "time/rollout_s", "time/update_s", "sampled_tokens_per_s")
+               "failed_calls_per_trajectory", "malformed_calls_per_trajectory", "confirm_on_target",
+               "confirm_on_target_chance", "confirm_on_image", "confirm_on_image_chance", "mask/kept_fraction",
+               "mask/zero_variance_groups", "logprob_gap_max", "train/pg_loss", "train/kl", "train/clip_fraction",
+               "train/grad_norm", "response_tokens", "time/rollout_s", "time/update_s", "sampled_tokens_per_s")
+_MEAN_OF = 10  # the training table averages the last steps: one batch of 16 trajectories is noisy
 
 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
@@ -35,19 +39,30 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   evals = [r for r in records if r["stage"] == "eval"]
   tests = [r for r in records if r["stage"] == "test"]
   curves = plots.plot_training_curves(train, evals, os.path.join(workdir, "rl_curves.png"))
-  rows = [(k, _fmt(train[-1].get(k)) if train else "-") for k in _TABLE_KEYS]
-  if evals:
-    rows += [(f"eval/{k} (step {e['step']})", _fmt(e.get(f"eval/{k}"))) for e in (evals[0], evals[-1])
-             for k in ("accuracy", "tool_calls_per_trajectory", "confirm_on_target")]
+  body = f"{trainer.step} steps in {seconds:.0f}s (this run)."
   if len(tests) >= 2:
-    rows += [(f"test/{k} ({name}, {len(test)} questions)", _fmt(e.get(f"test/{k}")))
-             for name, e in (("base", tests[0]), ("after RL", tests[-1]))
-             for k in ("accuracy", "tool_calls_per_trajectory", "confirm_on_target", "confirm_on_target_chance",
-                       "confirm_on_image", "confirm_on_image_chance")]
-  print("\n" + "\n".join(f"  {k}: {v}" for k, v in rows))
-  report.add("RL (GRPO)", f"{trainer.step} steps in {seconds:.0f}s (this run).\n\n"
-             + markdown_table(["metric (last step)", "value"], rows) + f"\n\n![training curves]({os.path.basename(curves)})")
+    rows = [(k, _fmt(tests[0].get(f"test/{k}")), _fmt(tests[-1].get(f"test/{k}"))) for k in _TEST_KEYS]
+    head = [f"test split, greedy ({len(test)} questions)", f"base (step {tests[0]['step']})",
+            f"after RL (step {tests[-1]['step']})"]
+    print("\n" + text_table(head, rows))
+    body += "\n\n" + markdown_table(head, rows)
+  if evals:
+    rows = [(k, _fmt(evals[0].get(f"eval/{k}")), _fmt(evals[-1].get(f"eval/{k}"))) for k in _TEST_KEYS[:3]]
+    body += "\n\n" + markdown_table(["validation, greedy", f"step {evals[0]['step']}", f"step {evals[-1]['step']}"],
+                                      rows)
+  tail = train[-_MEAN_OF:]
+  rows = [(k, _fmt(_nanmean([r.get(k) for r in tail]))) for k in _TABLE_KEYS if any(k in r for r in tail)]
+  if rows:
+    head = [f"training batches (sampled), mean of steps {tail[0]['step']}-{tail[-1]['step']}", "value"]
+    print(f"\n{head[0]}:\n" + "\n".join(f"  {k}: {v}" for k, v in rows))
+    body += "\n\n" + markdown_table(head, rows)
+  report.add("RL (GRPO)", body + f"\n\n![training curves]({os.path.basename(curves)})")
   return {"steps": trainer.step, "seconds": seconds, **{k: v for k, v in last.items() if isinstance(v, float)}}
+
+
+def _nanmean(values):
+  vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+  return sum(vals) / len(vals) if vals else None
 
 
 def _fmt(v):

@@ -49,7 +49,8 @@ def test_smoke_config_end_to_end(tmp_path):
   assert rl_rows[-1]["logprob_gap_max"] < 1e-3  # rollout and training see the same tokens and positions
   assert [r["step"] for r in records if r["stage"] == "eval"] == [0, 2]
   assert [r["step"] for r in records if r["stage"] == "test"] == [0, 2]  # base and result on the test split
-  assert "test/accuracy (after RL, 2 questions)" in res.stdout
+  assert "test split, greedy (2 questions)" in res.stdout and "after RL (step 2)" in res.stdout
+  assert "training batches (sampled), mean of steps 1-2" in report
   assert (tmp_path / "checkpoints" / "2").is_dir()
   assert "## RL (GRPO)" in report and (tmp_path / "rl_curves.png").stat().st_size > 1000
 
