@@ -213,6 +213,9 @@ def build_synthetic(data_dir: Union[str, os.PathLike], sizes: Sizes = None,
   builder = SyntheticMifg(data_dir=os.fspath(data_dir), config=default.name if config.name == default.name else config,
                           num_workers=num_workers)
   if not builder.is_prepared():
+    sizes_text = ", ".join(f"{k} {v}" for k, v in config.sizes.items())
+    print(f"Generating the synthetic dataset once into {builder.data_dir} ({sizes_text}); tfds calls this "
+          "'downloading and preparing', but nothing is downloaded.", flush=True)
     download_config = tfds.download.DownloadConfig(try_download_gcs=False,
                                                    compute_stats=tfds.download.ComputeStatsMode.SKIP)
     builder.download_and_prepare(file_format="array_record", download_config=download_config,
