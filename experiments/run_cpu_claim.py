@@ -100,6 +100,7 @@ def collect(root: str, variants: list[str], seeds: list[int]) -> dict:
   base_tests = []
   for variant in variants:
     finals = {m: [] for m in METRICS}
+    starts = {m: [] for m in ("accuracy", "tool_calls_per_trajectory")}  # the base under this variant's prompt
     for seed in seeds:
       wd = os.path.join(root, variant, f"seed{seed}")
       tests = [r for r in _records(wd) if r["stage"] == "test"]
@@ -109,9 +110,12 @@ def collect(root: str, variants: list[str], seeds: list[int]) -> dict:
         base_tests.append(tests[0])
       for m in METRICS:
         finals[m].append(tests[-1].get(f"test/{m}"))
+      for m in starts:
+        starts[m].append(tests[0].get(f"test/{m}"))
       out["runs"][f"{variant}/seed{seed}"] = json.load(open(os.path.join(wd, "claim_done.json")))
     summary = {m: _summary(v) for m, v in finals.items()}
     summary["seeds"] = len(finals["accuracy"])
+    summary["base"] = {m: _summary(v) for m, v in starts.items()}
     if variant == "rl":
       out["rl"] = summary
     else:
@@ -152,19 +156,22 @@ def write_outputs(results: dict, root: str, variants: list[str], seeds: list[int
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, "cpu_claim.json"), "w") as f:
     json.dump(results, f, indent=1)
-  rows = [("base (tool-naive warmup)", "-", *(_fmt(results["base"].get(m)) for m in METRICS))]
+  rows = [("base (tool-naive warmup)", "-", "-", *(_fmt(results["base"].get(m)) for m in METRICS))]
   for name in variants:
     s = results["rl"] if name == "rl" else results["ablations"].get(name, {})
-    rows.append((name, str(s.get("seeds", 0)), *(_fmt(s.get(m)) for m in METRICS)))
-  head = ["run", "seeds", "test accuracy", "tool calls / traj", "image calls / traj", "confirm on target",
-          "(chance)", "confirm on the asked image", "(chance)"]
+    base = s.get("base", {}).get("accuracy")
+    rows.append((name, str(s.get("seeds", 0)), _fmt(base), *(_fmt(s.get(m)) for m in METRICS)))
+  head = ["run", "seeds", "base accuracy, same prompt", "test accuracy", "tool calls / traj", "image calls / traj",
+          "confirm on target", "(chance)", "confirm on the asked image", "(chance)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
   w = results.get("wall_s", {})
   if w:
     def sec(v):
       return "-" if v is None else f"{v:.0f} s"
     rl = w.get("rl_run") or {}
-    lines += ["", f"Greedy decoding on the test split; mean ± standard deviation over seeds. Wall time on this "
+    lines += ["", f"Greedy decoding on the test split after RL; mean ± standard deviation over seeds. 'base "
+                  f"accuracy, same prompt' is the base before RL under the variant's system prompt (which lists "
+                  f"the variant's tools, none for no_tools). Wall time on this "
                   f"machine: warmup {sec(w.get('warmup_process'))} as a process ({sec(w.get('warmup_steps'))} of "
                   f"training steps, {sec(w.get('warmup_probe'))} of zoom probe); an rl run "
                   f"{sec(rl.get('mean'))} on average ({len(results['runs'])} runs)."]

@@ -24,9 +24,9 @@ def _write(path, records):
     f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def _run(root, variant, seed, final_accuracy, calls, seconds, done=True):
+def _run(root, variant, seed, final_accuracy, calls, seconds, done=True, base_accuracy=0.25):
   wd = os.path.join(root, variant, f"seed{seed}")
-  base = {"step": 0, "stage": "test", "test/accuracy": 0.25, "test/tool_calls_per_trajectory": 0.0}
+  base = {"step": 0, "stage": "test", "test/accuracy": base_accuracy, "test/tool_calls_per_trajectory": 0.0}
   steps = [{"step": s, "stage": "rl", "time": 100.0 + s, "reward": 0.1 * s, "tool_calls_per_trajectory": calls,
             "confirm_on_target": float("nan")} for s in (1, 2, 3)]
   final = {"step": 3, "stage": "test", "test/accuracy": final_accuracy, "test/tool_calls_per_trajectory": calls,
@@ -46,7 +46,7 @@ def test_collect_means_seeds_and_walls(claim, tmp_path):
   _run(root, "rl", 0, 0.5, 1.0, 100.0)
   _run(root, "rl", 1, 0.75, 0.5, 300.0)
   _run(root, "rl", 2, 0.0, 0.0, 1.0, done=False)  # interrupted: not counted
-  _run(root, "no_tools", 0, 0.25, 0.0, 200.0)
+  _run(root, "no_tools", 0, 0.25, 0.0, 200.0, base_accuracy=0.125)  # its prompt lists no tools
 
   variants = ["rl", "no_tools", "confirm_only"]
   out = claim.collect(root, variants, [0, 1, 2])
@@ -67,8 +67,9 @@ def test_collect_means_seeds_and_walls(claim, tmp_path):
   results = tmp_path / "results"
   assert json.load(open(results / "cpu_claim.json"))["rl"]["accuracy"]["mean"] == pytest.approx(0.625)
   table = (results / "cpu_claim.md").read_text()
-  assert "| rl | 2 | 0.625 ± 0.125 |" in table
-  assert "| no_tools | 1 | 0.250 (one seed) |" in table
-  assert "| confirm_only | 0 | - |" in table
+  assert out["rl"]["base"]["accuracy"]["per_seed"] == [0.25, 0.25]
+  assert "| rl | 2 | 0.250 ± 0.000 | 0.625 ± 0.125 |" in table
+  assert "| no_tools | 1 | 0.125 (one seed) | 0.250 (one seed) |" in table
+  assert "| confirm_only | 0 | - | - |" in table
   assert "warmup - as a process (60 s of training steps, 5 s of zoom probe)" in table
   assert (results / "cpu_claim_curves.png").stat().st_size > 10_000
