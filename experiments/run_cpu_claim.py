@@ -185,45 +185,58 @@ CURVES = (("eval/accuracy", "eval", "validation accuracy (greedy)"), ("reward", 
           ("tool_calls_per_trajectory", "rl", "tool calls / trajectory"),
           ("image_calls_per_trajectory", "rl", "successful image calls / trajectory"),
           ("malformed_calls_per_trajectory", "rl", "malformed calls / trajectory"),
-          ("confirm_on_target", "rl", "confirm on target"))
+          ("confirm_on_image", "rl", "zooms on the asked image"))
+
+
+def _curve(records: list[dict], key: str, smooth: int) -> dict[int, float]:
+  """``{step: value}`` of one run's finite values of ``key``, as a ``smooth``-step trailing mean."""
+  import numpy as np
+
+  from imagent_jax.analysis.plots import trailing_mean
+  pts = [(r["step"], r[key]) for r in records if r.get(key) is not None and np.isfinite(r[key])]
+  if not pts:
+    return {}
+  steps, vals = zip(*pts)
+  return dict(zip(steps, trailing_mean(vals, smooth).tolist() if smooth > 1 else list(vals)))
 
 
 def _plot(root: str, variants: list[str], seeds: list[int], path: str, smooth: int = 10) -> None:
-  """Per-step curves of every variant: the mean over seeds of a ``smooth``-step trailing mean of
-  the sampled rollouts' numbers (eval points unsmoothed), shaded between the lowest and highest
-  seed."""
+  """Per-step curves of every variant's finished runs: the mean over seeds of a ``smooth``-step
+  trailing mean of the sampled rollouts' numbers (eval points unsmoothed), shaded between the
+  lowest and highest seed; the zoom panel also draws the full method's chance (a random image)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
-
-  from imagent_jax.analysis.plots import trailing_mean
+  colors = {"rl": "black", **{v: f"C{i}" for i, v in enumerate(v for v in VARIANTS if v != "rl")}}  # same in every panel
+  finished = {v: [os.path.join(root, v, f"seed{s}") for s in seeds
+                  if os.path.exists(os.path.join(root, v, f"seed{s}", "claim_done.json"))] for v in variants}
   fig, axes = plt.subplots(2, 3, figsize=(13, 6.6))
   for ax, (key, stage, title) in zip(axes.flat, CURVES):
-    for variant in variants:
-      curves = []
-      for seed in seeds:
-        recs = [r for r in _records(os.path.join(root, variant, f"seed{seed}")) if r["stage"] == stage]
-        pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])]
-        if not pts:
-          continue
-        steps, vals = map(np.asarray, zip(*pts))
-        if stage == "rl" and smooth > 1:
-          vals = trailing_mean(vals, smooth)
-        curves.append(dict(zip(steps.tolist(), vals.tolist())))
+    lines = [(v, key) for v in variants]
+    if key == "confirm_on_image":
+      lines.append(("rl", "confirm_on_image_chance"))
+    for variant, k in lines:
+      curves = [_curve([r for r in _records(wd) if r["stage"] == stage], k, smooth if stage == "rl" else 1)
+                for wd in finished.get(variant, [])]
+      curves = [c for c in curves if c]
       if not curves:
         continue
       steps = sorted(set().union(*curves))
       per_step = [[c[s] for c in curves if s in c] for s in steps]
-      line, = ax.plot(steps, [np.mean(v) for v in per_step], label=f"{variant} ({len(curves)} seeds)",
-                      lw=2.2 if variant == "rl" else 1.1, color="black" if variant == "rl" else None)
-      if len(curves) > 1:
-        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=line.get_color(),
+      chance = k.endswith("_chance")
+      label = f"chance (a random image; {variant})" if chance else f"{variant} ({len(curves)} seed{'s' * (len(curves) > 1)})"
+      ax.plot(steps, [np.mean(v) for v in per_step], "--" if chance else "-", label=label, color=colors.get(variant),
+              lw=1.0 if chance else 2.2 if variant == "rl" else 1.1)
+      if len(curves) > 1 and not chance:
+        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=colors.get(variant),
                         alpha=0.12, lw=0)
     ax.set_title(title + ("" if stage == "eval" else f" ({smooth}-step mean)"), fontsize=10)
     ax.set_xlabel("RL step")
     ax.grid(alpha=0.3)
   axes.flat[0].legend(fontsize=7)
+  if axes.flat[-1].lines:
+    axes.flat[-1].legend(fontsize=7)
   fig.suptitle("CPU-scale claim: sampled rollouts (T=1) of every variant; line = mean over seeds, band = min-max",
                fontsize=10)
   fig.tight_layout()
