@@ -94,6 +94,12 @@ def _summary(values: list[float | None]) -> dict:
           "per_seed": values}
 
 
+def _finished(root: str, variant: str, seed: int) -> str | None:
+  """The workdir of a finished run (it left ``claim_done.json``), else None."""
+  wd = os.path.join(root, variant, f"seed{seed}")
+  return wd if os.path.exists(os.path.join(wd, "claim_done.json")) else None
+
+
 def collect(root: str, variants: list[str], seeds: list[int]) -> dict:
   """The results JSON from the finished runs under ``root``."""
   out: dict = {"base": {}, "rl": {}, "ablations": {}, "runs": {}}
@@ -102,9 +108,9 @@ def collect(root: str, variants: list[str], seeds: list[int]) -> dict:
     finals = {m: [] for m in METRICS}
     starts = {m: [] for m in ("accuracy", "tool_calls_per_trajectory")}  # the base under this variant's prompt
     for seed in seeds:
-      wd = os.path.join(root, variant, f"seed{seed}")
-      tests = [r for r in _records(wd) if r["stage"] == "test"]
-      if not os.path.exists(os.path.join(wd, "claim_done.json")) or len(tests) < 2:
+      wd = _finished(root, variant, seed)
+      tests = [r for r in _records(wd) if r["stage"] == "test"] if wd else []
+      if len(tests) < 2:
         continue
       if variant == "rl" or not base_tests:
         base_tests.append(tests[0])
@@ -131,10 +137,11 @@ def _walls(root: str, runs: dict) -> dict:
   the rl runs (each a whole ``main`` process: model load, evaluations, 100 steps)."""
   base_run = os.path.join(root, "base_run")
   done = os.path.join(base_run, "claim_done.json")
-  warm = [r for r in _records(base_run) if r["stage"] == "warmup"]
+  records = _records(base_run)
+  warm = [r for r in records if r["stage"] == "warmup"]
   starts = [i for i, r in enumerate(warm) if r["step"] == 0]
   warm = warm[starts[-1]:] if starts else warm  # an interrupted warmup's records stay in the file: use the last one
-  probe = [r for r in _records(base_run) if r["stage"] == "warmup_probe"]
+  probe = [r for r in records if r["stage"] == "warmup_probe"]
   rl = [r["seconds"] for r in runs.values()]
   return {"warmup_process": json.load(open(done))["seconds"] if os.path.exists(done) else None,
           # from the first logged step (after compiling) to the last; the probe after it
@@ -209,8 +216,7 @@ def _plot(root: str, variants: list[str], seeds: list[int], path: str, smooth: i
   import matplotlib.pyplot as plt
   import numpy as np
   colors = {"rl": "black", **{v: f"C{i}" for i, v in enumerate(v for v in VARIANTS if v != "rl")}}  # same in every panel
-  finished = {v: [os.path.join(root, v, f"seed{s}") for s in seeds
-                  if os.path.exists(os.path.join(root, v, f"seed{s}", "claim_done.json"))] for v in variants}
+  finished = {v: [wd for wd in (_finished(root, v, s) for s in seeds) if wd] for v in variants}
   fig, axes = plt.subplots(2, 3, figsize=(13, 6.6))
   for ax, (key, stage, title) in zip(axes.flat, CURVES):
     lines = [(v, key) for v in variants]
