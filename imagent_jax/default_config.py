@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup.tasks = "read_zoom,read_zoom,direct,tool_syntax"  # registered in warmup.TASKS; cycled in this order
   c.warmup.call_share = 0.3  # share of `direct` prompts answered with a tool call: the base's call prior
   c.warmup.confirm_share = 0.8  # share of the base's calls that are confirm on the answer's region (else reflect)
+  c.warmup.zoom_request_share = 1 / 3  # share of tool_syntax requests "zoom on the detail" (else a named tool/image)
   c.warmup.max_len = 896  # static sequence length (tokens)
   c.warmup.patch_budget = 8 * 5 * 256  # static patches per batch (read_zoom rows: 4 images + the view)
   c.warmup.image_slots = 8 * 5
@@ -268,7 +269,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       errors.append(f"config.rollout.prompt_patches={config.rollout.prompt_patches} cannot hold rl.batch_size="
                     f"{config.rl.batch_size} questions of {most_images} images of up to "
                     f"{config.processor.max_pixels // 196} patches ({need * (config.processor.max_pixels // 196)})")
-  for name in ("call_share", "confirm_share"):
+  for name in ("call_share", "confirm_share", "zoom_request_share"):
     if not 0.0 <= config.warmup[name] <= 1.0:
       errors.append(f"config.warmup.{name}={config.warmup[name]} must lie in [0, 1]")
   if config.rl.length_bucket < 0:

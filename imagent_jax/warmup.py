@@ -97,9 +97,13 @@ class TaskOptions:
     call_share: share of ``direct`` prompts answered with a tool call (the base's call prior).
     confirm_share: share of the base's calls (``direct``) and of ``read_zoom``'s calls that are
       ``confirm`` on the answer's region; the rest are ``reflect`` on a random input image.
+    zoom_request_share: share of ``tool_syntax`` requests that ask to zoom on the detail the
+      question is about (the call names the asked image); the rest ask, in equal parts, for
+      ``reflect`` or ``confirm`` on a named random image (and box).
   """
   call_share: float = 0.0
   confirm_share: float = 1.0
+  zoom_request_share: float = 1 / 3
 
 
 ANSWER_THOUGHT = "<think>I look at the images.</think>"
@@ -161,17 +165,17 @@ def _locate(example, ctx, rng, options):
 def _tool_syntax(example, ctx, rng, options):
   """The RL prompt plus an explicit instruction to call a tool → the call, alone.
 
-  A third of the time "Zoom in on the detail the question is about." (``confirm`` on the
-  answer's region: the question's box where it gives one); otherwise a named tool on a random
-  image (and box).
+  A ``zoom_request_share`` part of the time (a third by default) "Zoom in on the detail the
+  question is about." (``confirm`` on the answer's region: the question's box where it gives
+  one); otherwise a named tool on a random image (and box).
   """
   n = len(example["images"])
   k = int(rng.integers(n))
-  draw = rng.random()
-  if draw < 1 / 3:
+  draw, zoom = rng.random(), options.zoom_request_share
+  if draw < zoom:
     call = _zoom_call(example, ctx)
     text = "Zoom in on the detail the question is about."
-  elif draw < 2 / 3:
+  elif draw < (1 + zoom) / 2:  # the rest: half reflect, half confirm
     call = protocol.ToolCall("reflect", {"image": k + 1})
     text = f"Call the reflect tool on image {k + 1}."
   else:
@@ -187,7 +191,9 @@ def _tool_syntax(example, ctx, rng, options):
 
 def task_options(config) -> TaskOptions:
   """``TaskOptions`` from ``config.warmup``."""
-  return TaskOptions(call_share=float(config.warmup.call_share), confirm_share=float(config.warmup.confirm_share))
+  w = config.warmup
+  return TaskOptions(call_share=float(w.call_share), confirm_share=float(w.confirm_share),
+                     zoom_request_share=float(w.zoom_request_share))
 
 
 def make_example(config, index: int, tool_config: tools.ToolConfig, system: str):

@@ -4,6 +4,7 @@ import collections
 
 import jax
 import numpy as np
+import pytest
 
 from imagent_jax import components, default_config, warmup
 from imagent_jax.agent import protocol, tools
@@ -143,3 +144,31 @@ def test_warmup_zooms_use_the_category_zoom_box():
         assert call.arguments == {"image": k + 1, "bbox_2d": [111, 111, 111.5, 111.5]}, (task, call.arguments)
         assert synthetic.zoom_box(source, source["images"][k].size, shown) == [111, 111, 111.5, 111.5]
   assert confirms >= 6  # 3 read_zoom, 3 direct (call_share 1), and any tool_syntax zoom requests
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_warmup_zoom_request_share(share):
+  """``zoom_request_share`` 1: every tool_syntax request asks to zoom on the detail, and the call
+  names the asked image; 0: every request names a tool and a random image."""
+  config = default_config.get_config("smoke")
+  config.warmup.tasks = "tool_syntax"
+  config.warmup.zoom_request_share = share
+  tcfg = components.tool_config(config)
+  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
+  for index in range(12):
+    messages, _, response, _ = warmup.make_example(config, index, tcfg, system)
+    source = synthetic.generate_example(config.data.seed + 7919, index, components.difficulty(config))
+    request = messages[-1]["content"][-1]["text"].split("\n")[-1]
+    call = protocol.parse_turn(response).tool_call
+    if share == 1.0:
+      assert request == "Zoom in on the detail the question is about."
+      assert call.name == "confirm" and call.arguments["image"] == source["target_image"] + 1
+    else:
+      assert request.startswith(f"Call the {call.name} tool on image {call.arguments['image']}")
+
+
+def test_warmup_zoom_request_share_is_validated():
+  config = default_config.get_config("smoke")
+  config.warmup.zoom_request_share = 1.5
+  with pytest.raises(ValueError, match="zoom_request_share"):
+    default_config.validate(config)
