@@ -32,18 +32,22 @@ def _plain(v: Any) -> Any:
   return v
 
 
+def _cell(x: Any) -> str:
+  """A table cell: floats (Python, NumPy or 0-d arrays) to 4 significant digits, the rest as ``str``."""
+  x = _plain(x)
+  return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """A GitHub-flavoured Markdown table."""
-  fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+  lines += ["| " + " | ".join(_cell(x) for x in row) + " |" for row in rows]
   return "\n".join(lines)
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """The same table aligned for a terminal."""
-  fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
-  cells = [list(map(str, header))] + [[fmt(x) for x in r] for r in rows]
+  cells = [list(map(str, header))] + [[_cell(x) for x in r] for r in rows]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
   out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
   out.insert(1, "  ".join("-" * w for w in widths))
