@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup.image_slots = 8 * 5
   c.warmup.log_every = 10
   c.warmup.progress_bar = True
-  c.warmup.probe_examples = 64  # after training: accuracy when handed the answer's zoom (warmup.read_zoom_probe)
+  c.warmup.probe_examples = 64  # after training: reading a handed zoom, and which image a zoom names (warmup probes)
 
   c.rollout = ml_collections.ConfigDict()  # imagent_jax.agent.rollout.RolloutConfig
   c.rollout.num_prompts = 2

@@ -327,6 +327,70 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
   return {"read_zoom_accuracy": right / n, "read_zoom_format": answered / n}
 
 
+def image_choice_probe(model: qvl.Qwen25VL, params, processor, examples, tool_config: tools.ToolConfig,
+                       system: str, *, max_len: int, batch_size: int = 16) -> dict[str, float]:
+  """Which image a model's zoom names, given that it zooms (teacher forced).
+
+  For each question with two or more images: the RL prompt, then the base's call of the
+  ``direct`` task (``confirm`` on the answer's zoom box) with every possible image number k. The
+  softmax over k of the response log-probs is how the model splits the call's image over the
+  images. Where the share on the asked image is at chance, RL must learn *which* image to zoom on
+  (the place is the category's); where it is high, the base already knows and RL learns *whether*.
+
+  Args:
+    model, params: the model (``qvl.Qwen25VL``) and its parameters.
+    processor: its ``Processor``.
+    examples: synthetic examples with ``target_image`` / ``target_box``; single-image ones are skipped.
+    tool_config: the tools (the box is in the pixels the model sees the image at).
+    system: the system prompt.
+    max_len: static sequence length of a row (tokens).
+    batch_size: rows (question x image number) per forward pass.
+
+  Returns:
+    ``{"call_on_asked_image", "call_on_asked_image_chance", "call_on_asked_image_argmax"}``: the mean
+    probability of the asked image, the mean of 1/number of images, and the share of questions
+    where the asked image is the most likely; ``{}`` when no question has two images.
+  """
+  rows, owner, patches = [], [], 0
+  for q, e in enumerate(examples):
+    n = len(e["images"])
+    if n < 2:
+      continue
+    _, box = _shown_box(e, tools.ToolContext(e["images"], tool_config))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": _user_content(e, n)}]
+    patches = max(patches, len(processor([messages], [list(e["images"])])["pixel_values"]))
+    for k in range(n):
+      call = protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
+      rows.append((messages, list(e["images"]), ANSWER_THOUGHT + protocol.render_tool_call(call), "probe"))
+      owner.append(q)
+  if not rows:
+    return {}
+  most = max(len(r[1]) for r in rows)
+  cfg = model.config
+  pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  score = jax.jit(lambda p, b: sft_loss(model, p, b)[1]["row_loss"])
+  logp = []
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # static shapes: one compile
+    batch = encode_batch(processor, chunk, max_len, batch_size * patches, batch_size * most, pad,
+                         cfg.eos_token_id)
+    tokens = batch["loss_mask"][:, 1:].sum(-1)
+    logp += (-np.asarray(score(params, batch)) * tokens).tolist()
+  logp, owner = np.asarray(logp[:len(rows)]), np.asarray(owner)
+  p_asked, chance, argmax = [], [], []
+  for q in np.unique(owner):
+    lp = logp[owner == q]
+    p = np.exp(lp - lp.max())
+    p /= p.sum()
+    k = examples[q]["target_image"]
+    p_asked.append(p[k])
+    chance.append(1 / len(lp))
+    argmax.append(float(lp.argmax() == k))
+  return {"call_on_asked_image": float(np.mean(p_asked)), "call_on_asked_image_chance": float(np.mean(chance)),
+          "call_on_asked_image_argmax": float(np.mean(argmax))}
+
+
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   """Trains (or reuses) the tool-naive base and saves it under ``<workdir>/base``."""
   out_dir = components.base_dir(workdir)
@@ -384,11 +448,16 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   if w.probe_examples > 0:
     held_out = components.eval_examples(config, workdir, "validation", w.probe_examples)
     probe = read_zoom_probe(model_config, params, processor, held_out, tcfg, system)
+    probe.update(image_choice_probe(model, params, processor, held_out, tcfg, system, max_len=w.max_len))
     metrics.write(w.steps, "warmup_probe", **probe)
     options = held_out[0].get("options") if held_out else None
     chance = f" (chance {1 / len(options):.2f})" if options else ""
     print(f"Reading a handed zoom (the ceiling for RL with confirm): accuracy {probe['read_zoom_accuracy']:.3f} "
           f"on {len(held_out)} validation questions{chance}")
+    if "call_on_asked_image" in probe:
+      print(f"Which image its zoom names (questions with 2+ images): the asked one with probability "
+            f"{probe['call_on_asked_image']:.3f} (chance {probe['call_on_asked_image_chance']:.3f}), the most "
+            f"likely one for {probe['call_on_asked_image_argmax']:.0%} of them")
   report.add("Warmup", markdown_table(["measure", "value"], [
       ("steps", w.steps), ("seconds", round(seconds, 1)), ("first loss", round(history[0]["loss"], 4)),
       ("final loss", round(last["loss"], 4)), ("final token accuracy", round(last["token_accuracy"], 4)),
