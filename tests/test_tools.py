@@ -441,3 +441,14 @@ def test_register_new_tools(inputs, extra_tools):
     assert run_tool_call(ctx, _call("refuser")).error_kind == "bad_argument"
   finally:
     TOOLS.pop("refuser")
+
+
+def test_malformed_kinds_are_unparsable_text_and_unknown_tools():
+  """Only a call that is not a call of a known tool is malformed; a known tool with bad arguments just fails."""
+  assert set(tools.MALFORMED_KINDS) <= set(ERROR_KINDS)
+  ctx = ToolContext([Image.new("RGB", (64, 48))], CONFIG)
+  kinds = {text: run_tool_call(ctx, parse_turn(text)).error_kind for text in (
+      "<tool_call>\n{'name': 'confirm'}\n</tool_call>",
+      '<tool_call>\n{"name": "crop", "arguments": {"image": 1}}\n</tool_call>',
+      '<tool_call>\n{"name": "reflect", "arguments": {"image": 5}}\n</tool_call>')}
+  assert [k in tools.MALFORMED_KINDS for k in kinds.values()] == [True, True, False], kinds

@@ -305,8 +305,8 @@ class Trajectory:
 
   @property
   def num_malformed_calls(self) -> int:
-    """Calls that did not parse or named an unknown tool."""
-    return sum(1 for c in self.calls if not c.ok and c.error_kind in ("parse_error", "unknown_tool"))
+    """Calls that did not parse or named an unknown tool (``tools.MALFORMED_KINDS``)."""
+    return sum(1 for c in self.calls if not c.ok and c.error_kind in tools_lib.MALFORMED_KINDS)
 
   @property
   def views_in_context(self) -> list[int]:

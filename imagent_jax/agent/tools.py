@@ -55,6 +55,9 @@ _FACTOR = images_lib.PATCH_SIZE * images_lib.MERGE_SIZE
 ERROR_KINDS = ("parse_error", "no_tool_call", "unknown_tool", "missing_argument", "extra_argument",
                "bad_argument", "bad_image_index", "bad_box", "box_outside", "extreme_aspect",
                "budget_exhausted", "tool_failed")
+# The kinds that make a call *malformed* (its text is not a call of a known tool): the trajectory
+# mask drops trajectories with such calls and they earn no format reward. The rest only fail.
+MALFORMED_KINDS = ("parse_error", "unknown_tool")
 
 _log = logging.getLogger(__name__)
 
