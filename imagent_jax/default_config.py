@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup.tasks = "read_zoom,read_zoom,direct,tool_syntax"  # registered in warmup.TASKS; cycled in this order
   c.warmup.call_share = 0.3  # share of `direct` prompts answered with a tool call: the base's call prior
   c.warmup.confirm_share = 0.8  # share of the base's calls that are confirm on the answer's region (else reflect)
-  c.warmup.zoom_request_share = 1 / 3  # share of tool_syntax requests "zoom on the detail" (else a named tool/image)
+  c.warmup.zoom_request_share = 1.0  # share of tool_syntax requests "zoom on the detail" (else a named tool/image)
   c.warmup.max_len = 896  # static sequence length (tokens)
   c.warmup.patch_budget = 8 * 5 * 256  # static patches per batch (read_zoom rows: 4 images + the view)
   c.warmup.image_slots = 8 * 5
@@ -140,7 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.minibatch_patch_budget = 0  # 0: patch_budget // num_minibatches
   c.rl.minibatch_image_slots = 0
   c.rl.length_bucket = 256  # training pass over the used token span, rounded up to this (0: full static length)
-  c.rl.log_logprob_gap = True  # one extra forward per step: rollout vs training log-probs
+  c.rl.logprob_gap_every = 10  # steps between checks that rollout and training log-probs agree (1 forward; 0: never)
   c.rl.eval_every = 25
   c.rl.eval_examples = 16
   c.rl.test_examples = 64  # rl stage: greedy test-split accuracy and tool use of the base and of the result
@@ -165,6 +165,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.images_per_question = "1,2"
     c.rl.steps = 2
     c.rl.warmup_steps = 1
+    c.rl.logprob_gap_every = 1
     c.rl.batch_size = 2
     c.rl.eval_every = 2
     c.rl.eval_examples = 2
@@ -272,6 +273,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   for name in ("call_share", "confirm_share", "zoom_request_share"):
     if not 0.0 <= config.warmup[name] <= 1.0:
       errors.append(f"config.warmup.{name}={config.warmup[name]} must lie in [0, 1]")
+  if config.rl.logprob_gap_every < 0:
+    errors.append("config.rl.logprob_gap_every must be >= 0 (0: never check)")
   if config.rl.length_bucket < 0:
     errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
   try:

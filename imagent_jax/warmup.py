@@ -16,9 +16,12 @@ know — and nothing about *when* to use a tool:
   where a call helps as where it does not, and it never sees that a call pays.
 * ``locate``: "where is the detail this question is about?" → the image number and its box in the
   pixels the model sees. The model learns to ground, which good ``confirm`` boxes need.
-* ``tool_syntax``: the RL prompt plus an explicit instruction ("Call the confirm tool on image 2
-  with box [...]", a random image and box; or "Zoom in on the detail the question is about.")
-  → the tool call, alone. The model learns the call syntax and to follow a request to zoom.
+* ``tool_syntax``: the RL prompt plus an explicit instruction → the tool call, alone: "Zoom in on
+  the detail the question is about." (a ``zoom_request_share`` part of the time; the default 1.0
+  always) → ``confirm`` on the asked image's detail, else "Call the confirm tool on image 2 with
+  box [...]" or "Call the reflect tool on image 3" (a random image and box). The model learns the
+  call syntax and to follow a request to zoom, naming the image the question asks about, as an
+  instruction-tuned VLM would (``image_choice_probe`` measures it).
 
 No warmup task rewards a call or shows the answer after a call being better than without: the RL
 stage must discover when calling pays and raise the call rate from the prior. The trained base is saved as a Hugging Face folder under

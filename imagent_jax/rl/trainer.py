@@ -241,7 +241,7 @@ class Trainer:
     batch = grpo.trim_padding_columns(batch, c.rl.length_bucket)  # the used span only: less attention
     act = batch.pop("action_mask").astype(bool)
     metrics: dict[str, float] = {}
-    if c.rl.log_logprob_gap:
+    if c.rl.logprob_gap_every and self.step % c.rl.logprob_gap_every == 0:  # steps 1, 1 + every, ...
       fwd = np.asarray(logprobs.sequence_logprobs(self.model, self.params, batch["tokens"], batch["attention_mask"],
                                                   pv, grid, temperature=self.rollout_cfg.temperature))
       metrics["logprob_gap_max"] = float(np.abs(fwd[act] - batch["old_logp"][act]).max()) if act.any() else 0.0
