@@ -3,7 +3,8 @@
     python experiments/run_cpu_claim.py --root runs/cpu_claim
 
 1. Trains the tool-naive base once (the ``warmup`` stage of the embedded default) into
-   ``ROOT/base_run/base``.
+   ``ROOT/base_run/base``. A base already there is reused only if it was trained with the
+   current config's warmup recipe (``warmup.recipe``); otherwise the sweep stops and says why.
 2. Runs the ``rl`` stage from that base for every variant and seed, each in its own workdir
    ``ROOT/<variant>/seed<k>`` with the same step budget:
 
@@ -32,6 +33,7 @@ import time
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT_DIR, "experiments", "results")
+CONFIG_FILE = os.path.join(ROOT_DIR, "configs", "synthetic_tiny.py")  # the embedded default
 
 VARIANTS: dict[str, list[str]] = {
     "rl": [],
@@ -46,7 +48,7 @@ METRICS = ("accuracy", "tool_calls_per_trajectory", "image_calls_per_trajectory"
 
 
 def _main(workdir: str, overrides: list[str], log_path: str) -> float:
-  cmd = [sys.executable, "-m", "imagent_jax.main", "--config", os.path.join(ROOT_DIR, "configs", "synthetic_tiny.py"),
+  cmd = [sys.executable, "-m", "imagent_jax.main", "--config", CONFIG_FILE,
          "--workdir", workdir] + [f"--config.{o}" for o in overrides]
   print("$ " + " ".join(cmd[1:]), flush=True)
   t0 = time.perf_counter()
@@ -62,11 +64,40 @@ def _records(workdir: str) -> list[dict]:
   return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def resolved_config(overrides: list[str]):
+  """The config a run with ``--config.<override>`` flags gets (parsed as ``imagent_jax.main`` does)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["run_cpu_claim", f"--config={CONFIG_FILE}"] + [f"--config.{o}" for o in overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", CONFIG_FILE, flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def check_base(base_run: str, common: list[str]) -> None:
+  """Stops the sweep when ``base_run``'s base was trained with another recipe than the current
+  config with ``common`` overrides (e.g. a default changed since): its runs would not be the claim's."""
+  from imagent_jax import warmup
+  path = os.path.join(base_run, "base", warmup.RECIPE_FILE)
+  if not os.path.isfile(path):  # a base from before recipe files: the warmup run's config.json
+    path = os.path.join(base_run, "config.json")
+  with open(path) as f:
+    trained = json.load(f)
+  diffs = warmup.recipe_differences(warmup.recipe(trained) if "stages" in trained else trained,
+                                    warmup.recipe(resolved_config(common)))
+  if diffs:
+    raise SystemExit(f"{base_run}/base was trained with another recipe than this config ({'; '.join(diffs)}): "
+                     f"use another --root (or delete {base_run})")
+
+
 def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str]) -> None:
   os.makedirs(root, exist_ok=True)
   data_dir = os.path.join(root, "data")  # one tfds build shared by every run
   base_run = os.path.join(root, "base_run")
-  if not os.path.isfile(os.path.join(base_run, "base", "config.json")):
+  if os.path.isfile(os.path.join(base_run, "base", "config.json")):
+    check_base(base_run, common)
+  else:
     seconds = _main(base_run, ["stages=warmup", "warmup.progress_bar=False", f"data.data_dir={data_dir}"] + common,
                     os.path.join(root, "warmup.log"))
     with open(os.path.join(base_run, "claim_done.json"), "w") as f:

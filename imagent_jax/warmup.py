@@ -394,10 +394,63 @@ def image_choice_probe(model: qvl.Qwen25VL, params, processor, examples, tool_co
           "call_on_asked_image_argmax": float(np.mean(argmax))}
 
 
+RECIPE_FILE = "warmup_recipe.json"  # beside the base's weights: the config entries it was trained with
+_NOT_IN_RECIPE = {"model": ("checkpoint", "export_hf", "from_warmup_base"),
+                  "data": ("source", "data_dir", "train_size", "validation_size", "test_size", "train_path",
+                           "validation_path", "test_path", "on_error"),
+                  "warmup": ("progress_bar", "log_every", "probe_examples")}
+
+
+def recipe(config) -> dict:
+  """The config entries that shape the warmup base: ``seed`` and the ``model``, ``processor``,
+  ``data``, ``tools`` and ``warmup`` sections, without paths, dataset sizes and logging.
+
+  Args:
+    config: a ``ConfigDict`` or its plain-dict form (e.g. a run's ``config.json``).
+
+  Returns:
+    ``{"seed": ..., "model": {...}, ...}`` with JSON values (two recipes compare with ``==``).
+  """
+  plain = config.to_dict() if hasattr(config, "to_dict") else config
+  out = {"seed": plain["seed"]}
+  for section in ("model", "processor", "data", "tools", "warmup"):
+    out[section] = {k: v for k, v in plain[section].items() if k not in _NOT_IN_RECIPE.get(section, ())}
+  return json.loads(json.dumps(out))
+
+
+def recipe_differences(trained: dict, wanted: dict) -> list[str]:
+  """``"section.key: base X, config Y"`` for every recipe entry where ``trained`` and ``wanted`` differ."""
+  out = []
+  for section in sorted(set(trained) | set(wanted)):
+    a, b = trained.get(section), wanted.get(section)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += [f"{section}.{k}: base {a.get(k, '(unset)')!r}, config {b.get(k, '(unset)')!r}"
+              for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    elif a != b:
+      out.append(f"{section}: base {a!r}, config {b!r}")
+  return out
+
+
+def check_reused_base(config, base: str) -> None:
+  """Raises ``ValueError`` (``"invalid config: ..."``) when the base in ``base`` was trained with
+  another recipe than ``config``'s; a base without a recipe file (older runs) is not checked."""
+  path = os.path.join(base, RECIPE_FILE)
+  if not os.path.isfile(path):
+    print(f"  ({base} has no {RECIPE_FILE}: its training config cannot be checked against this one)")
+    return
+  with open(path) as f:
+    diffs = recipe_differences(json.load(f), recipe(config))
+  if diffs:
+    raise ValueError(f"invalid config: the warmup base in {base} was trained with another recipe "
+                     f"({'; '.join(diffs)}); delete that folder to train a base for this config, or use "
+                     f"another workdir")
+
+
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   """Trains (or reuses) the tool-naive base and saves it under ``<workdir>/base``."""
   out_dir = components.base_dir(workdir)
   if os.path.isfile(os.path.join(out_dir, "config.json")):
+    check_reused_base(config, out_dir)
     print(f"Reusing the warmup base in {out_dir} (delete it to train again)")
     report.add("Warmup", f"Reused the tool-naive base in `{out_dir}`.")
     return {"reused": True}
@@ -436,6 +489,8 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
       metrics.write(step, "warmup", **m, learning_rate=float(schedule(step)))
   seconds = time.perf_counter() - t0
   hf_io.save_pretrained(out_dir, model_config, params)
+  with open(os.path.join(out_dir, RECIPE_FILE), "w") as f:
+    json.dump(recipe(config), f, indent=2)
   for name in os.listdir(tok_dir):  # the tokenizer and image settings travel with the weights
     if not (name.endswith(".safetensors") or name in ("config.json", "generation_config.json",
                                                         "model.safetensors.index.json")):

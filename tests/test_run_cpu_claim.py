@@ -73,3 +73,28 @@ def test_collect_means_seeds_and_walls(claim, tmp_path):
   assert "| confirm_only | 0 | - | - |" in table
   assert "warmup - as a process (60 s of training steps, 5 s of zoom probe)" in table
   assert (results / "cpu_claim_curves.png").stat().st_size > 10_000
+
+
+def _base_run(root, recipe):
+  base = os.path.join(root, "base_run", "base")
+  os.makedirs(base)
+  with open(os.path.join(base, "config.json"), "w") as f:
+    json.dump({}, f)
+  with open(os.path.join(base, "warmup_recipe.json"), "w") as f:
+    json.dump(recipe, f)
+
+
+def test_sweep_reuses_a_base_only_with_the_same_recipe(claim, tmp_path, monkeypatch):
+  from imagent_jax import warmup
+  launched = []
+  monkeypatch.setattr(claim, "_main", lambda workdir, overrides, log: launched.append(overrides) or 1.0)
+  assert claim.resolved_config(["warmup.steps=7"]).warmup.steps == 7  # parsed as imagent_jax.main does
+  same = tmp_path / "same"
+  _base_run(same, warmup.recipe(claim.resolved_config(["warmup.steps=7"])))
+  claim.run_sweep(str(same), ["rl"], [0], ["warmup.steps=7"])
+  assert len(launched) == 1 and "stages=rl" in launched[0]  # the warmup was not run again
+  other = tmp_path / "other"
+  _base_run(other, warmup.recipe(claim.resolved_config([])))
+  with pytest.raises(SystemExit, match=r"warmup.steps: base 450, config 7"):
+    claim.run_sweep(str(other), ["rl"], [0], ["warmup.steps=7"])
+  assert len(launched) == 1

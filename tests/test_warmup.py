@@ -1,6 +1,8 @@
 """The warmup's read-zoom probe: prompts built from real examples, answers scored by the reward's matcher."""
 
 import collections
+import json
+import os
 
 import jax
 import numpy as np
@@ -217,3 +219,25 @@ def test_image_choice_probe_matches_per_question_softmax(tmp_path):
   assert out["call_on_asked_image_chance"] == pytest.approx(np.mean([1 / len(e["images"]) for e in multi]))
   assert warmup.image_choice_probe(model, params, processor, [e for e in examples if len(e["images"]) == 1], tcfg,
                                    system, max_len=768) == {}
+
+
+def test_warmup_refuses_a_base_trained_with_another_recipe(tmp_path, capsys):
+  from imagent_jax.reporting import MetricsWriter, Report
+  config = default_config.get_config("smoke")
+  base = components.base_dir(str(tmp_path))
+  os.makedirs(base)
+  open(os.path.join(base, "config.json"), "w").write("{}")
+  args = (config, str(tmp_path), Report(str(tmp_path), "t"), MetricsWriter(str(tmp_path)))
+  assert warmup.run(*args) == {"reused": True}  # no recipe file: an older base, reused unchecked
+  assert "cannot be checked" in capsys.readouterr().out
+  with open(os.path.join(base, warmup.RECIPE_FILE), "w") as f:
+    json.dump(warmup.recipe(config), f)
+  assert warmup.run(*args) == {"reused": True}
+  config.warmup.zoom_request_share = 0.5
+  config.data.categories = "color"
+  with pytest.raises(ValueError, match=r"invalid config: .*data.categories: base 'mosaic', config 'color'; "
+                                       r"warmup.zoom_request_share: base 1.0, config 0.5"):
+    warmup.run(*args)
+  config.warmup.progress_bar, config.data.data_dir = False, "/elsewhere"  # not part of the recipe
+  config.warmup.zoom_request_share, config.data.categories = 1.0, "mosaic"
+  assert warmup.run(*args) == {"reused": True}
