@@ -135,6 +135,54 @@ def trajectory_stats(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], t
   return out
 
 
+def score_trajectories(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], group_size: int,
+                       reward_config: rewards.RewardConfig) -> dict[str, np.ndarray]:
+  """``rewards.compute_rewards`` of rollout trajectories against their questions' answers.
+
+  Args:
+    trajs: ``[R]`` trajectories, ``group_size`` consecutive ones per question.
+    examples: the questions (``answer``, optional ``options``), indexed by ``Trajectory.prompt_index``.
+    group_size: trajectories per question.
+    reward_config: the reward.
+
+  Returns:
+    ``compute_rewards``' dict of ``[R]`` arrays (``total``, ``accuracy``, ``format``, ...).
+  """
+  return rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],
+                                 [examples[t.prompt_index].get("options") for t in trajs],
+                                 [t.num_successful_image_calls for t in trajs], group_size, reward_config,
+                                 num_malformed_calls=[t.num_malformed_calls for t in trajs])
+
+
+def training_batch(config, out: dict, trajs: Sequence[rl.Trajectory], loss_mask, advantages) -> tuple[dict, np.ndarray]:
+  """The GRPO update's batch from one rollout.
+
+  Re-renders every image the trajectories saw (``rl.training_images``, from each view's
+  provenance, into ``config.rl.patch_budget`` / ``image_slots``) and keeps only the token columns
+  some row uses (rounded up to ``config.rl.length_bucket``).
+
+  Args:
+    config: the run config (``rl``, ``processor``, ``tools`` sections).
+    out: the rollout's arrays (``tokens``, ``attention_mask``, ``action_mask``, ``logprobs``: ``[R, T]``).
+    trajs: its ``[R]`` trajectories.
+    loss_mask: ``[R, T]`` (``masks.loss_mask``).
+    advantages: ``[R]`` (``grpo.compute_advantages``).
+
+  Returns:
+    ``(batch, sampled)``: ``batch`` with ``tokens``, ``attention_mask``, ``loss_mask``, ``old_logp``
+    ``[R, T']``, ``advantages [R]``, ``pixel_values``, ``image_grid_thw`` (what ``grpo.update`` takes;
+    add ``ref_logp`` for a KL term), and ``sampled [R, T']`` bool, the tokens the policy sampled.
+  """
+  c = config
+  pv, grid = rl.training_images(trajs, c.rl.patch_budget, c.rl.image_slots, max_pixels=c.processor.max_pixels,
+                                min_pixels=c.processor.min_pixels, view_max_pixels=c.tools.view_max_pixels)
+  batch = dict(tokens=out["tokens"], attention_mask=out["attention_mask"], loss_mask=np.asarray(loss_mask),
+               advantages=np.asarray(advantages), old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid,
+               action_mask=out["action_mask"])
+  batch = grpo.trim_padding_columns(batch, c.rl.length_bucket)  # the used span only: less attention
+  return batch, batch.pop("action_mask").astype(bool)
+
+
 class Trainer:
   """Owns the run's state and loop. ``Trainer(config, workdir).train()``."""
 
@@ -210,10 +258,7 @@ class Trainer:
                                            system_style=style) for e in examples]
 
   def score(self, trajs, examples, group_size: int) -> dict[str, np.ndarray]:
-    return rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],
-                                   [examples[t.prompt_index].get("options") for t in trajs],
-                                   [t.num_successful_image_calls for t in trajs], group_size, self.reward_cfg,
-                                   num_malformed_calls=[t.num_malformed_calls for t in trajs])
+    return score_trajectories(trajs, examples, group_size, self.reward_cfg)
 
   def train_step(self) -> dict[str, float]:
     """One RL step; returns its metrics."""
@@ -233,13 +278,8 @@ class Trainer:
                                               rew["total"], self.mask_cfg)
     stats_rows = masks.group_stats_mask(out["status"], malformed, self.mask_cfg)
     advantages = grpo.compute_advantages(self.grpo_cfg, rew["total"], stats_rows)
-    pv, grid = rl.training_images(trajs, c.rl.patch_budget, c.rl.image_slots, max_pixels=c.processor.max_pixels,
-                                  min_pixels=c.processor.min_pixels, view_max_pixels=c.tools.view_max_pixels)
-    batch = dict(tokens=out["tokens"], attention_mask=out["attention_mask"], loss_mask=np.asarray(loss_mask),
-                 advantages=np.asarray(advantages), old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid,
-                 action_mask=out["action_mask"])
-    batch = grpo.trim_padding_columns(batch, c.rl.length_bucket)  # the used span only: less attention
-    act = batch.pop("action_mask").astype(bool)
+    batch, act = training_batch(c, out, trajs, loss_mask, advantages)
+    pv, grid = batch["pixel_values"], batch["image_grid_thw"]
     metrics: dict[str, float] = {}
     if c.rl.logprob_gap_every and self.step % c.rl.logprob_gap_every == 0:  # steps 1, 1 + every, ...
       fwd = np.asarray(logprobs.sequence_logprobs(self.model, self.params, batch["tokens"], batch["attention_mask"],
