@@ -164,7 +164,7 @@ def collect(root: str, variants: list[str], seeds: list[int]) -> dict:
 
 
 def _walls(root: str, runs: dict) -> dict:
-  """Seconds of the warmup (the whole ``main`` process; its training steps; its zoom probe) and of
+  """Seconds of the warmup (the whole ``main`` process; its training steps; its probes) and of
   the rl runs (each a whole ``main`` process: model load, evaluations, 100 steps)."""
   base_run = os.path.join(root, "base_run")
   done = os.path.join(base_run, "claim_done.json")
@@ -211,8 +211,8 @@ def write_outputs(results: dict, root: str, variants: list[str], seeds: list[int
                   f"accuracy, same prompt' is the base before RL under the variant's system prompt (which lists "
                   f"the variant's tools, none for no_tools). Wall time on this "
                   f"machine: warmup {sec(w.get('warmup_process'))} as a process ({sec(w.get('warmup_steps'))} of "
-                  f"training steps, {sec(w.get('warmup_probe'))} of zoom probe); an rl run "
-                  f"{sec(rl.get('mean'))} on average ({len(results['runs'])} runs)."]
+                  f"training steps, {sec(w.get('warmup_probe'))} of probes); an rl run "
+                  f"{sec(rl.get('mean'))} on average over {len(results['runs'])} run{'s' * (len(results['runs']) != 1)}."]
   with open(os.path.join(RESULTS, "cpu_claim.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

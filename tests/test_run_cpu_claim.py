@@ -71,7 +71,7 @@ def test_collect_means_seeds_and_walls(claim, tmp_path):
   assert "| rl | 2 | 0.250 ± 0.000 | 0.625 ± 0.125 |" in table
   assert "| no_tools | 1 | 0.125 (one seed) | 0.250 (one seed) |" in table
   assert "| confirm_only | 0 | - | - |" in table
-  assert "warmup - as a process (60 s of training steps, 5 s of zoom probe)" in table
+  assert "warmup - as a process (60 s of training steps, 5 s of probes)" in table
   assert (results / "cpu_claim_curves.png").stat().st_size > 10_000
 
 
