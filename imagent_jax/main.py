@@ -59,12 +59,14 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.ERROR)  # keep jax's backend probing out of the user's way
   logging.getLogger("imagent_jax").setLevel(logging.INFO)
   try:
-    run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+    results = run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
   except ValueError as e:
     if str(e).startswith("invalid config"):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     raise
+  if any(isinstance(r, dict) and r.get("stopped") for r in results.values()):
+    sys.exit(143)  # stopped by SIGTERM before the end (128 + 15): not a finished run
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   if test and trainer.step == 0:  # the base, before any update (a resumed run logged it already)
     trainer.log(trainer.evaluate(test, prefix="test"), stage="test")
   last = trainer.train()
-  if test:
+  if trainer.stopped:  # preempted: exit quickly; the same command resumes from the checkpoint
+    print(f"Stopped by SIGTERM after step {trainer.step} (checkpoint saved); run the same command again to "
+          f"resume. The test of the result is left for the finished run.")
+  elif test:
     trainer.log(trainer.evaluate(test, prefix="test"), stage="test")
   seconds = time.perf_counter() - t0
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -41,6 +44,8 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   tests = [r for r in records if r["stage"] == "test"]
   curves = plots.plot_training_curves(train, evals, os.path.join(workdir, "rl_curves.png"))
   body = f"{trainer.step} steps in {seconds:.0f}s (this run)."
+  if trainer.stopped:
+    body += f" **Stopped by SIGTERM before step {config.rl.steps}**: run again to resume."
   if len(tests) >= 2:
     rows = [(k, _fmt(tests[0].get(f"test/{k}")), _fmt(tests[-1].get(f"test/{k}"))) for k in _TEST_KEYS]
     head = [f"test split, greedy ({len(test)} questions)", f"base (step {tests[0]['step']})",
@@ -58,7 +63,8 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
     print(f"\n{head[0]}:\n" + "\n".join(f"  {k}: {v}" for k, v in rows))
     body += "\n\n" + markdown_table(head, rows)
   report.add("RL (GRPO)", body + f"\n\n![training curves]({os.path.basename(curves)})")
-  return {"steps": trainer.step, "seconds": seconds, **{k: v for k, v in last.items() if isinstance(v, float)}}
+  return {"steps": trainer.step, "seconds": seconds, "stopped": trainer.stopped,
+          **{k: v for k, v in last.items() if isinstance(v, float)}}
 
 
 def _nanmean(values):

@@ -84,9 +84,32 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 
   trainer.train_step = step_then_sigterm
   trainer.train()
-  assert trainer.step == 1
+  assert trainer.step == 1 and trainer.stopped
   assert os.path.isdir(tmp_path / "checkpoints" / "1")
   assert signal.getsignal(signal.SIGTERM) is not trainer._on_sigterm  # handler restored
+
+
+def test_rl_stage_stopped_by_sigterm_skips_the_final_test(tmp_path, monkeypatch, capsys):
+  """A preempted rl stage exits right after its checkpoint: no test of a half-trained policy
+  logged as the result, and ``stopped`` in its summary (main then exits 143)."""
+  from imagent_jax import rl_stage
+  from imagent_jax.reporting import MetricsWriter, Report
+  original = Trainer.train_step
+
+  def step_then_sigterm(self):
+    out = original(self)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+  config = _config(steps=3)
+  with config.unlocked():
+    config.rl.test_examples = 2
+  out = rl_stage.run(config, str(tmp_path), Report(str(tmp_path), "t"), MetricsWriter(str(tmp_path)))
+  assert out["stopped"] and out["steps"] == 1
+  assert "Stopped by SIGTERM after step 1" in capsys.readouterr().out
+  tests = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"stage": "test"' in l]
+  assert [r["step"] for r in tests] == [0]  # the base only
 
 
 def test_invalid_rl_config_is_refused_before_compiling():

@@ -246,6 +246,11 @@ class Trainer:
     self._saved_step = self.step
     print(f"Resumed from {self.ckpt.directory} at step {self.step}")
 
+  @property
+  def stopped(self) -> bool:
+    """True once SIGTERM has stopped ``train`` before its last step (a checkpoint was saved)."""
+    return self._stop
+
   def _on_sigterm(self, signum, frame):  # noqa: ARG002
     log.warning("SIGTERM: saving a checkpoint after this step and stopping")
     self._stop = True
