@@ -106,7 +106,7 @@ class TaskOptions:
   """
   call_share: float = 0.0
   confirm_share: float = 1.0
-  zoom_request_share: float = 1 / 3
+  zoom_request_share: float = 1.0
 
 
 ANSWER_THOUGHT = "<think>I look at the images.</think>"
@@ -168,7 +168,7 @@ def _locate(example, ctx, rng, options):
 def _tool_syntax(example, ctx, rng, options):
   """The RL prompt plus an explicit instruction to call a tool → the call, alone.
 
-  A ``zoom_request_share`` part of the time (a third by default) "Zoom in on the detail the
+  A ``zoom_request_share`` part of the time (by default always) "Zoom in on the detail the
   question is about." (``confirm`` on the answer's region: the question's box where it gives
   one); otherwise a named tool on a random image (and box).
   """
