@@ -80,12 +80,11 @@ def check_base(base_run: str, common: list[str]) -> None:
   config with ``common`` overrides (e.g. a default changed since): its runs would not be the claim's."""
   from imagent_jax import warmup
   path = os.path.join(base_run, "base", warmup.RECIPE_FILE)
-  if not os.path.isfile(path):  # a base from before recipe files: the warmup run's config.json
-    path = os.path.join(base_run, "config.json")
-  with open(path) as f:
-    trained = json.load(f)
-  diffs = warmup.recipe_differences(warmup.recipe(trained) if "stages" in trained else trained,
-                                    warmup.recipe(resolved_config(common)))
+  if os.path.isfile(path):
+    trained = json.load(open(path))
+  else:  # a base from before recipe files: the recipe of the warmup run's config.json
+    trained = warmup.recipe(json.load(open(os.path.join(base_run, "config.json"))))
+  diffs = warmup.recipe_differences(trained, warmup.recipe(resolved_config(common)))
   if diffs:
     raise SystemExit(f"{base_run}/base was trained with another recipe than this config ({'; '.join(diffs)}): "
                      f"use another --root (or delete {base_run})")

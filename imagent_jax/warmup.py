@@ -354,14 +354,13 @@ def image_choice_probe(model: qvl.Qwen25VL, params, processor, examples, tool_co
     probability of the asked image, the mean of 1/number of images, and the share of questions
     where the asked image is the most likely; ``{}`` when no question has two images.
   """
-  rows, owner, patches = [], [], 0
+  rows, owner = [], []
   for q, e in enumerate(examples):
     n = len(e["images"])
     if n < 2:
       continue
     _, box = _shown_box(e, tools.ToolContext(e["images"], tool_config))
     messages = [{"role": "system", "content": system}, {"role": "user", "content": _user_content(e, n)}]
-    patches = max(patches, len(processor([messages], [list(e["images"])])["pixel_values"]))
     for k in range(n):
       call = protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
       rows.append((messages, list(e["images"]), ANSWER_THOUGHT + protocol.render_tool_call(call), "probe"))
@@ -369,6 +368,8 @@ def image_choice_probe(model: qvl.Qwen25VL, params, processor, examples, tool_co
   if not rows:
     return {}
   most = max(len(r[1]) for r in rows)
+  settings = processor.image_settings  # an image is resized to at most max_pixels: its patch count's bound
+  patches = most * settings["max_pixels"] // settings["patch_size"] ** 2
   cfg = model.config
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
   score = jax.jit(lambda p, b: sft_loss(model, p, b)[1]["row_loss"])
@@ -376,8 +377,7 @@ def image_choice_probe(model: qvl.Qwen25VL, params, processor, examples, tool_co
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # static shapes: one compile
-    batch = encode_batch(processor, chunk, max_len, batch_size * patches, batch_size * most, pad,
-                         cfg.eos_token_id)
+    batch = encode_batch(processor, chunk, max_len, batch_size * patches, batch_size * most, pad, cfg.eos_token_id)
     tokens = batch["loss_mask"][:, 1:].sum(-1)
     logp += (-np.asarray(score(params, batch)) * tokens).tolist()
   logp, owner = np.asarray(logp[:len(rows)]), np.asarray(owner)
