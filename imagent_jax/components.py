@@ -150,8 +150,8 @@ def data_source(config, workdir: str, split: str):
     return builders.make_source("synthetic_mifg", data_dir=data_dir, split=split, sizes=sizes,
                                 difficulty=difficulty(config), seed=d.seed)
   if d.source == "synthetic":
-    from imagent_jax.data.builders.synthetic_mifg import split_seed
-    return builders.make_source("synthetic", size=sizes[split], seed=split_seed(d.seed, split),
+    from imagent_jax.data import synthetic
+    return builders.make_source("synthetic", size=sizes[split], seed=synthetic.split_seed(d.seed, split),
                                 difficulty=difficulty(config))
   if d.source == "jsonl":
     path = {"train": d.train_path, "validation": d.validation_path, "test": d.test_path}[split]

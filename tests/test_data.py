@@ -265,6 +265,26 @@ def test_synthetic_source():
     source[5]
 
 
+def test_on_the_fly_source_needs_no_tfds(monkeypatch, tmp_path):
+  """``data.source="synthetic"`` (what a machine without TensorFlow uses) draws the same examples
+  as the tfds build, without importing tensorflow_datasets anywhere on the way."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from imagent_jax import components, default_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # any import of it now raises ImportError
+  monkeypatch.delitem(sys.modules, "imagent_jax.data.builders.synthetic_mifg", raising=False)
+  config = default_config.get_config()
+  config.data.source = "synthetic"
+  source = components.data_source(config, str(tmp_path), "validation")
+  seed = builders.split_seed(config.data.seed, "validation")
+  assert seed == 3 * config.data.seed + 1
+  want = synthetic.generate_example(seed, 2, components.difficulty(config))
+  assert source[2]["question"] == want["question"] and same_images(source[2]["images"], want["images"])
+  assert len(components.eval_examples(config, str(tmp_path), "test", count=3)) == 3
+  with pytest.raises(ImportError):  # the guard above holds: the tfds builder cannot be imported here
+    importlib.import_module("imagent_jax.data.builders.synthetic_mifg")
+
+
 # ----------------------------------------------------------------------------------------------
 # tfds builder.
 

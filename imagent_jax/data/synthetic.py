@@ -695,6 +695,17 @@ def zoom_box(example: dict, size: tuple[int, int], shown: tuple[int, int]) -> li
 IMAGE_FORMATS = ("rgb", "palette", "png")
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def split_seed(seed: int, split: str) -> int:
+  """The stream seed of ``split``: ``3 * seed + {train: 0, validation: 1, test: 2}`` (disjoint
+  streams for every base seed; the tfds build ``synthetic_mifg`` stores exactly these)."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; splits: {SPLITS}")
+  return 3 * int(seed) + SPLITS.index(split)
+
+
 def example_rng(seed: int, index: int) -> np.random.Generator:
   """The generator of example ``index`` of stream ``seed`` (independent of every other pair)."""
   for name, value in (("seed", seed), ("index", index)):

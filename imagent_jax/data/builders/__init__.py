@@ -24,7 +24,7 @@ from typing import Any, Callable
 from imagent_jax.data.builders.jsonl import DataError, JsonlSource, write_jsonl
 
 SOURCES: dict[str, Callable[..., Any]] = {}
-_LAZY = ("SyntheticMifg", "SyntheticMifgConfig", "TfdsSource", "build_synthetic", "make_config", "split_seed")
+_LAZY = ("SyntheticMifg", "SyntheticMifgConfig", "TfdsSource", "build_synthetic", "make_config")
 
 
 def register_source(name: str):
@@ -80,10 +80,13 @@ def _jsonl(path: str, on_error: str = "raise", max_image_pixels: Any = None) -> 
 
 
 def __getattr__(name: str) -> Any:
+  if name == "split_seed":  # lives with the generator: no tfds import
+    from imagent_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.split_seed
   if name in _LAZY:
     from imagent_jax.data.builders import synthetic_mifg  # pylint: disable=g-import-not-at-top
     return getattr(synthetic_mifg, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DataError", "JsonlSource", "SOURCES", "make_source", "register_source", "write_jsonl", *_LAZY]
+__all__ = ["DataError", "JsonlSource", "SOURCES", "make_source", "register_source", "write_jsonl", "split_seed", *_LAZY]

@@ -47,19 +47,12 @@ from PIL import Image
 from imagent_jax.data import synthetic
 from imagent_jax.processing import images as images_lib
 
-SPLITS = ("train", "validation", "test")
+SPLITS, split_seed = synthetic.SPLITS, synthetic.split_seed  # defined beside the generator (no tfds needed)
 DEFAULT_SIZES = {"train": 10000, "validation": 500, "test": 500}
 _PARALLEL_MIN_EXAMPLES = 256  # below this, generating in-process beats starting workers
 _CHUNK = 16
 
 Sizes = Union[Mapping[str, int], Sequence[int], None]
-
-
-def split_seed(seed: int, split: str) -> int:
-  """The stream seed of ``split``: ``3 * seed + {train: 0, validation: 1, test: 2}``."""
-  if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; splits: {SPLITS}")
-  return 3 * int(seed) + SPLITS.index(split)
 
 
 def _normalize_sizes(sizes: Sizes) -> dict[str, int]:
