@@ -1,4 +1,8 @@
-"""CPU throughput of the jitted sampler and of the jitted multi-turn rollout, on one set of weights.
+"""Throughput of the jitted sampler and of the jitted multi-turn rollout, on one set of weights.
+
+Everything runs on JAX's default backend: the CPU, or a GPU where JAX sees one (transformers then
+runs on the same GPU through torch's CUDA, and float32 matmuls use full precision on both sides:
+no TF32, so greedy tokens can be compared).
 
 Two comparisons, both on the same random Qwen2.5-VL weights (created once in JAX, written with
 ``hf_io.save_pretrained`` and read back by both our loader and transformers):
@@ -41,6 +45,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch too
 import statistics
 import tempfile
 import time
@@ -120,6 +126,18 @@ class CompileClock:
 CLOCK = CompileClock()
 
 
+def torch_device() -> str:
+  """Where transformers runs: ``cuda`` when JAX's default backend is a GPU (and torch sees one)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_sync() -> None:
+  import torch  # pylint: disable=import-outside-toplevel
+  if torch_device() == "cuda":
+    torch.cuda.synchronize()
+
+
 def _timed_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int,
                 warm_b: Callable[[], Any] | None = None) -> dict[str, Any]:
   """Times two workloads: a first (compiling) call of each, then ``repeats`` alternating calls.
@@ -170,7 +188,7 @@ def load_torch_model(folder: str):
 
   transformers.logging.set_verbosity_error()
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-      folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+      folder, dtype=torch.float32, attn_implementation="sdpa").eval().to(torch_device())
   model.generation_config.eos_token_id = None
   return model
 
@@ -201,12 +219,14 @@ def bench_decode(config, params, torch_model, batch: int, new_tokens: int, repea
   def ours():
     return np.asarray(sampler.generate(config, params, inputs, max_new_tokens=new_tokens)["tokens"])
 
+  dev = torch_device()
+
   def theirs(n=new_tokens):
     with torch.no_grad():
-      out = torch_model.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                                 max_new_tokens=n, do_sample=False, pad_token_id=config.pad_token_id,
-                                 eos_token_id=None)
-    return out[:, ids.shape[1]:].numpy()
+      out = torch_model.generate(input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+                                 attention_mask=torch.tensor(mask, device=dev), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=config.pad_token_id, eos_token_id=None)
+    return out[:, ids.shape[1]:].cpu().numpy()
 
   # transformers compiles nothing: its warm-up is a 2-token call.
   res = _timed_pair(ours, theirs, repeats, warm_b=lambda: theirs(2))
@@ -245,9 +265,14 @@ def weight_stream_rates(nbytes: int, batch: int, repeats: int = 5) -> dict[str, 
   x = np.ones((batch, rows), np.float32)
   wj, xj = jnp.asarray(w), jnp.asarray(x)
   mm = jax.jit(jnp.matmul)
-  wt, xt = torch.from_numpy(w), torch.from_numpy(x)
+  wt, xt = torch.from_numpy(w).to(torch_device()), torch.from_numpy(x).to(torch_device())
+
+  def torch_mm():
+    torch.mm(xt, wt)
+    _torch_sync()
+
   rates = {}
-  for name, fn in (("xla", lambda: mm(xj, wj).block_until_ready()), ("torch", lambda: torch.mm(xt, wt))):
+  for name, fn in (("xla", lambda: mm(xj, wj).block_until_ready()), ("torch", torch_mm)):
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -606,8 +631,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
 
-  threads = os.cpu_count() or 1
+  # the CPUs this process may run on (``taskset`` narrows them; os.cpu_count() would not see it)
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
   torch.set_num_threads(threads)
+  if jax.default_backend() == "gpu":  # full float32 on both sides (JAX's GPU default for f32 dots is TF32)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
   new_tokens = 8 if args.quick else args.new_tokens
   repeats = 1 if args.quick else args.repeats
   config = model_config(args.quick)
@@ -622,7 +651,8 @@ def main(argv=None):
     print(f"model: {n_params / 1e6:.1f}M parameters ({vision / 1e6:.2f}M vision); hidden {config.hidden_size}, "
           f"{config.num_hidden_layers} layers, heads {config.num_attention_heads}/{config.num_key_value_heads}, "
           f"intermediate {config.intermediate_size}, vocab {config.vocab_size}")
-    print(f"devices: {jax.devices()}; torch threads {torch.get_num_threads()}; cpu count {threads}")
+    print(f"devices: {jax.devices()}; torch on {torch_device()}, threads {torch.get_num_threads()}; cpu count "
+          f"{threads}")
     if args.only in (None, "decode"):
       torch_model = load_torch_model(ckpt)
       dec = bench_decode(config, params, torch_model, args.batch, new_tokens, repeats)
@@ -638,7 +668,8 @@ def main(argv=None):
   if dec is not None:
     rows += [(f"(a) ours: jitted generate, greedy, B={args.batch}", dec["ours_wall"], dec["tokens"] / dec["ours_wall"],
               dec["ours_compile"]),
-             (f"(a) transformers generate, fp32, {torch.get_num_threads()} threads", dec["hf_wall"],
+             (f"(a) transformers generate, fp32, "
+              f"{'cuda' if torch_device() == 'cuda' else f'{torch.get_num_threads()} threads'}", dec["hf_wall"],
               dec["tokens"] / dec["hf_wall"], dec["hf_compile"])]
   if rol is not None:
     rows += [("(b) ours: jitted rollout (one program)", rol["ours_wall"], rol["action_tokens"] / rol["ours_wall"],
@@ -655,7 +686,7 @@ def main(argv=None):
         f"to compile); total script time "
         f"{time.perf_counter() - t_start:.0f} s; 1-min load average {load_start:.2f} at start, "
         f"{os.getloadavg()[0]:.2f} at end on {threads} CPUs)")
-  if dec is not None and dec["weight_bytes"] < 64e6:
+  if dec is not None and dec["weight_bytes"] < 64e6 and jax.default_backend() == "cpu":
     print(f"(a) roofline skipped: {dec['weight_bytes'] / 1e6:.1f} MB of weights fit in the CPU caches")
   elif dec is not None:
     roof = dec["weight_bytes"] / max(dec["stream_rates"].values())
