@@ -526,7 +526,8 @@ class HostTurnLoop:
     return ids, mask, pv, grid
 
 
-def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats: int) -> dict[str, Any]:
+def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats: int,
+                  insert_wait: int = 0) -> dict[str, Any]:
   """Part (b): the jitted rollout against the host turn loop, same prompts, script and weights."""
   s = rollout_settings(quick, batch)
   pix = s["pix"]
@@ -539,13 +540,13 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
   cfg = rl.RolloutConfig(group_size=1, max_prompt_len=max_prompt_len, prompt_patches=prompt_patches,
                          max_prompt_images=len(probe["image_grid_thw"]), max_new_tokens=s["max_new_tokens"],
                          max_tool_calls=3, obs_max_tokens=s["obs_max_tokens"], view_max_patches=s["view_max_patches"],
-                         temperature=1.0)
+                         temperature=1.0, insert_wait=insert_wait)
   tool_config = tools_lib.ToolConfig(input_min_pixels=pix["min_pixels"], input_max_pixels=pix["max_pixels"],
                                      view_max_pixels=s["view_max_patches"] * 14 * 14)
   ro = rl.Rollout(qvl.Qwen25VL(config), processor, cfg, tool_config)
   forced, turn_lengths = scripted_policy(processor, config, prompts, images)
-  # Decode steps at which some row closes a tool call: each distinct step is one in-graph
-  # observation insert (host callback + vision + a [R, obs_max_tokens] prefill) in our rollout.
+  # Decode steps at which some row closes a tool call: with insert_wait=0 each distinct step is
+  # one in-graph observation insert (host callback + vision + a [R, obs_max_tokens] prefill).
   call_steps = {sum(t[:k + 1]) for t in turn_lengths for k in range(2)}
 
   def ours():
@@ -586,7 +587,7 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
               host_wall=host_wall, host_walls=host_walls, host_compile=res["compile_b"], host_first=res["first_b"],
               action_tokens=action_tokens, total_tokens=total_tokens, same_tokens=same_tokens, ours_gap=ours_gap,
               host_gap=host_gap, answered=answered, rows=s["batch"], image_calls=image_calls,
-              insert_events=len(call_steps), host_turns=host_turns, host_shapes=sorted(host.shapes), cfg=cfg,
+              insert_events=int(out["inserts"]), call_steps=len(call_steps), host_turns=host_turns, host_shapes=sorted(host.shapes), cfg=cfg,
               prompt_tokens=probe["attention_mask"].sum(1).tolist(), prompt_patches=len(probe["pixel_values"]))
 
 
@@ -614,7 +615,8 @@ def _print_rollout(rol: dict[str, Any]) -> None:
           "loop's do not): see experiments/README.md")
   print("(b) max |log-prob - teacher-forced forward| per row: ours "
         f"{[float(f'{x:.1e}') for x in rol['ours_gap']]}, host loop {[float(f'{x:.1e}') for x in rol['host_gap']]}")
-  print(f"(b) ours: {rol['insert_events']} in-graph observation inserts (distinct call steps); host loop: "
+  print(f"(b) ours: {rol['insert_events']} in-graph observation inserts (calls close on {rol['call_steps']} "
+        f"distinct steps; insert_wait {cfg.insert_wait}); host loop: "
         f"{rol['host_turns']} turns, compiled shapes {rol['host_shapes']}")
   print(f"(b) timed walls ours {[round(x, 3) for x in rol['ours_walls']]}, "
         f"host loop {[round(x, 3) for x in rol['host_walls']]}; first calls ours {rol['ours_first']:.1f} s, "
@@ -628,6 +630,8 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--quick", action="store_true", help="tiny model and few tokens (a smoke test)")
   parser.add_argument("--only", choices=("decode", "rollout"), default=None, help="run one part only")
+  parser.add_argument("--insert-wait", type=int, default=0,
+                      help="(b): steps a row that closed a call may wait so one insert serves several calls")
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
 
@@ -661,7 +665,8 @@ def main(argv=None):
       del torch_model
       _print_decode(dec, new_tokens)
     if args.only in (None, "rollout"):
-      rol = bench_rollout(config, params, os.path.join(tmp, "tok"), args.quick, args.batch, repeats)
+      rol = bench_rollout(config, params, os.path.join(tmp, "tok"), args.quick, args.batch, repeats,
+                          insert_wait=args.insert_wait)
       _print_rollout(rol)
 
   rows = []
@@ -672,7 +677,7 @@ def main(argv=None):
               f"{'cuda' if torch_device() == 'cuda' else f'{torch.get_num_threads()} threads'}", dec["hf_wall"],
               dec["tokens"] / dec["hf_wall"], dec["hf_compile"])]
   if rol is not None:
-    rows += [("(b) ours: jitted rollout (one program)", rol["ours_wall"], rol["action_tokens"] / rol["ours_wall"],
+    rows += [(f"(b) ours: jitted rollout (one program, insert_wait {rol['cfg'].insert_wait})", rol["ours_wall"], rol["action_tokens"] / rol["ours_wall"],
               rol["ours_compile"]),
              ("(b) host turn loop (jitted prefill+decode)", rol["host_wall"], rol["action_tokens"] / rol["host_wall"],
               rol["host_compile"])]

@@ -82,7 +82,7 @@ def rollout_config(config) -> rl.RolloutConfig:
                           max_prompt_images=r.max_prompt_images, max_new_tokens=r.max_new_tokens,
                           max_tool_calls=r.max_tool_calls, obs_max_tokens=r.obs_max_tokens,
                           view_max_patches=config.tools.view_max_pixels // (14 * 14), temperature=r.temperature,
-                          top_k=r.top_k, top_p=r.top_p)
+                          top_k=r.top_k, top_p=r.top_p, insert_wait=r.insert_wait)
 
 
 def tool_config(config) -> tools.ToolConfig:

@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_k = 0
   c.rollout.top_p = 1.0
+  c.rollout.insert_wait = 0  # steps a row that closed a tool call may wait so one insert serves several calls
   c.rollout.scripted_rows = -1  # rollout stage: rows per group that follow a demo script; -1: 1 with random weights
 
   c.tools = ml_collections.ConfigDict()  # imagent_jax.agent.tools.ToolConfig
@@ -246,6 +247,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                   f"{config.tools.view_max_pixels // 784} tokens plus the tool response text")
   if config.rollout.group_size < 1 or config.rollout.num_prompts < 1:
     errors.append("config.rollout.group_size and num_prompts must be >= 1")
+  if config.rollout.insert_wait < 0:
+    errors.append(f"config.rollout.insert_wait={config.rollout.insert_wait} must be >= 0")
   if not -1 <= config.rollout.scripted_rows <= config.rollout.group_size:
     errors.append("config.rollout.scripted_rows must lie in [-1, group_size]")
   try:

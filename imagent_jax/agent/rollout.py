@@ -58,6 +58,10 @@ class RolloutConfig:
     obs_max_tokens: static size of one observation chunk (text + image tokens).
     view_max_patches: static patch slot of one returned view (its pixel budget / 14**2).
     temperature, top_k, top_p: sampling (see ``sampler.sample_logits``).
+    insert_wait: decode steps a row that closed a tool call may wait for other rows' calls, so
+      that one observation insert (a host call, the vision tower and a prefill for the whole
+      batch) serves several calls. 0 inserts at once; the wait ends early when every row still
+      going is waiting. Sampling is unchanged: a waiting row samples nothing.
   """
 
   group_size: int = 4
@@ -71,8 +75,11 @@ class RolloutConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  insert_wait: int = 0
 
   def __post_init__(self):
+    if self.insert_wait < 0:
+      raise ValueError(f"insert_wait must be >= 0, got {self.insert_wait}")
     if self.view_max_patches % 4:
       raise ValueError("view_max_patches must be a multiple of 4 (2x2 merge units)")
     if self.obs_max_tokens < self.view_max_patches // 4 + 16:
@@ -89,6 +96,9 @@ class _Carry:
   turn_start: jax.Array  # [R] slot where the current assistant turn starts
   num_sampled: jax.Array  # [R] tokens sampled so far (indexes forced tokens)
   done: jax.Array  # [R] bool
+  pending: jax.Array  # [R] bool: closed a tool call, waiting for its observation
+  waited: jax.Array  # [] int32: steps the oldest pending call has waited
+  inserts: jax.Array  # [] int32: observation inserts so far
   status: jax.Array  # [R] int32
   step: jax.Array  # [] int32
   rng: jax.Array
@@ -224,7 +234,8 @@ def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: Ro
   dec = dec.replace(cache=cache, key_mask=key_mask, index=index, next_pos=next_pos,
                     logits=jnp.where(has[:, None], last, dec.logits))
   return carry.replace(dec=dec, tokens=tokens, turn_start=jnp.where(has, index, carry.turn_start),
-                       done=carry.done | stop, status=jnp.where(stop, stop_status, carry.status))
+                       done=carry.done | stop, status=jnp.where(stop, stop_status, carry.status),
+                       pending=carry.pending & ~need, waited=jnp.int32(0), inserts=carry.inserts + 1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "special"))
@@ -242,11 +253,14 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
   tokens = jnp.full((r, seq_len + k), pad_id, jnp.int32).at[:, :l].set(jnp.repeat(input_ids, cfg.group_size, 0))
   carry = _Carry(dec=dec, tokens=tokens, action=jnp.zeros((r, seq_len + k), bool),
                  logprobs=jnp.zeros((r, seq_len + k), jnp.float32), turn_start=jnp.full((r,), l, jnp.int32),
-                 num_sampled=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool),
-                 status=jnp.full((r,), RUNNING, jnp.int32), step=jnp.int32(0), rng=rng)
+                 num_sampled=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool), pending=jnp.zeros((r,), bool),
+                 waited=jnp.int32(0), inserts=jnp.int32(0), status=jnp.full((r,), RUNNING, jnp.int32), step=jnp.int32(0), rng=rng)
+  # Every step writes one slot of each running row (or waits); waits add at most insert_wait
+  # steps per call, the last one included.
+  max_steps = cfg.max_new_tokens + (cfg.max_tool_calls + 1) * cfg.insert_wait
 
   def cond(c: _Carry):
-    return ~jnp.all(c.done) & (c.step < cfg.max_new_tokens)
+    return ~jnp.all(c.done) & (c.step < max_steps)
 
   def body(c: _Carry):
     rng, sub = jax.random.split(c.rng)
@@ -258,7 +272,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
       tok = jnp.where(f >= 0, f, tok)
       t = 1.0 if cfg.temperature == 0.0 else cfg.temperature
       logp = jnp.take_along_axis(jax.nn.log_softmax(logits / t, axis=-1), tok[:, None], axis=1)[:, 0]
-    active = ~c.done
+    active = ~c.done & ~c.pending
     here = (jnp.arange(c.tokens.shape[1])[None, :] == c.dec.index[:, None]) & active[:, None]
     tokens = jnp.where(here, tok[:, None], c.tokens)
     action = c.action | here
@@ -270,9 +284,12 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
     status = jnp.where(ended, _ENDED, jnp.where(full, masks_lib.STATUS_TRUNCATED, c.status))
     c = c.replace(dec=dec, tokens=tokens, action=action, logprobs=logprobs, num_sampled=c.num_sampled + active,
                   done=c.done | ended | full, status=status, step=c.step + 1, rng=rng)
-    need = calls & ~full
-    return jax.lax.cond(jnp.any(need), lambda cc: _insert_observations(model, params, cc, episode_id, need, cfg,
-                                                                        seq_len),
+    pending = c.pending | (calls & ~full)
+    waited = jnp.where(jnp.any(c.pending), c.waited + 1, 0)  # 0 on the step the first call closes
+    go = jnp.any(pending) & ((waited >= cfg.insert_wait) | jnp.all(c.done | pending))
+    need = pending & go
+    c = c.replace(pending=pending, waited=waited)
+    return jax.lax.cond(go, lambda cc: _insert_observations(model, params, cc, episode_id, need, cfg, seq_len),
                         lambda cc: cc, c)
 
   c = jax.lax.while_loop(cond, body, carry)
@@ -280,7 +297,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
   key_mask = c.dec.key_mask[:, :seq_len]
   return dict(tokens=jnp.where(key_mask, c.tokens[:, :seq_len], pad_id), attention_mask=key_mask.astype(jnp.int32),
               action_mask=c.action[:, :seq_len] & key_mask, logprobs=jnp.where(key_mask, c.logprobs[:, :seq_len], 0.0),
-              status=status, length=c.dec.index)
+              status=status, length=c.dec.index, inserts=c.inserts)
 
 
 # ------------------------------------------------------------------------------------ interface
@@ -372,7 +389,9 @@ class Rollout:
 
     Returns:
       ``(arrays, trajectories)``: arrays with ``tokens``, ``attention_mask``, ``action_mask``,
-      ``logprobs`` ``[R, S]``, ``status [R]``, ``length [R]`` (numpy); one ``Trajectory`` per row.
+      ``logprobs`` ``[R, S]``, ``status [R]``, ``length [R]`` and ``inserts []`` (observation
+      inserts: each one host call, one vision pass and one prefill for the batch) (numpy); one
+      ``Trajectory`` per row.
     """
     cfg = self.cfg
     inputs = self.prepare(prompts, images)

@@ -318,6 +318,7 @@ class Trainer:
     metrics["learning_rate"] = float(grpo.learning_rate(self.grpo_cfg, self.step))
     metrics.update({f"time/{k}": v for k, v in times.items()})
     metrics["sampled_tokens_per_s"] = sampled / max(times["rollout_s"], 1e-9)
+    metrics["rollout_inserts"] = int(out["inserts"])  # see rollout.insert_wait
     if upd.get("skipped", 0):
       log.warning("step %d: %d update(s) skipped: non-finite loss or gradient", self.step, int(upd["skipped"]))
     return metrics
