@@ -103,9 +103,9 @@ def test_tool_view_on_a_later_row_keeps_positions(env):
   assert np.abs(lp[act] - out["logprobs"][act]).max() < 1e-4
 
 
-def test_insert_wait_serves_several_calls_with_one_insert(env, monkeypatch):
-  """Rows that close calls a few steps apart: with ``insert_wait`` one host call and one prefill
-  serve both, and every trajectory is the same as with immediate inserts."""
+def test_insert_wait_serves_several_calls_with_one_insert(env):
+  """Rows that close calls a few steps apart: with ``insert_wait`` one insert (host call, vision
+  pass, prefill) serves both, and every trajectory is the same as with immediate inserts."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   config, params, processor, ro, prompt, images = env
   scripts = [[_call("confirm", image=1, bbox_2d=[0, 0, 60, 60]), "<answer>A</answer>"],
@@ -115,25 +115,12 @@ def test_insert_wait_serves_several_calls_with_one_insert(env, monkeypatch):
   for row, seq in enumerate(ids):
     forced[row, :len(seq)] = seq
   gap = len(processor.tokenizer.encode(scripts[1][0])) - len(processor.tokenizer.encode(scripts[0][0]))
-  assert 0 < gap < 40
-  host_calls = []
-  real_host_step = rl._host_step  # pylint: disable=protected-access
-
-  def counting(episode_id, need, *args):
-    host_calls.append(np.flatnonzero(need).tolist())
-    return real_host_step(episode_id, need, *args)
-
-  monkeypatch.setattr(rl, "_host_step", counting)  # new configs below: traced after this line
-  runs = {}
-  for wait in (0, 40):
-    cfg = dataclasses.replace(CFG, max_tool_calls=2, insert_wait=wait)
-    host_calls.clear()
-    out, trajs = rl.Rollout(ro.model, processor, cfg, ro.tool_config)(params, prompt, images, jax.random.key(5),
-                                                                     forced_tokens=forced)
-    runs[wait] = (out, trajs, list(host_calls))
-  assert runs[0][2] == [[0], [1]] and runs[0][0]["inserts"] == 2  # each call inserted on the step it closed
-  assert runs[40][2] == [[0, 1]] and runs[40][0]["inserts"] == 1  # row 0 waited for row 1: one insert for both
-  (out0, trajs0, _), (out1, trajs1, _) = runs[0], runs[40]
+  assert 0 < gap < 40  # the calls close on different steps, within the wait below
+  waiting = rl.Rollout(ro.model, processor, dataclasses.replace(CFG, insert_wait=40), ro.tool_config)
+  out0, trajs0 = ro(params, prompt, images, jax.random.key(5), forced_tokens=forced)  # CFG: insert_wait 0
+  out1, trajs1 = waiting(params, prompt, images, jax.random.key(5), forced_tokens=forced)
+  assert out0["inserts"] == 2  # each call inserted on the step it closed
+  assert out1["inserts"] == 1  # row 0 waited for row 1: one insert for both
   for key in ("tokens", "attention_mask", "action_mask", "status", "length"):
     np.testing.assert_array_equal(out0[key], out1[key], err_msg=key)
   np.testing.assert_allclose(out0["logprobs"], out1["logprobs"], atol=1e-5)
