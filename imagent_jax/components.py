@@ -85,6 +85,12 @@ def rollout_config(config) -> rl.RolloutConfig:
                           top_k=r.top_k, top_p=r.top_p, insert_wait=r.insert_wait)
 
 
+def listed_tool_schemas(config) -> list[dict]:
+  """JSON schemas of the tools the system prompt lists: ``config.tools.listed``, or the enabled
+  ``config.tools.names`` when it is empty (the default)."""
+  return tools.tool_schemas(config.tools.listed or config.tools.names)
+
+
 def tool_config(config) -> tools.ToolConfig:
   t = config.tools
   return tools.ToolConfig(tools=tools.available_tools(t.names), max_tool_images=t.max_tool_images,

@@ -101,6 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.tools = ml_collections.ConfigDict()  # imagent_jax.agent.tools.ToolConfig
   c.tools.names = "all"  # "all", "none", or a comma list: "reflect", "confirm"
+  # Tools the system prompt lists: "" = the enabled ones (tools.names). "all" with a smaller
+  # tools.names keeps a base's prompt while calls to the others fail ("disabled_tool"): the tool
+  # ablations of experiments/run_cpu_claim.py, for bases that never saw another prompt.
+  c.tools.listed = ""
   c.tools.prompt_style = "compact"  # system prompt: "full" JSON schemas (pretrained Qwen) or "compact" (tiny models)
   c.tools.max_tool_images = 4
   c.tools.view_max_pixels = 28 * 28 * 64  # visual-token budget of a returned view (<= processor.max_pixels)
@@ -254,6 +258,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   try:
     from imagent_jax.agent import rewards, tools
     tools.available_tools(config.tools.names)
+    tools.available_tools(config.tools.listed or config.tools.names)
     from imagent_jax.agent import protocol
     protocol.system_prompt(tools.tool_schemas(), config.tools.prompt_style)
     rewards.RewardConfig(**config.reward)

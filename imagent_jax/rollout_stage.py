@@ -67,7 +67,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   cfg, tcfg = components.rollout_config(config), components.tool_config(config)
   ro = rl.Rollout(model, processor, cfg, tcfg)
   examples = components.eval_examples(config, workdir, "validation", config.rollout.num_prompts)
-  schemas = tools.tool_schemas(tcfg.enabled())
+  schemas = components.listed_tool_schemas(config)
   prompts = [protocol.build_prompt_messages(e["question"], len(e["images"]), e["options"], tools=schemas,
                                            system_style=config.tools.prompt_style) for e in examples]
   images = [e["images"] for e in examples]

@@ -415,6 +415,8 @@ def recipe(config) -> dict:
   out = {"seed": plain["seed"]}
   for section in ("model", "processor", "data", "tools", "warmup"):
     out[section] = {k: v for k, v in plain[section].items() if k not in _NOT_IN_RECIPE.get(section, ())}
+  if not out["tools"].get("listed"):  # "" lists the enabled tools: the prompt of bases older than the key
+    out["tools"].pop("listed", None)
   return json.loads(json.dumps(out))
 
 
@@ -460,7 +462,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
                                                                                random_init=True)
   model = components.build_model(config, model_config)
   tcfg = components.tool_config(config)
-  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), config.tools.prompt_style)
+  system = protocol.system_prompt(components.listed_tool_schemas(config), config.tools.prompt_style)
   warm = min(w.warmup_steps, max(1, w.steps // 2))
   schedule = optax.warmup_cosine_decay_schedule(0.0, w.learning_rate, warm, max(warm + 1, w.steps),
                                                 w.learning_rate * 0.1)

@@ -98,3 +98,21 @@ def test_sweep_reuses_a_base_only_with_the_same_recipe(claim, tmp_path, monkeypa
   with pytest.raises(SystemExit, match=r"warmup.steps: base 450, config 7"):
     claim.run_sweep(str(other), ["rl"], [0], ["warmup.steps=7"])
   assert len(launched) == 1
+
+
+def test_sweep_records_each_runs_overrides_and_refuses_stale_runs(claim, tmp_path, monkeypatch):
+  from imagent_jax import warmup
+  launched = []
+  monkeypatch.setattr(claim, "_main", lambda workdir, overrides, log: launched.append(overrides) or 2.0)
+  root = tmp_path / "root"
+  _base_run(root, warmup.recipe(claim.resolved_config([])))
+  claim.run_sweep(str(root), ["confirm_only"], [0], [])
+  done = json.load(open(root / "confirm_only" / "seed0" / "claim_done.json"))
+  assert done == {"seconds": 2.0, "overrides": ["tools.names=confirm", "tools.listed=all"]}
+  assert launched[0][-2:] == done["overrides"]
+  claim.run_sweep(str(root), ["confirm_only"], [0], [])  # finished with these overrides: skipped
+  assert len(launched) == 1
+  monkeypatch.setitem(claim.VARIANTS, "confirm_only", ["tools.names=confirm"])  # the variant changed since
+  with pytest.raises(SystemExit, match="other overrides"):
+    claim.run_sweep(str(root), ["confirm_only"], [0], [])
+  assert len(launched) == 1

@@ -112,10 +112,14 @@ def test_registry_selection():
 
 @pytest.mark.parametrize("enabled, blocked", [(("reflect",), "confirm"), (("confirm",), "reflect")])
 def test_ablation_disables_tools(inputs, enabled, blocked):
+  """Tool ablations may list every tool but enable fewer (``config.tools.listed``): calling a
+  registered, disabled tool is a failed call that names the available ones, not a malformed one."""
   ctx = ToolContext(inputs, ToolConfig(tools=enabled, view_max_pixels=28 * 28 * 64))
   arguments = {"image": 1, "bbox_2d": [0, 0, 100, 100]} if blocked == "confirm" else {"image": 1}
   result = run_tool_call(ctx, ToolCall(blocked, arguments))
-  assert result.error_kind == "unknown_tool" and enabled[0] in result.text
+  assert result.error_kind == "disabled_tool" and f"not available in this run; tools: {enabled[0]}" in result.text
+  assert "disabled_tool" in ERROR_KINDS and "disabled_tool" not in tools.MALFORMED_KINDS
+  assert run_tool_call(ctx, ToolCall("crop", {"image": 1})).error_kind == "unknown_tool"
 
 
 # ------------------------------------------------------------------------------------------

@@ -241,3 +241,22 @@ def test_warmup_refuses_a_base_trained_with_another_recipe(tmp_path, capsys):
   config.warmup.progress_bar, config.data.data_dir = False, "/elsewhere"  # not part of the recipe
   config.warmup.zoom_request_share, config.data.categories = 1.0, "mosaic"
   assert warmup.run(*args) == {"reused": True}
+  recipe = json.load(open(os.path.join(base, warmup.RECIPE_FILE)))
+  assert "listed" not in recipe["tools"]  # the default lists the enabled tools: bases older than the key match
+  config.tools.listed = "reflect"  # another system prompt: another recipe
+  with pytest.raises(ValueError, match=r"tools.listed: base '\(unset\)', config 'reflect'"):
+    warmup.run(*args)
+
+
+def test_the_prompt_lists_tools_listed_while_only_enabled_ones_run():
+  config = default_config.get_config("smoke")
+  assert [s["function"]["name"] for s in components.listed_tool_schemas(config)] == ["reflect", "confirm"]
+  config.tools.names = "confirm"
+  assert [s["function"]["name"] for s in components.listed_tool_schemas(config)] == ["confirm"]
+  config.tools.listed = "all"  # the ablation: the base's prompt, one tool that works
+  assert [s["function"]["name"] for s in components.listed_tool_schemas(config)] == ["reflect", "confirm"]
+  assert components.tool_config(config).enabled() == ("confirm",)
+  default_config.validate(config)
+  config.tools.listed = "zoom"
+  with pytest.raises(ValueError, match="unknown tool"):
+    default_config.validate(config)

@@ -52,11 +52,13 @@ Box = tuple[float, float, float, float]
 _FACTOR = images_lib.PATCH_SIZE * images_lib.MERGE_SIZE
 
 # Every ``error_kind`` a ToolResult can carry (also the error keys of ``ToolContext.counts``).
-ERROR_KINDS = ("parse_error", "no_tool_call", "unknown_tool", "missing_argument", "extra_argument",
+ERROR_KINDS = ("parse_error", "no_tool_call", "unknown_tool", "disabled_tool", "missing_argument", "extra_argument",
                "bad_argument", "bad_image_index", "bad_box", "box_outside", "extreme_aspect",
                "budget_exhausted", "tool_failed")
 # The kinds that make a call *malformed* (its text is not a call of a known tool): the trajectory
-# mask drops trajectories with such calls and they earn no format reward. The rest only fail.
+# mask drops trajectories with such calls and they earn no format reward. The rest only fail
+# (``disabled_tool``: a registered tool this run does not enable, e.g. one the prompt lists in a
+# tool ablation, see ``config.tools.listed``).
 MALFORMED_KINDS = ("parse_error", "unknown_tool")
 
 _log = logging.getLogger(__name__)
@@ -569,9 +571,12 @@ def _run(ctx: ToolContext, call: Union[ToolCall, Turn, str, None]) -> ToolResult
     return _failure(ctx, "no_tool_call", "no tool call found; write <tool_call>{\"name\": ..., "
                                          "\"arguments\": {...}}</tool_call>")
   enabled = ctx.config.enabled()
-  if call.name not in enabled or call.name not in TOOLS:
+  if call.name not in TOOLS:
     return _failure(ctx, "unknown_tool", f"there is no tool {_describe(call.name)}; tools: "
                                          f"{', '.join(enabled) or 'none'}")
+  if call.name not in enabled:
+    return _failure(ctx, "disabled_tool", f"the tool {call.name} is not available in this run; tools: "
+                                          f"{', '.join(enabled) or 'none'}")
   tool = TOOLS[call.name]
   if not isinstance(call.arguments, Mapping):
     return _failure(ctx, "bad_argument", "arguments must be a JSON object")

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from imagent_jax import components, parallel
 from imagent_jax.agent import masks, protocol, rewards
 from imagent_jax.agent import rollout as rl
-from imagent_jax.agent import tools
 from imagent_jax.rl import grpo, logprobs
 
 log = logging.getLogger("imagent_jax")
@@ -201,7 +200,7 @@ class Trainer:
     self.grpo_cfg = components.grpo_config(config)
     self.optimizer = grpo.make_optimizer(self.grpo_cfg)
     self.step_fn = grpo.sharded_train_step(self.model, self.grpo_cfg, self.mesh)
-    self.schemas = tools.tool_schemas(self.tool_cfg.enabled())
+    self.schemas = components.listed_tool_schemas(config)
     self.train_stream = train_stream or components.example_stream(config, workdir, "train", r.batch_size)
     self.eval_examples = (list(eval_examples) if eval_examples is not None
                           else components.eval_examples(config, workdir))
