@@ -130,7 +130,7 @@ def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str
 def _summary(values: list[float | None]) -> dict:
   vals = [v for v in values if v is not None]
   return {"mean": statistics.fmean(vals) if vals else None,
-          "std": statistics.pstdev(vals) if len(vals) > 1 else (0.0 if vals else None),
+          "std": statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None),  # sample std (n - 1)
           "per_seed": values}
 
 
@@ -216,9 +216,10 @@ def write_outputs(results: dict, root: str, variants: list[str], seeds: list[int
     def sec(v):
       return "-" if v is None else f"{v:.0f} s"
     rl = w.get("rl_run") or {}
-    lines += ["", f"Greedy decoding on the test split after RL; mean ± standard deviation over seeds. 'base "
-                  f"accuracy, same prompt' is the base before RL under the variant's system prompt (which lists "
-                  f"the variant's tools, none for no_tools). Wall time on this "
+    lines += ["", f"Greedy decoding on the test split after RL; mean ± sample standard deviation over seeds. "
+                  f"'base accuracy, same prompt' is the base before RL under the variant's system prompt (every "
+                  f"variant lists both tools, as the warmup did; the tool ablations disable tools at execution). "
+                  f"Wall time on this "
                   f"machine: warmup {sec(w.get('warmup_process'))} as a process ({sec(w.get('warmup_steps'))} of "
                   f"training steps, {sec(w.get('warmup_probe'))} of probes); an rl run "
                   f"{sec(rl.get('mean'))} on average over {len(results['runs'])} run{'s' * (len(results['runs']) != 1)}."]
