@@ -9,6 +9,7 @@ Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ``vocab`` â€
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -116,14 +117,27 @@ def param_shardings(config, mesh: Mesh, rules=None):
 
 
 def init_sharded_params(config, rng, mesh: Mesh, rules=None, param_dtype=None):
-  """Random parameters created directly in their shards (``jax.jit(init, out_shardings=...)``)."""
+  """Random parameters created directly in their shards (``jax.jit(init, out_shardings=...)``).
+
+  The jitted init is shared by calls with equal ``config``, ``mesh``, ``rules`` and
+  ``param_dtype``: a second model of the same settings in one process does not compile it again.
+  """
+  try:
+    init = _sharded_init(config, mesh, rules, param_dtype)
+  except TypeError:  # unhashable rules (a list): not shared
+    init = _sharded_init.__wrapped__(config, mesh, rules, param_dtype)
+  return init(rng)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_init(config, mesh: Mesh, rules, param_dtype):
   import jax.numpy as jnp
   import flax.linen as nn
   from imagent_jax.models import qwen2_5_vl
 
   shardings = param_shardings(config, mesh, rules)
   init = lambda r: nn.unbox(qwen2_5_vl._boxed_init(config, r, param_dtype or jnp.float32))
-  return jax.jit(init, out_shardings=shardings)(rng)
+  return jax.jit(init, out_shardings=shardings)
 
 
 def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -5,6 +5,7 @@ The tiny-model steps compile with LLVM's cheap pipeline (``FAST_COMPILE``): on a
 optimised pipeline more than doubles the file's run time, and the programs' semantics are the same.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -397,3 +398,18 @@ def test_trimming_all_padding_columns_keeps_the_logprobs(env):
   np.testing.assert_allclose(logp[after_first(trimmed["attention_mask"])], b["old_logp"][after_first(b["attention_mask"])],
                              atol=1e-5)
   assert grpo.trim_padding_columns(wide, multiple=0)["tokens"].shape == wide["tokens"].shape
+
+
+def test_equal_settings_share_one_sharded_step(env):
+  """A second Trainer of the same settings reuses the compiled update (no recompile)."""
+  mesh, again = (parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}) for _ in range(2))
+  model_again = qvl.Qwen25VL(env["model"].config)
+  cfg_again = dataclasses.replace(env["cfg"])
+  step = grpo.sharded_train_step(env["model"], env["cfg"], mesh)
+  assert grpo.sharded_train_step(model_again, cfg_again, again) is step
+  assert grpo.sharded_train_step(env["model"], dataclasses.replace(env["cfg"], clip_eps_low=0.3), mesh) is not step
+  assert grpo.sharded_train_step(env["model"], env["cfg"], parallel.make_mesh({"data": 8})) is not step
+  assert grpo.sharded_train_step(env["model"], env["cfg"], mesh, jit_kwargs=FAST_COMPILE) is not step
+  rules = list(parallel.DEFAULT_RULES)  # unhashable: built for the caller, not shared
+  assert grpo.sharded_train_step(env["model"], env["cfg"], mesh, rules) is not grpo.sharded_train_step(
+      env["model"], env["cfg"], mesh, rules)

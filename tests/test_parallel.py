@@ -1,5 +1,7 @@
 """Sharding on 8 fake CPU devices: a sharded forward equals the unsharded one, and shards are real."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -95,3 +97,18 @@ def test_sharded_forward_equals_unsharded():
   bad[1, np.flatnonzero(bad[1] == config.image_token_id)[0]] = 7
   out = jax.jit(fwd)(sharded, jax.device_put(bad, batch), mask_s, pv, grids)
   assert np.isnan(np.asarray(out)).all()
+
+
+def test_a_second_init_of_equal_settings_compiles_nothing(caplog):
+  config = get_preset("micro")
+  layout = {"data": 1, "fsdp": 4, "tensor": 2}
+  first = parallel.init_sharded_params(config, jax.random.key(0), parallel.make_mesh(layout))
+  key = jax.random.key(1)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    second = parallel.init_sharded_params(config, key, parallel.make_mesh(layout))  # an equal mesh
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()], [r.getMessage() for r in caplog.records]
+  q = lambda p: np.asarray(p["layers_0"]["self_attn"]["q_proj"]["kernel"])
+  assert q(first).shape == q(second).shape and not np.array_equal(q(first), q(second))  # drawn from its own key
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    parallel.init_sharded_params(config, key, parallel.make_mesh(layout), param_dtype=jax.numpy.bfloat16)
+  assert [r for r in caplog.records if "Compiling" in r.getMessage()]  # the check sees a compile when there is one
