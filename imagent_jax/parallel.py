@@ -116,20 +116,34 @@ def param_shardings(config, mesh: Mesh, rules=None):
       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def cached_by_settings(build):
+  """``build`` memoised on its arguments when all of them are hashable: calls with equal settings
+  (model config, mesh, rules, ...) share one result, e.g. one jitted program, so a second model or
+  trainer of the same settings in a process compiles nothing again. A call with an unhashable
+  argument (a list of rules, a dict of jit options) gets a fresh result."""
+  cached = functools.lru_cache(maxsize=8)(build)
+
+  @functools.wraps(build)
+  def get(*args):
+    try:
+      hash(args)
+    except TypeError:
+      return build(*args)
+    return cached(*args)
+
+  return get
+
+
 def init_sharded_params(config, rng, mesh: Mesh, rules=None, param_dtype=None):
   """Random parameters created directly in their shards (``jax.jit(init, out_shardings=...)``).
 
   The jitted init is shared by calls with equal ``config``, ``mesh``, ``rules`` and
-  ``param_dtype``: a second model of the same settings in one process does not compile it again.
+  ``param_dtype`` (``cached_by_settings``).
   """
-  try:
-    init = _sharded_init(config, mesh, rules, param_dtype)
-  except TypeError:  # unhashable rules (a list): not shared
-    init = _sharded_init.__wrapped__(config, mesh, rules, param_dtype)
-  return init(rng)
+  return _sharded_init(config, mesh, rules, param_dtype)(rng)
 
 
-@functools.lru_cache(maxsize=8)
+@cached_by_settings
 def _sharded_init(config, mesh: Mesh, rules, param_dtype):
   import jax.numpy as jnp
   import flax.linen as nn

@@ -112,3 +112,21 @@ def test_a_second_init_of_equal_settings_compiles_nothing(caplog):
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     parallel.init_sharded_params(config, key, parallel.make_mesh(layout), param_dtype=jax.numpy.bfloat16)
   assert [r for r in caplog.records if "Compiling" in r.getMessage()]  # the check sees a compile when there is one
+
+
+def test_cached_by_settings_shares_equal_hashable_settings_only():
+  calls = []
+
+  @parallel.cached_by_settings
+  def build(a, b):
+    calls.append((a, b))
+    if a == "bad":
+      raise ValueError("bad settings")
+    return object()
+
+  assert build(1, (2, 3)) is build(1, (2, 3)) and len(calls) == 1
+  assert build(1, (2, 4)) is not build(1, (2, 3)) and len(calls) == 2
+  assert build(1, [2, 3]) is not build(1, [2, 3]) and len(calls) == 4  # unhashable: built each time
+  with pytest.raises(ValueError, match="bad settings"):
+    build("bad", [1])
+  assert calls[-1] == ("bad", [1]) and len(calls) == 5  # an error inside the build runs it once

@@ -494,39 +494,31 @@ def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None, jit_kwarg
   batch rows go over ``('data', 'fsdp')`` when the row count divides that product (replicated
   otherwise), images are replicated, metrics come back replicated. One compiled program per
   batch layout (set of fields and row count), cached. Calls with equal ``model``, ``cfg``,
-  ``mesh`` and ``rules`` (and no ``jit_kwargs``) return the same step, so a second ``Trainer`` of
-  the same run settings in one process (a notebook, a resume) reuses its compiled programs.
+  ``mesh`` and ``rules`` (and no ``jit_kwargs``) return the same step
+  (``parallel.cached_by_settings``), so a second ``Trainer`` of the same run settings in one
+  process (a notebook, a resume) reuses its compiled programs.
 
   Args:
     model: the ``Qwen25VL`` module.
     cfg: the GRPO config.
     mesh: the device mesh (``parallel.make_mesh``).
     rules: logical-axis rules (default ``parallel.DEFAULT_RULES``).
-    jit_kwargs: extra ``jax.jit`` arguments (e.g. ``compiler_options``); a step made with them
-      is not shared.
+    jit_kwargs: extra ``jax.jit`` arguments (e.g. ``compiler_options``); a dict of them makes a
+      step that is not shared.
 
   Returns:
     The step function, with attributes ``param_shardings`` and ``opt_state_shardings`` (to
     ``jax.device_put`` a state onto; the step donates what it is given, and ``device_put`` may
     alias a replicated leaf with its source, so pass arrays nothing else still uses).
   """
-  if jit_kwargs is None:
-    try:
-      return _shared_train_step(model, cfg, mesh, rules)
-    except TypeError:  # unhashable rules (a list): build one for this caller
-      pass
-  return _build_train_step(model, cfg, mesh, rules, jit_kwargs)
+  return _train_step_for(model, cfg, mesh, rules, jit_kwargs)
 
 
-def _build_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules, jit_kwargs):
+@parallel.cached_by_settings
+def _train_step_for(model, cfg: GRPOConfig, mesh: Mesh, rules, jit_kwargs):
   return parallel.sharded_state_step(functools.partial(train_step, model, cfg), mesh,
                                      parallel.param_shardings(model.config, mesh, rules),
                                      opt_state_shardings(cfg, model.config, mesh, rules), jit_kwargs)
-
-
-@functools.lru_cache(maxsize=8)
-def _shared_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules):
-  return _build_train_step(model, cfg, mesh, rules, None)
 
 
 # ------------------------------------------------------------------------- minibatches, update
