@@ -13,6 +13,12 @@
 
    A finished run leaves ``claim_done.json``; re-running the command skips it, so the sweep can
    be stopped and continued (an interrupted run resumes from its last checkpoint).
+
+   Each finished run is also recorded, trimmed to what the results need, in
+   ``experiments/results/cpu_claim_runs/`` (small enough for git), with the sha256 of the base's
+   weights. The sweep takes longer than one sitting on 2 cores; in a new checkout
+   ``--restore-recorded`` counts recorded runs as finished once the freshly trained base has the
+   same weights, so a sweep can go on where a lost ``ROOT`` left off.
 3. Collects the test-split results (the rl stage evaluates the base before the first update and
    the policy after the last) into ``experiments/results/cpu_claim.json``, a Markdown table
    ``cpu_claim.md`` and curves ``cpu_claim_curves.png``.
@@ -24,6 +30,8 @@ run by hand; ``--set key=value`` passes config overrides to all of them.
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
 import statistics
@@ -33,6 +41,7 @@ import time
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT_DIR, "experiments", "results")
+RECORDS = os.path.join(RESULTS, "cpu_claim_runs")
 CONFIG_FILE = os.path.join(ROOT_DIR, "configs", "synthetic_tiny.py")  # the embedded default
 
 # The tool ablations keep the system prompt the base was warmed up with (every tool listed) and
@@ -69,6 +78,85 @@ def _records(workdir: str) -> list[dict]:
   return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def base_digest(base_run: str) -> str | None:
+  """sha256 over the base's weight files (``base_run/base/*.safetensors``, in name order), or None."""
+  files = sorted(glob.glob(os.path.join(base_run, "base", "*.safetensors")))
+  if not files:
+    return None
+  h = hashlib.sha256()
+  for path in files:
+    h.update(os.path.basename(path).encode())
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+  return h.hexdigest()
+
+
+def _trim(record: dict) -> dict:
+  """What a recorded run keeps of a metrics record: test, eval and probe records whole, a warmup
+  step's timing, an rl step's numbers that the curves draw."""
+  if record["stage"] == "rl":
+    keep = {"step", "stage", "time", "confirm_on_image_chance", *(k for k, stage, _ in CURVES if stage == "rl")}
+    return {k: v for k, v in record.items() if k in keep}
+  if record["stage"] == "warmup":
+    return {k: record[k] for k in ("step", "stage", "time")}
+  return record
+
+
+def _record_path(name: str) -> str:
+  return os.path.join(RECORDS, name.replace("/", "_") + ".json")
+
+
+def record_run(root: str, name: str) -> None:
+  """Writes ``RECORDS/<variant>_seed<k>.json`` (or ``base_run.json``) for the finished run
+  ``ROOT/<name>``: its ``claim_done.json``, the sha256 of the base it started from, and its
+  trimmed metrics records, one per line (~30 KB a run)."""
+  wd = os.path.join(root, name)
+  head = {"run": name, "claim_done": json.load(open(os.path.join(wd, "claim_done.json"))),
+          "base_sha256": base_digest(os.path.join(root, "base_run"))}
+  os.makedirs(RECORDS, exist_ok=True)
+  with open(_record_path(name), "w") as f:
+    f.write(json.dumps(head)[:-1] + ', "records": [\n')
+    f.write(",\n".join(json.dumps(_trim(r)) for r in _records(wd)) + "\n]}\n")
+
+
+def record_finished(root: str, variants: list[str], seeds: list[int]) -> None:
+  """Records every finished run under ``root`` (see ``record_run``) but those restored from a record."""
+  names = ["base_run"] + [f"{v}/seed{s}" for v in variants for s in seeds]
+  for name in names:
+    done = os.path.join(root, name, "claim_done.json")
+    if os.path.exists(done) and "restored_from" not in json.load(open(done)):
+      record_run(root, name)
+
+
+def restore_recorded(root: str, variants: list[str], seeds: list[int]) -> list[str]:
+  """Makes each recorded run that is not finished under ``root`` a finished run there (its
+  ``metrics.jsonl`` and ``claim_done.json``, marked ``restored_from``), when it was recorded from a
+  base with the same weights as ``ROOT/base_run``'s. Returns the restored runs' names; refuses
+  (SystemExit) a record made from another base."""
+  digest = base_digest(os.path.join(root, "base_run"))
+  restored = []
+  for variant in variants:
+    for seed in seeds:
+      name = f"{variant}/seed{seed}"
+      path = _record_path(name)
+      if _finished(root, variant, seed) or not os.path.exists(path):
+        continue
+      rec = json.load(open(path))
+      if rec["base_sha256"] != digest:
+        raise SystemExit(f"{path} was recorded from a base with other weights (sha256 {rec['base_sha256']}) "
+                         f"than {root}/base_run/base ({digest}): the runs cannot be combined; run without "
+                         f"--restore-recorded")
+      wd = os.path.join(root, name)
+      os.makedirs(wd, exist_ok=True)
+      with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rec["records"])
+      with open(os.path.join(wd, "claim_done.json"), "w") as f:
+        json.dump({**rec["claim_done"], "restored_from": os.path.relpath(path, ROOT_DIR)}, f)
+      restored.append(name)
+  return restored
+
+
 def resolved_config(overrides: list[str]):
   """The config a run with ``--config.<override>`` flags gets (parsed as ``imagent_jax.main`` does)."""
   from absl import flags
@@ -95,7 +183,7 @@ def check_base(base_run: str, common: list[str]) -> None:
                      f"use another --root (or delete {base_run})")
 
 
-def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str]) -> None:
+def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str], restore: bool = False) -> None:
   os.makedirs(root, exist_ok=True)
   data_dir = os.path.join(root, "data")  # one tfds build shared by every run
   base_run = os.path.join(root, "base_run")
@@ -106,7 +194,12 @@ def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str
                     os.path.join(root, "warmup.log"))
     with open(os.path.join(base_run, "claim_done.json"), "w") as f:
       json.dump({"seconds": seconds}, f)
+    record_run(root, "base_run")
     print(f"warmup: {seconds:.0f}s", flush=True)
+  if restore:
+    restored = restore_recorded(root, variants, seeds)
+    print(f"restored {len(restored)} recorded runs from {os.path.relpath(RECORDS, ROOT_DIR)}: "
+          f"{', '.join(restored) or 'none'}", flush=True)
   for seed in seeds:  # seed-major: a stopped sweep has every variant about equally far
     for variant in variants:
       wd = os.path.join(root, variant, f"seed{seed}")
@@ -124,6 +217,7 @@ def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str
                       os.path.join(wd, "run.log"))
       with open(done, "w") as f:
         json.dump({"seconds": seconds, "overrides": overrides}, f)
+      record_run(root, f"{variant}/seed{seed}")
       print(f"{variant} seed {seed}: {seconds:.0f}s", flush=True)
 
 
@@ -301,6 +395,9 @@ def main(argv=None) -> None:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. --set rl.learning_rate=5e-5")
   p.add_argument("--collect-only", action="store_true", help="only (re)write the results from finished runs")
+  p.add_argument("--restore-recorded", action="store_true",
+                 help="count the runs recorded in experiments/results/cpu_claim_runs as finished when ROOT's base "
+                      "has the same weights (sha256): goes on with a sweep whose ROOT was lost (a new checkout)")
   args = p.parse_args(argv)
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
   unknown = [v for v in variants if v not in VARIANTS]
@@ -308,7 +405,8 @@ def main(argv=None) -> None:
     p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
   if not args.collect_only:
-    run_sweep(args.root, variants, seeds, [f"rl.steps={args.rl_steps}"] + args.set)
+    run_sweep(args.root, variants, seeds, [f"rl.steps={args.rl_steps}"] + args.set, restore=args.restore_recorded)
+  record_finished(args.root, variants, seeds)
   write_outputs(collect(args.root, variants, seeds), args.root, variants, seeds)
 
 

@@ -15,6 +15,7 @@ def claim(tmp_path, monkeypatch):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   monkeypatch.setattr(module, "RESULTS", str(tmp_path / "results"))
+  monkeypatch.setattr(module, "RECORDS", str(tmp_path / "results" / "cpu_claim_runs"))
   return module
 
 
@@ -116,3 +117,47 @@ def test_sweep_records_each_runs_overrides_and_refuses_stale_runs(claim, tmp_pat
   with pytest.raises(SystemExit, match="other overrides"):
     claim.run_sweep(str(root), ["confirm_only"], [0], [])
   assert len(launched) == 1
+
+
+def _weights(root, content: bytes):
+  os.makedirs(os.path.join(root, "base_run", "base"), exist_ok=True)
+  with open(os.path.join(root, "base_run", "base", "model.safetensors"), "wb") as f:
+    f.write(content)
+
+
+def test_recorded_runs_go_on_in_a_new_root_only_from_the_same_base(claim, tmp_path, monkeypatch):
+  first = str(tmp_path / "first")
+  _weights(first, b"weights")
+  _run(first, "rl", 0, 0.5, 1.0, 100.0)
+  _run(first, "rl", 1, 0.75, 0.5, 300.0, done=False)  # not finished: not recorded
+  claim.record_finished(first, ["rl"], [0, 1])
+  records = tmp_path / "results" / "cpu_claim_runs"
+  assert sorted(os.listdir(records)) == ["rl_seed0.json"]
+  rec = json.load(open(records / "rl_seed0.json"))
+  assert rec["base_sha256"] == claim.base_digest(os.path.join(first, "base_run")) is not None
+  assert [r["stage"] for r in rec["records"]] == ["test", "rl", "rl", "rl", "eval", "test"]
+  assert "confirm_on_target" not in rec["records"][1]  # an rl step keeps only what the curves draw
+  assert rec["records"][1]["tool_calls_per_trajectory"] == 1.0
+
+  # A new checkout: the root is gone, the base is trained again with the same weights.
+  second = str(tmp_path / "second")
+  _weights(second, b"weights")
+  assert claim.restore_recorded(second, ["rl"], [0, 1]) == ["rl/seed0"]
+  done = json.load(open(os.path.join(second, "rl", "seed0", "claim_done.json")))
+  assert done["seconds"] == 100.0 and done["restored_from"].endswith("rl_seed0.json")
+  assert claim.collect(second, ["rl"], [0, 1])["rl"]["accuracy"]["per_seed"] == [0.5]
+  launched = []
+  monkeypatch.setattr(claim, "_main", lambda workdir, overrides, log: launched.append(workdir) or 1.0)
+  monkeypatch.setattr(claim, "check_base", lambda base_run, common: None)
+  with open(os.path.join(second, "base_run", "base", "config.json"), "w") as f:
+    f.write("{}")
+  claim.run_sweep(second, ["rl"], [0, 1], [], restore=True)
+  assert launched == [os.path.join(second, "rl", "seed1")]  # the restored run is not run again
+  claim.record_finished(second, ["rl"], [0, 1])
+  assert "restored_from" not in json.load(open(records / "rl_seed0.json"))["claim_done"]  # not re-recorded
+
+  other = str(tmp_path / "other")
+  _weights(other, b"other weights")
+  with pytest.raises(SystemExit, match="other weights"):
+    claim.restore_recorded(other, ["rl"], [0])
+  assert not os.path.exists(os.path.join(other, "rl"))
