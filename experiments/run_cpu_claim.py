@@ -313,7 +313,8 @@ def write_outputs(results: dict, root: str, variants: list[str], seeds: list[int
     lines += ["", f"Greedy decoding on the test split after RL; mean ± sample standard deviation over seeds. "
                   f"'base accuracy, same prompt' is the base before RL under the variant's system prompt (every "
                   f"variant lists both tools, as the warmup did; the tool ablations disable tools at execution). "
-                  f"Wall time on this "
+                  f"'confirm on target (chance)' is the share of 256 boxes of each zoom's size, placed at random "
+                  f"on its image, that cover the answer's region (0.000: none did). Wall time on this "
                   f"machine: warmup {sec(w.get('warmup_process'))} as a process ({sec(w.get('warmup_steps'))} of "
                   f"training steps, {sec(w.get('warmup_probe'))} of probes); an rl run "
                   f"{sec(rl.get('mean'))} on average over {len(results['runs'])} run{'s' * (len(results['runs']) != 1)}."]
