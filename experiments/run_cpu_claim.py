@@ -78,6 +78,19 @@ def _records(workdir: str) -> list[dict]:
   return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def code_digest() -> str:
+  """sha256 over the package's and the configs' Python files (paths and contents): what a run
+  imports when it starts. The sweep runs ``main`` from this checkout, so an edit made while it
+  goes on changes the runs that start after it; ``claim_done.json`` records the digest of each."""
+  h = hashlib.sha256()
+  for pattern in ("imagent_jax/**/*.py", "configs/*.py"):
+    for path in sorted(glob.glob(os.path.join(ROOT_DIR, pattern), recursive=True)):
+      h.update(os.path.relpath(path, ROOT_DIR).encode())
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
 def base_digest(base_run: str) -> str | None:
   """sha256 over the base's weight files (``base_run/base/*.safetensors``, in name order), or None."""
   files = sorted(glob.glob(os.path.join(base_run, "base", "*.safetensors")))
@@ -154,6 +167,9 @@ def restore_recorded(root: str, variants: list[str], seeds: list[int]) -> list[s
       with open(os.path.join(wd, "claim_done.json"), "w") as f:
         json.dump({**rec["claim_done"], "restored_from": os.path.relpath(path, ROOT_DIR)}, f)
       restored.append(name)
+      if rec["claim_done"].get("code_sha256") != code_digest():
+        print(f"  {name}: recorded with other code than this checkout's (code_sha256 "
+              f"{rec['claim_done'].get('code_sha256')}); its numbers are that code's", flush=True)
   return restored
 
 
@@ -190,10 +206,11 @@ def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str
   if os.path.isfile(os.path.join(base_run, "base", "config.json")):
     check_base(base_run, common)
   else:
+    code = code_digest()
     seconds = _main(base_run, ["stages=warmup", "warmup.progress_bar=False", f"data.data_dir={data_dir}"] + common,
                     os.path.join(root, "warmup.log"))
     with open(os.path.join(base_run, "claim_done.json"), "w") as f:
-      json.dump({"seconds": seconds}, f)
+      json.dump({"seconds": seconds, "code_sha256": code}, f)
     record_run(root, "base_run")
     print(f"warmup: {seconds:.0f}s", flush=True)
   if restore:
@@ -212,11 +229,12 @@ def run_sweep(root: str, variants: list[str], seeds: list[int], common: list[str
                            f"({overrides}): move it away to run it again")
         continue
       os.makedirs(wd, exist_ok=True)
+      code = code_digest()
       seconds = _main(wd, ["stages=rl", f"model.checkpoint={os.path.join(base_run, 'base')}", f"seed={seed}",
                            "rl.progress_bar=False", f"data.data_dir={data_dir}"] + overrides,
                       os.path.join(wd, "run.log"))
       with open(done, "w") as f:
-        json.dump({"seconds": seconds, "overrides": overrides}, f)
+        json.dump({"seconds": seconds, "overrides": overrides, "code_sha256": code}, f)
       record_run(root, f"{variant}/seed{seed}")
       print(f"{variant} seed {seed}: {seconds:.0f}s", flush=True)
 
@@ -263,6 +281,7 @@ def collect(root: str, variants: list[str], seeds: list[int]) -> dict:
   if base_tests:
     out["base"] = {m: base_tests[0].get(f"test/{m}") for m in METRICS}
   out["wall_s"] = _walls(root, out["runs"])
+  out["code_versions"] = sorted({r.get("code_sha256") or "unrecorded" for r in out["runs"].values()})
   return out
 
 
@@ -318,6 +337,12 @@ def write_outputs(results: dict, root: str, variants: list[str], seeds: list[int
                   f"machine: warmup {sec(w.get('warmup_process'))} as a process ({sec(w.get('warmup_steps'))} of "
                   f"training steps, {sec(w.get('warmup_probe'))} of probes); an rl run "
                   f"{sec(rl.get('mean'))} on average over {len(results['runs'])} run{'s' * (len(results['runs']) != 1)}."]
+  versions = results.get("code_versions", [])
+  if len(versions) > 1:
+    lines += ["", f"**The runs were made with {len(versions)} versions of the code** (`code_sha256` in "
+                  f"`cpu_claim.json`'s runs: {', '.join(v[:12] for v in versions)}); an edit made while a "
+                  f"sweep goes on changes the runs that start after it."]
+    print(f"warning: the runs were made with {len(versions)} versions of the code", flush=True)
   with open(os.path.join(RESULTS, "cpu_claim.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

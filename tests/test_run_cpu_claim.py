@@ -73,6 +73,14 @@ def test_collect_means_seeds_and_walls(claim, tmp_path):
   assert "| no_tools | 1 | 0.125 (one seed) | 0.250 (one seed) |" in table
   assert "| confirm_only | 0 | - | - |" in table
   assert "warmup - as a process (60 s of training steps, 5 s of probes)" in table
+  assert out["code_versions"] == ["unrecorded"] and "versions of the code" not in table
+  for seed, code in ((0, "a" * 64), (1, "b" * 64)):  # an edit between two runs of a sweep
+    with open(os.path.join(root, "rl", f"seed{seed}", "claim_done.json"), "w") as f:
+      json.dump({"seconds": 1.0, "code_sha256": code}, f)
+  out = claim.collect(root, variants, [0, 1, 2])
+  assert out["code_versions"] == ["a" * 64, "b" * 64, "unrecorded"]
+  claim.write_outputs(out, root, variants, [0, 1, 2])
+  assert "The runs were made with 3 versions of the code" in (results / "cpu_claim.md").read_text()
   assert (results / "cpu_claim_curves.png").stat().st_size > 10_000
 
 
@@ -109,7 +117,8 @@ def test_sweep_records_each_runs_overrides_and_refuses_stale_runs(claim, tmp_pat
   _base_run(root, warmup.recipe(claim.resolved_config([])))
   claim.run_sweep(str(root), ["confirm_only"], [0], [])
   done = json.load(open(root / "confirm_only" / "seed0" / "claim_done.json"))
-  assert done == {"seconds": 2.0, "overrides": ["tools.names=confirm", "tools.listed=all"]}
+  assert done == {"seconds": 2.0, "overrides": ["tools.names=confirm", "tools.listed=all"],
+                  "code_sha256": claim.code_digest()}
   assert launched[0][-2:] == done["overrides"]
   claim.run_sweep(str(root), ["confirm_only"], [0], [])  # finished with these overrides: skipped
   assert len(launched) == 1
