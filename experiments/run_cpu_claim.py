@@ -416,7 +416,7 @@ def main(argv=None) -> None:
   p.add_argument("--root", default=os.path.join(ROOT_DIR, "runs", "cpu_claim"), help="where the runs live")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--rl-steps", type=int, default=100,
-                 help="GRPO steps of every run (the same budget for all; ~9 s a step on 2 CPU cores)")
+                 help="GRPO steps of every run (the same budget for all; 4-9 s a step on 2 CPU cores)")
   p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. --set rl.learning_rate=5e-5")
