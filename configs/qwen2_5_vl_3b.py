@@ -7,11 +7,11 @@
 Parameters are loaded tensor by tensor straight into their shards on the mesh (``config.mesh``:
 fsdp over every device by default); bf16 params and compute. Multi-host: start one process per
 host; jax.distributed is initialised from the environment (TPU pods, SLURM). Settings:
-``default_config.released_qwen_config``.
+``schema.released_qwen_config``.
 """
 
-from imagent_jax import default_config
+from imagent_jax.config import schema
 
 
 def get_config(arg=None):
-  return default_config.released_qwen_config("qwen2_5_vl_3b", arg)
+  return schema.released_qwen_config("qwen2_5_vl_3b", arg)

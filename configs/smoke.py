@@ -3,9 +3,9 @@
     python -m imagent_jax.main --config configs/smoke.py --workdir /tmp/smoke
 """
 
-from imagent_jax import default_config
+from imagent_jax.config import schema
 
 
 def get_config(arg=None):
   del arg
-  return default_config.get_config("smoke")
+  return schema.get_config("smoke")

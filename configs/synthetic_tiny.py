@@ -3,8 +3,8 @@
     python -m imagent_jax.main --config configs/synthetic_tiny.py --workdir runs/tiny
 """
 
-from imagent_jax import default_config
+from imagent_jax.config import schema
 
 
 def get_config(arg=None):
-  return default_config.get_config(arg)
+  return schema.get_config(arg)

@@ -58,7 +58,7 @@ import numpy as np
 
 import bench_models  # experiments/bench_models.py (the script's folder is on sys.path)
 
-from imagent_jax.agent import masks as masks_lib
+from imagent_jax.rl import masks as masks_lib
 from imagent_jax.agent import protocol
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools as tools_lib

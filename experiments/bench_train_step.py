@@ -49,7 +49,7 @@ import numpy as np
 
 import bench_models  # experiments/bench_models.py (the script's folder is on sys.path)
 
-from imagent_jax.agent import masks as masks_lib
+from imagent_jax.rl import masks as masks_lib
 from imagent_jax.models import get_preset
 from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.rl import grpo

@@ -187,7 +187,7 @@ def resolved_config(overrides: list[str]):
 def check_base(base_run: str, common: list[str]) -> None:
   """Stops the sweep when ``base_run``'s base was trained with another recipe than the current
   config with ``common`` overrides (e.g. a default changed since): its runs would not be the claim's."""
-  from imagent_jax import warmup
+  from imagent_jax.stages import warmup
   path = os.path.join(base_run, "base", warmup.RECIPE_FILE)
   if os.path.isfile(path):
     trained = json.load(open(path))

@@ -1,6 +1,6 @@
 """Entry point: ``python -m imagent_jax.main [--config configs/<name>.py] --workdir DIR [--config.a.b=v]``.
 
-Without ``--config`` the embedded default runs (``imagent_jax/default_config.py``: synthetic
+Without ``--config`` the embedded default runs (``imagent_jax/config/schema.py``: synthetic
 data, tiny model, CPU). The config is validated before anything compiles; the stages named in
 ``config.stages`` run in order; the workdir receives ``config.json``, ``metrics.jsonl`` and
 ``report.md`` with its plots.
@@ -20,7 +20,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_config.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "schema.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (a Python file with get_config).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, report, checkpoints and plots.")
@@ -30,14 +30,15 @@ def run(config, workdir: str) -> dict:
   """Validates ``config`` and runs its stages in ``workdir``; returns each stage's summary."""
   import jax
 
-  from imagent_jax import default_config, model_stage, rl_stage, rollout_stage, warmup
+  from imagent_jax.config import schema
+  from imagent_jax.stages import model_check, rl as rl_stage, rollout_demo, warmup
   from imagent_jax.reporting import MetricsWriter, Report
 
-  default_config.validate(config, num_devices=jax.device_count())
+  schema.validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  stage_fns = {"model": model_stage.run, "warmup": warmup.run, "rollout": rollout_stage.run, "rl": rl_stage.run}
+  stage_fns = {"model": model_check.run, "warmup": warmup.run, "rollout": rollout_demo.run, "rl": rl_stage.run}
   report = Report(workdir, "imagent_jax run report")
   metrics = MetricsWriter(workdir)
   results = {}

@@ -147,7 +147,7 @@ def init_sharded_params(config, rng, mesh: Mesh, rules=None, param_dtype=None):
 def _sharded_init(config, mesh: Mesh, rules, param_dtype):
   import jax.numpy as jnp
   import flax.linen as nn
-  from imagent_jax.models import qwen2_5_vl
+  from imagent_jax.models.qwen2_5_vl import model as qwen2_5_vl
 
   shardings = param_shardings(config, mesh, rules)
   init = lambda r: nn.unbox(qwen2_5_vl._boxed_init(config, r, param_dtype or jnp.float32))
@@ -162,7 +162,7 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def optimizer_state_shardings(optimizer, config, mesh: Mesh, rules=None):
   """``NamedSharding`` pytree of ``optimizer.init(params)`` for a model ``config``: every subtree
   shaped like the params (Adam moments, ...) sharded like them, every other leaf replicated."""
-  from imagent_jax.models import qwen2_5_vl
+  from imagent_jax.models.qwen2_5_vl import model as qwen2_5_vl
 
   p_shard = param_shardings(config, mesh, rules)
   abstract = jax.eval_shape(optimizer.init, qwen2_5_vl.abstract_params(config))

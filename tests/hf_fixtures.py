@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from imagent_jax.models.config import ModelConfig
+from imagent_jax.models.qwen2_5_vl.config import ModelConfig
 from imagent_jax.models.presets import get_preset
 
 

@@ -14,8 +14,10 @@ from etils import epath
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from imagent_jax.data import builders, pipeline, synthetic
-from imagent_jax.data.builders import jsonl
+from imagent_jax.data import pipeline, synthetic
+from imagent_jax.data import sources
+from imagent_jax.data import tfds as data_tfds
+from imagent_jax.data import jsonl
 
 # Small images: fast to draw and decode, for tests that are not about legibility.
 SMALL = synthetic.DifficultyConfig(image_side=(96, 128), cluster_side=60, num_distractors=2, num_clutter=2)
@@ -270,19 +272,20 @@ def test_on_the_fly_source_needs_no_tfds(monkeypatch, tmp_path):
   as the tfds build, without importing tensorflow_datasets anywhere on the way."""
   import importlib  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from imagent_jax import components, default_config  # pylint: disable=g-import-not-at-top
+  from imagent_jax.stages import build
+  from imagent_jax.config import schema  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # any import of it now raises ImportError
-  monkeypatch.delitem(sys.modules, "imagent_jax.data.builders.synthetic_mifg", raising=False)
-  config = default_config.get_config()
+  monkeypatch.delitem(sys.modules, "imagent_jax.data.tfds", raising=False)
+  config = schema.get_config()
   config.data.source = "synthetic"
-  source = components.data_source(config, str(tmp_path), "validation")
-  seed = builders.split_seed(config.data.seed, "validation")
+  source = build.data_source(config, str(tmp_path), "validation")
+  seed = sources.split_seed(config.data.seed, "validation")
   assert seed == 3 * config.data.seed + 1
-  want = synthetic.generate_example(seed, 2, components.difficulty(config))
+  want = synthetic.generate_example(seed, 2, build.difficulty(config))
   assert source[2]["question"] == want["question"] and same_images(source[2]["images"], want["images"])
-  assert len(components.eval_examples(config, str(tmp_path), "test", count=3)) == 3
+  assert len(build.eval_examples(config, str(tmp_path), "test", count=3)) == 3
   with pytest.raises(ImportError):  # the guard above holds: the tfds builder cannot be imported here
-    importlib.import_module("imagent_jax.data.builders.synthetic_mifg")
+    importlib.import_module("imagent_jax.data.tfds")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,14 +298,14 @@ SIZES = (64, 16, 16)
 def built(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   start = time.perf_counter()
-  builder = builders.build_synthetic(data_dir, sizes=SIZES)
+  builder = data_tfds.build_synthetic(data_dir, sizes=SIZES)
   return builder, data_dir, time.perf_counter() - start
 
 
 def test_builder_writes_array_record_splits(built):
   builder, data_dir, _ = built
   assert builder.info.file_format.value == "array_record"
-  for split, size in zip(builders.synthetic_mifg.SPLITS, SIZES):
+  for split, size in zip(data_tfds.SPLITS, SIZES):
     assert builder.info.splits[split].num_examples == size
     files = list(epath.Path(builder.data_dir).glob(f"synthetic_mifg-{split}.array_record*"))
     assert files, split
@@ -311,10 +314,10 @@ def test_builder_writes_array_record_splits(built):
 
 def test_builder_reads_back_the_generated_examples(built):
   builder, _, _ = built
-  for split, size in zip(builders.synthetic_mifg.SPLITS, SIZES):
-    source = builders.TfdsSource(builder, split)
+  for split, size in zip(data_tfds.SPLITS, SIZES):
+    source = data_tfds.TfdsSource(builder, split)
     assert len(source) == size
-    seed = builders.split_seed(0, split)
+    seed = sources.split_seed(0, split)
     for index in range(0, size, 4 if split == "train" else 1):  # rows of train: 0, 4, ... (time)
       got, want = source[index], synthetic.generate_example(seed, index)
       assert same_images(got["images"], want["images"]), (split, index)
@@ -326,21 +329,21 @@ def test_builder_reads_back_the_generated_examples(built):
 
 def test_builder_splits_use_disjoint_seeds(built):
   builder, _, _ = built
-  seeds = {builders.split_seed(s, split) for s in range(50) for split in builders.synthetic_mifg.SPLITS}
+  seeds = {sources.split_seed(s, split) for s in range(50) for split in data_tfds.SPLITS}
   assert len(seeds) == 150
-  first = [builders.TfdsSource(builder, split)[0] for split in builders.synthetic_mifg.SPLITS]
+  first = [data_tfds.TfdsSource(builder, split)[0] for split in data_tfds.SPLITS]
   assert len({(e["question"], e["images"][0].size) for e in first}) == 3
 
 
 def test_build_again_is_fast_and_settings_get_their_own_folder(built):
   builder, data_dir, _ = built
   start = time.perf_counter()
-  again = builders.build_synthetic(data_dir, sizes=SIZES)
+  again = data_tfds.build_synthetic(data_dir, sizes=SIZES)
   assert time.perf_counter() - start < 2.0
   assert again.data_dir == builder.data_dir
-  other = builders.make_config(SIZES, difficulty=synthetic.DifficultyConfig(mark_size=(6.0, 6.5)))
+  other = data_tfds.make_config(SIZES, difficulty=synthetic.DifficultyConfig(mark_size=(6.0, 6.5)))
   assert other.name != builder.builder_config.name
-  assert builders.make_config(SIZES).name == builder.builder_config.name
+  assert data_tfds.make_config(SIZES).name == builder.builder_config.name
 
 
 def test_raw_tfds_data_source_goes_through_the_pipeline(built):
@@ -382,7 +385,7 @@ def _good_records(folder):
 def test_jsonl_reads_a_good_file(tmp_path):
   jsonl.write_jsonl(tmp_path / "data.jsonl", _good_records(tmp_path))
   (tmp_path / "data.jsonl").write_text((tmp_path / "data.jsonl").read_text() + "\n  \n")  # blank lines are fine
-  source = builders.JsonlSource(tmp_path)  # a folder: its *.jsonl files
+  source = sources.JsonlSource(tmp_path)  # a folder: its *.jsonl files
   assert len(source) == 3 and source.skipped == 0
   a, b, c = source[0], source[1], source[2]
   assert set(a) == set(synthetic.EXAMPLE_KEYS)
@@ -442,11 +445,11 @@ def _write_bad_set(folder, line2):
 def test_jsonl_bad_record_raises_with_file_and_line_or_is_counted(tmp_path, line, kind):
   path = _write_bad_set(tmp_path, line)
   with pytest.raises(jsonl.DataError) as info:
-    builders.JsonlSource(path)
+    sources.JsonlSource(path)
   err = info.value
   assert (err.path, err.line, err.kind) == (path, 2, kind)
   assert f"{path}:2: [{kind}]" in str(err)
-  source = builders.JsonlSource(path, on_error="skip")
+  source = sources.JsonlSource(path, on_error="skip")
   assert len(source) == 2 and source.skipped == 1 and source.error_counts[kind] == 1
   assert source.errors[0].line == 2
 
@@ -460,14 +463,14 @@ LAZY_BAD = [("garbage.png", "corrupt_image"), ("truncated.png", "corrupt_image")
 def test_jsonl_bad_image_is_found_when_read(tmp_path, image, kind):
   path = _write_bad_set(tmp_path, json.dumps({**GOOD, "images": ["ok.png", image]}))
   limit = dict(max_image_pixels=5000)  # big.png (10000 pixels) counts as a bomb under this limit
-  source = builders.JsonlSource(path, **limit)  # images are not opened yet
+  source = sources.JsonlSource(path, **limit)  # images are not opened yet
   assert len(source) == 3
   assert source[0]["images"][0].size == (8, 8)
   with pytest.raises(jsonl.DataError) as info:
     source[1]
   assert (info.value.path, info.value.line, info.value.kind) == (path, 2, kind)
   assert "image 1" in str(info.value) and image in str(info.value)
-  skipping = builders.JsonlSource(path, on_error="skip", **limit)
+  skipping = sources.JsonlSource(path, on_error="skip", **limit)
   assert skipping[1] is None and skipping.error_counts[kind] == 1
   batches = list(pipeline.make_iterator(skipping, batch_size=2, seed=0, shuffle=False, num_epochs=1))
   assert [e["id"] for b in batches for e in b] == ["set.jsonl:1", "set.jsonl:3"]
@@ -475,13 +478,13 @@ def test_jsonl_bad_image_is_found_when_read(tmp_path, image, kind):
 
 def test_jsonl_source_registry_and_missing_path(tmp_path):
   with pytest.raises(FileNotFoundError):
-    builders.JsonlSource(tmp_path / "none.jsonl")
+    sources.JsonlSource(tmp_path / "none.jsonl")
   with pytest.raises(FileNotFoundError, match="no \\*.jsonl"):
-    builders.JsonlSource(tmp_path)
+    sources.JsonlSource(tmp_path)
   path = _write_bad_set(tmp_path, json.dumps(GOOD))
-  assert len(builders.make_source("jsonl", path=path)) == 3
+  assert len(sources.make_source("jsonl", path=path)) == 3
   with pytest.raises(ValueError, match="unknown data source"):
-    builders.make_source("nope")
+    sources.make_source("nope")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from imagent_jax import parallel
-from imagent_jax.agent import masks
+from imagent_jax.rl import masks
 from imagent_jax.models import get_preset
 from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.rl import grpo

@@ -18,7 +18,7 @@ import transformers
 from imagent_jax import parallel
 from imagent_jax.models import hf_io
 from imagent_jax.models import qwen2_5_vl
-from imagent_jax.models.config import ModelConfig
+from imagent_jax.models.qwen2_5_vl.config import ModelConfig
 from imagent_jax.models.presets import get_preset
 
 

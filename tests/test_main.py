@@ -81,7 +81,7 @@ def test_unknown_config_key_is_refused(tmp_path):
 def test_every_config_file_is_valid(tmp_path, name):
   import importlib.util
 
-  from imagent_jax import default_config
+  from imagent_jax.config import schema
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -89,7 +89,7 @@ def test_every_config_file_is_valid(tmp_path, name):
   if name.startswith("qwen"):
     assert config.model.preset == name and config.model.dtype == "bfloat16"
     with pytest.raises(ValueError, match="needs config.model.tokenizer"):  # the checkpoint is the user's
-      default_config.validate(config)
+      schema.validate(config)
     (tmp_path / "config.json").write_text("{}")
     config.model.checkpoint = str(tmp_path)
-  default_config.validate(config, num_devices=8)
+  schema.validate(config, num_devices=8)

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagent_jax.agent import masks
-from imagent_jax.agent.masks import (STATUS_ANSWERED, STATUS_NO_ANSWER, STATUS_TRUNCATED,
-                                     STATUS_TURN_LIMIT)
+from imagent_jax.rl import masks
+from imagent_jax.rl.masks import STATUS_ANSWERED, STATUS_NO_ANSWER, STATUS_TRUNCATED, STATUS_TURN_LIMIT
 
 ALL_OFF = dict(mask_turn_limit=False, mask_truncated=False, mask_malformed=False)
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imagent_jax.agent import rewards
+from imagent_jax.rl import rewards
 
 OPTS = ["a dog", "a cat", "a bird", "a fish"]
 NUM_OPTS = ["A. 2", "B. 3", "C. 4"]  # prefixed option texts, numeric contents

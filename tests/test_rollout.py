@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from imagent_jax.agent import masks, protocol
+from imagent_jax.agent import protocol
+from imagent_jax.rl import masks
 from imagent_jax.agent import rollout as rl
 from imagent_jax.rl import logprobs
 from imagent_jax.agent import tools

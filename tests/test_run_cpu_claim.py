@@ -94,7 +94,7 @@ def _base_run(root, recipe):
 
 
 def test_sweep_reuses_a_base_only_with_the_same_recipe(claim, tmp_path, monkeypatch):
-  from imagent_jax import warmup
+  from imagent_jax.stages import warmup
   launched = []
   monkeypatch.setattr(claim, "_main", lambda workdir, overrides, log: launched.append(overrides) or 1.0)
   assert claim.resolved_config(["warmup.steps=7"]).warmup.steps == 7  # parsed as imagent_jax.main does
@@ -110,7 +110,7 @@ def test_sweep_reuses_a_base_only_with_the_same_recipe(claim, tmp_path, monkeypa
 
 
 def test_sweep_records_each_runs_overrides_and_refuses_stale_runs(claim, tmp_path, monkeypatch):
-  from imagent_jax import warmup
+  from imagent_jax.stages import warmup
   launched = []
   monkeypatch.setattr(claim, "_main", lambda workdir, overrides, log: launched.append(overrides) or 2.0)
   root = tmp_path / "root"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from imagent_jax.models import hf_io
 from imagent_jax.models import qwen2_5_vl as qvl
-from imagent_jax.processing.positions import mrope_positions
+from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 from imagent_jax.sampling import sampler
 
 N_NEW = 32

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from imagent_jax import default_config
-from imagent_jax.agent import masks, rewards
+from imagent_jax.config import schema
+from imagent_jax.rl import masks, rewards
 from imagent_jax.rl.trainer import Trainer
 
 # An untrained policy never answers right, so every group would have zero reward variance and no
@@ -20,7 +20,7 @@ if "test_response_length" not in rewards.REWARDS:
 
 
 def _config(steps=3):
-  c = default_config.get_config("smoke")
+  c = schema.get_config("smoke")
   with c.unlocked():
     c.data.source = "synthetic"  # drawn on the fly: no tfds build in this test
     c.rollout.max_new_tokens = 40
@@ -92,7 +92,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 def test_rl_stage_stopped_by_sigterm_skips_the_final_test(tmp_path, monkeypatch, capsys):
   """A preempted rl stage exits right after its checkpoint: no test of a half-trained policy
   logged as the result, and ``stopped`` in its summary (main then exits 143)."""
-  from imagent_jax import rl_stage
+  from imagent_jax.stages import rl as rl_stage
   from imagent_jax.reporting import MetricsWriter, Report
   original = Trainer.train_step
 
@@ -117,7 +117,7 @@ def test_invalid_rl_config_is_refused_before_compiling():
   with c.unlocked():
     c.rollout.group_size = 1  # std-normalised advantages need groups of at least 2
   with pytest.raises(ValueError, match="config.rl"):
-    default_config.validate(c)
+    schema.validate(c)
 
 
 def test_confirm_hits_and_their_chance_baseline():

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from imagent_jax import components, default_config, warmup
+from imagent_jax.stages import build, warmup
+from imagent_jax.config import schema
 from imagent_jax.agent import protocol, tools
 from imagent_jax.data import synthetic
 from imagent_jax.models import get_preset
@@ -17,13 +18,13 @@ from imagent_jax.processing import Processor, build_tiny_tokenizer
 
 
 def test_read_zoom_probe_scores_scripted_answers(tmp_path, monkeypatch):
-  config = default_config.get_config("smoke")
+  config = schema.get_config("smoke")
   model_config = get_preset("tiny")
   build_tiny_tokenizer(str(tmp_path), vocab_size=model_config.vocab_size, max_pixels=config.processor.max_pixels)
   processor = Processor.from_pretrained(str(tmp_path))
-  tcfg = components.tool_config(config)
+  tcfg = build.tool_config(config)
   system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
-  examples = [synthetic.generate_example(0, i, components.difficulty(config)) for i in range(3)]
+  examples = [synthetic.generate_example(0, i, build.difficulty(config)) for i in range(3)]
   seen = {}
 
   def scripted(cfg, params, inputs, *, max_new_tokens, stop_token_ids):
@@ -44,9 +45,9 @@ def test_read_zoom_probe_scores_scripted_answers(tmp_path, monkeypatch):
 
 def test_warmup_tasks_match_the_rl_prompt_and_tool_layout():
   from imagent_jax.processing import chat
-  config = default_config.get_config("smoke")
+  config = schema.get_config("smoke")
   config.data.images_per_question = "2,3"
-  tcfg = components.tool_config(config)
+  tcfg = build.tool_config(config)
   system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
   config.warmup.tasks = "read_zoom,direct,locate,tool_syntax"
   config.warmup.call_share = 0.5
@@ -55,7 +56,7 @@ def test_warmup_tasks_match_the_rl_prompt_and_tool_layout():
   for index in range(48):
     messages, images, response, task = warmup.make_example(config, index, tcfg, system)
     assert task == config.warmup.tasks.split(",")[index % 4]
-    source = synthetic.generate_example(config.data.seed + 7919, index, components.difficulty(config))
+    source = synthetic.generate_example(config.data.seed + 7919, index, build.difficulty(config))
     n = len(source["images"])
     rl_prompt = protocol.build_prompt_messages(source["question"], n, source["options"],
                                                tools=tools.tool_schemas(tcfg.enabled()), system_style="compact")
@@ -111,10 +112,10 @@ def _covers(ctx, box, source):
 
 
 def test_warmup_without_call_share_never_calls_unasked():
-  config = default_config.get_config("smoke")
+  config = schema.get_config("smoke")
   config.warmup.tasks = "direct"
   config.warmup.call_share = 0.0
-  tcfg = components.tool_config(config)
+  tcfg = build.tool_config(config)
   system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
   for index in range(12):
     _, _, response, _ = warmup.make_example(config, index, tcfg, system)
@@ -124,17 +125,17 @@ def test_warmup_without_call_share_never_calls_unasked():
 def test_warmup_zooms_use_the_category_zoom_box():
   """A mosaic question's zoom is its top-left square (zoom_pad 0, exact): half a base-view pixel here."""
   from imagent_jax.processing import chat
-  config = default_config.get_config()
+  config = schema.get_config()
   config.data.categories, config.data.image_side = "mosaic", "896,896"
   config.tools.min_box_side = 2.0
   config.warmup.tasks = "read_zoom,direct,tool_syntax"
   config.warmup.call_share, config.warmup.confirm_share = 1.0, 1.0
-  tcfg = components.tool_config(config)
+  tcfg = build.tool_config(config)
   system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
   confirms = 0
   for index in range(9):
     messages, _, response, task = warmup.make_example(config, index, tcfg, system)
-    source = synthetic.generate_example(config.data.seed + 7919, index, components.difficulty(config))
+    source = synthetic.generate_example(config.data.seed + 7919, index, build.difficulty(config))
     k = source["target_image"]
     shown = tools.ToolContext(source["images"], tcfg).shown_sizes[k]
     assert shown == (224, 224)
@@ -152,14 +153,14 @@ def test_warmup_zooms_use_the_category_zoom_box():
 def test_warmup_zoom_request_share(share):
   """``zoom_request_share`` 1: every tool_syntax request asks to zoom on the detail, and the call
   names the asked image; 0: every request names a tool and a random image."""
-  config = default_config.get_config("smoke")
+  config = schema.get_config("smoke")
   config.warmup.tasks = "tool_syntax"
   config.warmup.zoom_request_share = share
-  tcfg = components.tool_config(config)
+  tcfg = build.tool_config(config)
   system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
   for index in range(12):
     messages, _, response, _ = warmup.make_example(config, index, tcfg, system)
-    source = synthetic.generate_example(config.data.seed + 7919, index, components.difficulty(config))
+    source = synthetic.generate_example(config.data.seed + 7919, index, build.difficulty(config))
     request = messages[-1]["content"][-1]["text"].split("\n")[-1]
     call = protocol.parse_turn(response).tool_call
     if share == 1.0:
@@ -170,25 +171,25 @@ def test_warmup_zoom_request_share(share):
 
 
 def test_warmup_zoom_request_share_is_validated():
-  config = default_config.get_config("smoke")
+  config = schema.get_config("smoke")
   config.warmup.zoom_request_share = 1.5
   with pytest.raises(ValueError, match="zoom_request_share"):
-    default_config.validate(config)
+    schema.validate(config)
 
 
 def test_image_choice_probe_matches_per_question_softmax(tmp_path):
   """The batched probe equals, question by question, the softmax over image numbers of each call's
   response log-prob computed alone (unpadded, one row per forward); one-image questions are skipped."""
-  config = default_config.get_config("smoke")
+  config = schema.get_config("smoke")
   config.data.images_per_question = "1,3"
   model_config = get_preset("micro")
   build_tiny_tokenizer(str(tmp_path), vocab_size=model_config.vocab_size, max_pixels=config.processor.max_pixels)
   processor = Processor.from_pretrained(str(tmp_path))
   model = qvl.Qwen25VL(model_config)
   params = qvl.init_params(model_config, jax.random.key(3))
-  tcfg = components.tool_config(config)
+  tcfg = build.tool_config(config)
   system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
-  examples = [synthetic.generate_example(0, i, components.difficulty(config)) for i in range(8)]
+  examples = [synthetic.generate_example(0, i, build.difficulty(config)) for i in range(8)]
   multi = [e for e in examples if len(e["images"]) > 1]
   assert 0 < len(multi) < len(examples)
   out = warmup.image_choice_probe(model, params, processor, examples, tcfg, system, max_len=768, batch_size=4)
@@ -223,8 +224,8 @@ def test_image_choice_probe_matches_per_question_softmax(tmp_path):
 
 def test_warmup_refuses_a_base_trained_with_another_recipe(tmp_path, capsys):
   from imagent_jax.reporting import MetricsWriter, Report
-  config = default_config.get_config("smoke")
-  base = components.base_dir(str(tmp_path))
+  config = schema.get_config("smoke")
+  base = build.base_dir(str(tmp_path))
   os.makedirs(base)
   open(os.path.join(base, "config.json"), "w").write("{}")
   args = (config, str(tmp_path), Report(str(tmp_path), "t"), MetricsWriter(str(tmp_path)))
@@ -249,14 +250,14 @@ def test_warmup_refuses_a_base_trained_with_another_recipe(tmp_path, capsys):
 
 
 def test_the_prompt_lists_tools_listed_while_only_enabled_ones_run():
-  config = default_config.get_config("smoke")
-  assert [s["function"]["name"] for s in components.listed_tool_schemas(config)] == ["reflect", "confirm"]
+  config = schema.get_config("smoke")
+  assert [s["function"]["name"] for s in build.listed_tool_schemas(config)] == ["reflect", "confirm"]
   config.tools.names = "confirm"
-  assert [s["function"]["name"] for s in components.listed_tool_schemas(config)] == ["confirm"]
+  assert [s["function"]["name"] for s in build.listed_tool_schemas(config)] == ["confirm"]
   config.tools.listed = "all"  # the ablation: the base's prompt, one tool that works
-  assert [s["function"]["name"] for s in components.listed_tool_schemas(config)] == ["reflect", "confirm"]
-  assert components.tool_config(config).enabled() == ("confirm",)
-  default_config.validate(config)
+  assert [s["function"]["name"] for s in build.listed_tool_schemas(config)] == ["reflect", "confirm"]
+  assert build.tool_config(config).enabled() == ("confirm",)
+  schema.validate(config)
   config.tools.listed = "zoom"
   with pytest.raises(ValueError, match="unknown tool"):
-    default_config.validate(config)
+    schema.validate(config)

@@ -31,13 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from imagent_jax.agent import masks as masks_lib
+from imagent_jax.rl import masks as masks_lib
 from imagent_jax.agent import protocol
 from imagent_jax.agent import tools as tools_lib
 from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.processing import chat
 from imagent_jax.processing import images as images_lib
-from imagent_jax.processing.positions import mrope_positions
+from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 from imagent_jax.sampling import sampler
 
 RUNNING = -1  # in-graph status of a row still going

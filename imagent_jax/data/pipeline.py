@@ -51,8 +51,8 @@ def as_source(source: Any) -> Sequence:
     TypeError: not a random-access source.
   """
   if hasattr(source, "dataset_info") and hasattr(source, "split") and not hasattr(source, "name"):
-    from imagent_jax.data.builders import synthetic_mifg  # pylint: disable=g-import-not-at-top
-    return synthetic_mifg.TfdsSource(source)
+    from imagent_jax.data import tfds as data_tfds  # pylint: disable=g-import-not-at-top
+    return data_tfds.TfdsSource(source)
   if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
     raise TypeError(f"a source needs __len__ and __getitem__, got {type(source).__name__}")
   return source

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from imagent_jax.models.config import ModelConfig
+from imagent_jax.models.qwen2_5_vl.config import ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from imagent_jax import components, parallel
-from imagent_jax.agent import masks, protocol, rewards
+from imagent_jax import parallel
+from imagent_jax.stages import build
+from imagent_jax.agent import protocol
+from imagent_jax.rl import masks, rewards
 from imagent_jax.agent import rollout as rl
 from imagent_jax.rl import grpo, logprobs
 
@@ -190,29 +192,29 @@ class Trainer:
     self.config, self.workdir = config, workdir
     r = config.rl
     self.mesh = parallel.make_mesh(dict(config.mesh))
-    self.model_config, params, self.processor, _ = components.load_model_and_processor(config, workdir, self.mesh)
-    self.model = components.build_model(config, self.model_config, remat=r.remat)
-    self.rollout_cfg = components.rollout_config(config)
-    self.tool_cfg = components.tool_config(config)
+    self.model_config, params, self.processor, _ = build.load_model_and_processor(config, workdir, self.mesh)
+    self.model = build.build_model(config, self.model_config, remat=r.remat)
+    self.rollout_cfg = build.rollout_config(config)
+    self.tool_cfg = build.tool_config(config)
     self.rollout = rl.Rollout(self.model, self.processor, self.rollout_cfg, self.tool_cfg)
-    self.reward_cfg = components.reward_config(config)
-    self.mask_cfg = components.mask_config(config)
-    self.grpo_cfg = components.grpo_config(config)
+    self.reward_cfg = build.reward_config(config)
+    self.mask_cfg = build.mask_config(config)
+    self.grpo_cfg = build.grpo_config(config)
     self.optimizer = grpo.make_optimizer(self.grpo_cfg)
     self.step_fn = grpo.sharded_train_step(self.model, self.grpo_cfg, self.mesh)
-    self.schemas = components.listed_tool_schemas(config)
-    self.train_stream = train_stream or components.example_stream(config, workdir, "train", r.batch_size)
+    self.schemas = build.listed_tool_schemas(config)
+    self.train_stream = train_stream or build.example_stream(config, workdir, "train", r.batch_size)
     self.eval_examples = (list(eval_examples) if eval_examples is not None
-                          else components.eval_examples(config, workdir))
+                          else build.eval_examples(config, workdir))
     self.params = params
     self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.step_fn.opt_state_shardings)(params)
     # The update donates params: the frozen reference needs its own copy.
     self.ref_params = jax.tree_util.tree_map(jnp.copy, params) if self.grpo_cfg.kl_coef > 0 else None
     self.step = 0
     self.rng = jax.random.key(config.seed)
-    self.ckpt = components.checkpoint_manager(config, workdir)
+    self.ckpt = build.checkpoint_manager(config, workdir)
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    self.tb = components.tensorboard_writer(workdir)
+    self.tb = build.tensorboard_writer(workdir)
     self._stop = False
     self._saved_step = -1
     self._restore()
@@ -230,11 +232,11 @@ class Trainer:
     """Writes a checkpoint of the current step (params, optimiser, RNG, data state), once."""
     if self._saved_step == self.step:
       return
-    components.save_checkpoint(self.ckpt, self.step, self._state(), self._meta())
+    build.save_checkpoint(self.ckpt, self.step, self._state(), self._meta())
     self._saved_step = self.step
 
   def _restore(self) -> None:
-    restored = components.restore_checkpoint(self.ckpt, self._state())
+    restored = build.restore_checkpoint(self.ckpt, self._state())
     if restored is None:
       return
     state, meta = restored
@@ -328,7 +330,7 @@ class Trainer:
     examples = self.eval_examples if examples is None else list(examples)
     if not examples:
       return {}
-    cfg = components.eval_rollout_config(self.config)
+    cfg = build.eval_rollout_config(self.config)
     ro = rl.Rollout(self.model, self.processor, cfg, self.tool_cfg)
     accs, trajs_all, ex_all = [], [], []
     bs = self.config.rl.batch_size
@@ -386,5 +388,5 @@ class Trainer:
         self.save()
     finally:
       signal.signal(signal.SIGTERM, previous)
-      components.wait_for_checkpoints(self.ckpt)
+      build.wait_for_checkpoints(self.ckpt)
     return last

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagent_jax.models import qwen2_5_vl as qvl
-from imagent_jax.models.config import ModelConfig
-from imagent_jax.processing.positions import mrope_positions
+from imagent_jax.models.qwen2_5_vl.config import ModelConfig
+from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 
 _NEG = -1e30
 

@@ -16,8 +16,10 @@ import time
 import jax
 import numpy as np
 
-from imagent_jax import components, parallel
-from imagent_jax.agent import masks, protocol, rewards
+from imagent_jax import parallel
+from imagent_jax.stages import build
+from imagent_jax.agent import protocol
+from imagent_jax.rl import masks, rewards
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
@@ -62,12 +64,12 @@ def _print_trajectory(row: int, traj: rl.Trajectory, reward: dict, kept: float, 
 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   mesh = parallel.make_mesh(dict(config.mesh))
-  model_config, params, processor, _ = components.load_model_and_processor(config, workdir, mesh)
-  model = components.build_model(config, model_config)
-  cfg, tcfg = components.rollout_config(config), components.tool_config(config)
+  model_config, params, processor, _ = build.load_model_and_processor(config, workdir, mesh)
+  model = build.build_model(config, model_config)
+  cfg, tcfg = build.rollout_config(config), build.tool_config(config)
   ro = rl.Rollout(model, processor, cfg, tcfg)
-  examples = components.eval_examples(config, workdir, "validation", config.rollout.num_prompts)
-  schemas = components.listed_tool_schemas(config)
+  examples = build.eval_examples(config, workdir, "validation", config.rollout.num_prompts)
+  schemas = build.listed_tool_schemas(config)
   prompts = [protocol.build_prompt_messages(e["question"], len(e["images"]), e["options"], tools=schemas,
                                            system_style=config.tools.prompt_style) for e in examples]
   images = [e["images"] for e in examples]
@@ -77,7 +79,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   forced = None
   n_scripted = config.rollout.scripted_rows
   if n_scripted < 0:
-    n_scripted = 0 if components.model_source(config, workdir) else 1
+    n_scripted = 0 if build.model_source(config, workdir) else 1
   if n_scripted:
     scripts = {}
     for row in range(r):
@@ -98,12 +100,12 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   out, trajs = ro(params, prompts, images, jax.random.key(config.seed + 1), forced_tokens=forced)
   t_run = time.perf_counter() - t0
 
-  rcfg = components.reward_config(config)
+  rcfg = build.reward_config(config)
   rew = rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],
                                 [examples[t.prompt_index]["options"] for t in trajs],
                                 [t.num_successful_image_calls for t in trajs], g, rcfg,
                                 num_malformed_calls=[t.num_malformed_calls for t in trajs])
-  mcfg = components.mask_config(config)
+  mcfg = build.mask_config(config)
   loss_mask, mask_metrics = masks.loss_mask(out["action_mask"], out["attention_mask"], out["status"],
                                             np.array([t.num_malformed_calls for t in trajs]), rew["total"], mcfg)
   kept = np.asarray(loss_mask).sum(1) > 0

@@ -43,7 +43,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from imagent_jax import components, parallel
+from imagent_jax import parallel
+from imagent_jax.stages import build
 from imagent_jax.agent import protocol, tools
 from imagent_jax.data import synthetic
 from imagent_jax.models import hf_io
@@ -204,7 +205,7 @@ def make_example(config, index: int, tool_config: tools.ToolConfig, system: str)
   rng = np.random.default_rng([config.seed, 7, index])
   w = config.warmup
   # Its own seed stream: warmup never sees the RL or evaluation questions.
-  source = synthetic.generate_example(config.data.seed + 7919, index, components.difficulty(config))
+  source = synthetic.generate_example(config.data.seed + 7919, index, build.difficulty(config))
   names = [t.strip() for t in w.tasks.split(",")]
   task = names[index % len(names)]
   ctx = tools.ToolContext(source["images"], tool_config)
@@ -310,7 +311,7 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
     ``{"read_zoom_accuracy", "read_zoom_format"}``: the share answered right, and the share
     with an ``<answer>`` block.
   """
-  from imagent_jax.agent import rewards
+  from imagent_jax.rl import rewards
   from imagent_jax.sampling import sampler
   right = answered = 0
   for i in range(0, len(examples), batch_size):
@@ -450,7 +451,7 @@ def check_reused_base(config, base: str) -> None:
 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   """Trains (or reuses) the tool-naive base and saves it under ``<workdir>/base``."""
-  out_dir = components.base_dir(workdir)
+  out_dir = build.base_dir(workdir)
   if os.path.isfile(os.path.join(out_dir, "config.json")):
     check_reused_base(config, out_dir)
     print(f"Reusing the warmup base in {out_dir} (delete it to train again)")
@@ -458,11 +459,11 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
     return {"reused": True}
   w = config.warmup
   mesh = parallel.make_mesh(dict(config.mesh))
-  model_config, params, processor, tok_dir = components.load_model_and_processor(config, workdir, mesh,
+  model_config, params, processor, tok_dir = build.load_model_and_processor(config, workdir, mesh,
                                                                                random_init=True)
-  model = components.build_model(config, model_config)
-  tcfg = components.tool_config(config)
-  system = protocol.system_prompt(components.listed_tool_schemas(config), config.tools.prompt_style)
+  model = build.build_model(config, model_config)
+  tcfg = build.tool_config(config)
+  system = protocol.system_prompt(build.listed_tool_schemas(config), config.tools.prompt_style)
   warm = min(w.warmup_steps, max(1, w.steps // 2))
   schedule = optax.warmup_cosine_decay_schedule(0.0, w.learning_rate, warm, max(warm + 1, w.steps),
                                                 w.learning_rate * 0.1)
@@ -506,7 +507,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   print("  loss by task (mean of the last 20 steps): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in task_loss.items()))
   probe = {}
   if w.probe_examples > 0:
-    held_out = components.eval_examples(config, workdir, "validation", w.probe_examples)
+    held_out = build.eval_examples(config, workdir, "validation", w.probe_examples)
     probe = read_zoom_probe(model_config, params, processor, held_out, tcfg, system)
     probe.update(image_choice_probe(model, params, processor, held_out, tcfg, system, max_len=w.max_len))
     metrics.write(w.steps, "warmup_probe", **probe)

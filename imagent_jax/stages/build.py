@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from imagent_jax import parallel
-from imagent_jax.agent import masks, rewards
+from imagent_jax.rl import masks, rewards
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools
 from imagent_jax.models import hf_io, presets
@@ -148,22 +148,22 @@ def data_source(config, workdir: str, split: str):
   ``config.data.data_dir`` (default ``<workdir>/data``); ``synthetic``: the same examples drawn
   on the fly; ``jsonl``: a local JSONL dataset (``config.data.{train,validation}_path``).
   """
-  from imagent_jax.data import builders
+  from imagent_jax.data import sources
   d = config.data
   sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
   if d.source == "synthetic_mifg":
     data_dir = os.path.expanduser(d.data_dir) if d.data_dir else os.path.join(workdir, "data")
-    return builders.make_source("synthetic_mifg", data_dir=data_dir, split=split, sizes=sizes,
+    return sources.make_source("synthetic_mifg", data_dir=data_dir, split=split, sizes=sizes,
                                 difficulty=difficulty(config), seed=d.seed)
   if d.source == "synthetic":
     from imagent_jax.data import synthetic
-    return builders.make_source("synthetic", size=sizes[split], seed=synthetic.split_seed(d.seed, split),
+    return sources.make_source("synthetic", size=sizes[split], seed=synthetic.split_seed(d.seed, split),
                                 difficulty=difficulty(config))
   if d.source == "jsonl":
     path = {"train": d.train_path, "validation": d.validation_path, "test": d.test_path}[split]
     if not path:
       raise ValueError(f"config.data.source='jsonl' needs config.data.{split}_path")
-    return builders.make_source("jsonl", path=os.path.expanduser(path), on_error=d.on_error)
+    return sources.make_source("jsonl", path=os.path.expanduser(path), on_error=d.on_error)
   raise ValueError(f"unknown config.data.source={d.source!r}")
 
 

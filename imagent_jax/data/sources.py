@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from imagent_jax.data.builders.jsonl import DataError, JsonlSource, write_jsonl
+from imagent_jax.data.jsonl import DataError, JsonlSource, write_jsonl
 
 SOURCES: dict[str, Callable[..., Any]] = {}
 _LAZY = ("SyntheticMifg", "SyntheticMifgConfig", "TfdsSource", "build_synthetic", "make_config")
@@ -59,19 +59,19 @@ def _synthetic(size: int, seed: int = 0, difficulty: Any = None) -> Any:
 @register_source("synthetic_mifg")
 def _synthetic_mifg(data_dir: str, split: str = "train", sizes: Any = None, difficulty: Any = None, seed: int = 0,
                     num_workers: Any = None) -> Any:
-  from imagent_jax.data.builders import synthetic_mifg  # pylint: disable=g-import-not-at-top
-  builder = synthetic_mifg.build_synthetic(data_dir, sizes, difficulty, seed=seed, num_workers=num_workers)
-  return synthetic_mifg.TfdsSource(builder, split)
+  from imagent_jax.data import tfds as data_tfds  # pylint: disable=g-import-not-at-top
+  builder = data_tfds.build_synthetic(data_dir, sizes, difficulty, seed=seed, num_workers=num_workers)
+  return data_tfds.TfdsSource(builder, split)
 
 
 @register_source("tfds")
 def _tfds(name: str, data_dir: str, split: str = "train") -> Any:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from imagent_jax.data.builders import synthetic_mifg  # pylint: disable=g-import-not-at-top
+  from imagent_jax.data import tfds as data_tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(f"tfds dataset {name!r} is not prepared under {data_dir}; nothing is downloaded")
-  return synthetic_mifg.TfdsSource(builder, split)
+  return data_tfds.TfdsSource(builder, split)
 
 
 @register_source("jsonl")
@@ -84,8 +84,8 @@ def __getattr__(name: str) -> Any:
     from imagent_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.split_seed
   if name in _LAZY:
-    from imagent_jax.data.builders import synthetic_mifg  # pylint: disable=g-import-not-at-top
-    return getattr(synthetic_mifg, name)
+    from imagent_jax.data import tfds as data_tfds  # pylint: disable=g-import-not-at-top
+    return getattr(data_tfds, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagent_jax.models.config import ModelConfig, VisionConfig
+from imagent_jax.models.qwen2_5_vl.config import ModelConfig, VisionConfig
 from imagent_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, cached_attention, dense,
                                        local_segment_attention, masked_softmax_attention,
                                        mrope_cos_sin, rope_inv_freq)
-from imagent_jax.processing.positions import mrope_positions
+from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 
 Dtype = Any
 VISION_ROPE_THETA = 10000.0

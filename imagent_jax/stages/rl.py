@@ -7,7 +7,7 @@ import math
 import os
 import time
 
-from imagent_jax import components
+from imagent_jax.stages import build
 from imagent_jax.analysis import plots
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
 
@@ -27,7 +27,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
 
   t0 = time.perf_counter()
   trainer = Trainer(config, workdir)
-  test = (components.eval_examples(config, workdir, "test", config.rl.test_examples)
+  test = (build.eval_examples(config, workdir, "test", config.rl.test_examples)
           if config.rl.test_examples > 0 else [])
   if test and trainer.step == 0:  # the base, before any update (a resumed run logged it already)
     trainer.log(trainer.evaluate(test, prefix="test"), stage="test")

@@ -16,7 +16,8 @@ import time
 import jax
 import numpy as np
 
-from imagent_jax import components, parallel
+from imagent_jax import parallel
+from imagent_jax.stages import build
 from imagent_jax.analysis import plots
 from imagent_jax.data import synthetic
 from imagent_jax.models import hf_io
@@ -57,7 +58,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   """Runs the model stage; returns its summary numbers (also written to metrics.jsonl)."""
   mesh = parallel.make_mesh(dict(config.mesh))
   t0 = time.perf_counter()
-  model_config, params, processor, _ = components.load_model_and_processor(config, workdir, mesh)
+  model_config, params, processor, _ = build.load_model_and_processor(config, workdir, mesh)
   t_load = time.perf_counter() - t0
   rows = _param_table(params)
   print("\nModel parameters\n" + text_table(["part", "parameters", "share"], rows))
@@ -72,7 +73,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   print("\nImages (resized to multiples of 28 within min/max pixels)\n" +
         text_table(["image", "input WxH", "resized WxH", "patch grid", "tokens"], img_rows))
 
-  model = components.build_model(config, model_config)
+  model = build.build_model(config, model_config)
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, **x))
   feed = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in inputs}
   t0 = time.perf_counter()
@@ -88,7 +89,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   next_ids = logits[:, -1].argmax(-1)
   print(f"\nForward: batch {b} x {l} tokens, {len(flat_images)} images -> logits {logits.shape}; "
         f"first call (compile + run) {t_first:.2f}s, then {t_run * 1e3:.1f} ms")
-  note = "" if components.model_source(config, workdir) else "  (random weights: noise is expected)"
+  note = "" if build.model_source(config, workdir) else "  (random weights: noise is expected)"
   for i, tid in enumerate(next_ids):
     print(f"  row {i}: predicted next token {int(tid)} {processor.tokenizer.id_to_token(int(tid))!r}{note}")
 
@@ -98,7 +99,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   if config.model.export_hf:
     export = os.path.join(workdir, "hf_export")
     hf_io.save_pretrained(export, model_config, params)
-    _, reloaded = hf_io.load_pretrained(export, dtype=components.DTYPES[config.model.param_dtype], mesh=mesh)
+    _, reloaded = hf_io.load_pretrained(export, dtype=build.DTYPES[config.model.param_dtype], mesh=mesh)
     diff = float(np.abs(np.asarray(fwd(reloaded, feed)) - logits).max())
     print(f"\nExported a Hugging Face checkpoint to {export}; reloaded max |logit diff| = {diff:.2e}")
     summary["export_max_logit_diff"] = diff
@@ -110,7 +111,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
     layout_png = plots.plot_window_layout(flat_images, grids, model_config.vision,
                                           os.path.join(workdir, "vision_windows.png"))
   metrics.write(0, "model", **summary)
-  src = components.model_source(config, workdir) or f"preset '{config.model.preset}' (random init)"
+  src = build.model_source(config, workdir) or f"preset '{config.model.preset}' (random init)"
   body = [f"Model: {src}; compute dtype {config.model.dtype}, params {config.model.param_dtype}; "
           f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s).", "",
           markdown_table(["part", "parameters", "share"], rows), "",

@@ -256,7 +256,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if not -1 <= config.rollout.scripted_rows <= config.rollout.group_size:
     errors.append("config.rollout.scripted_rows must lie in [-1, group_size]")
   try:
-    from imagent_jax.agent import rewards, tools
+    from imagent_jax.agent import tools
+    from imagent_jax.rl import rewards
     tools.available_tools(config.tools.names)
     tools.available_tools(config.tools.listed or config.tools.names)
     from imagent_jax.agent import protocol
@@ -286,8 +287,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.rl.length_bucket < 0:
     errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
   try:
-    from imagent_jax import components
-    components.grpo_config(config)
+    from imagent_jax.stages import build
+    build.grpo_config(config)
   except (ValueError, KeyError, TypeError) as e:
     errors.append(f"config.rl: {e}")
   if num_devices is not None:
