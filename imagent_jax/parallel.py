@@ -107,10 +107,11 @@ def logical_to_mesh_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mes
 
 def param_shardings(config, mesh: Mesh, rules=None):
   """``NamedSharding`` pytree (the params' structure) for a model ``config`` on ``mesh``."""
-  from imagent_jax.models import qwen2_5_vl  # local import: parallel.py stays model-agnostic at import time
+  from imagent_jax.models.registry import family_of  # local: parallel.py imports no model at import time
 
-  logical = qwen2_5_vl.logical_axes(config)
-  shapes = qwen2_5_vl.abstract_params(config)
+  family = family_of(config)
+  logical = family.logical_axes(config)
+  shapes = family.abstract_params(config)
   return jax.tree_util.tree_map(
       lambda spec, s: NamedSharding(mesh, logical_to_mesh_spec(spec, s.shape, mesh, rules)), logical, shapes,
       is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -147,10 +148,11 @@ def init_sharded_params(config, rng, mesh: Mesh, rules=None, param_dtype=None):
 def _sharded_init(config, mesh: Mesh, rules, param_dtype):
   import jax.numpy as jnp
   import flax.linen as nn
-  from imagent_jax.models.qwen2_5_vl import model as qwen2_5_vl
+  from imagent_jax.models.registry import family_of
 
   shardings = param_shardings(config, mesh, rules)
-  init = lambda r: nn.unbox(qwen2_5_vl._boxed_init(config, r, param_dtype or jnp.float32))
+  family = family_of(config)
+  init = lambda r: nn.unbox(family.boxed_init(config, r, param_dtype or jnp.float32))
   return jax.jit(init, out_shardings=shardings)
 
 
@@ -162,10 +164,10 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def optimizer_state_shardings(optimizer, config, mesh: Mesh, rules=None):
   """``NamedSharding`` pytree of ``optimizer.init(params)`` for a model ``config``: every subtree
   shaped like the params (Adam moments, ...) sharded like them, every other leaf replicated."""
-  from imagent_jax.models.qwen2_5_vl import model as qwen2_5_vl
+  from imagent_jax.models.registry import family_of
 
   p_shard = param_shardings(config, mesh, rules)
-  abstract = jax.eval_shape(optimizer.init, qwen2_5_vl.abstract_params(config))
+  abstract = jax.eval_shape(optimizer.init, family_of(config).abstract_params(config))
   params_def = jax.tree_util.tree_structure(p_shard)
   replicated = NamedSharding(mesh, PartitionSpec())
   like_params = lambda x: jax.tree_util.tree_structure(x) == params_def

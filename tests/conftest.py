@@ -1,6 +1,12 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and float32 matmuls at full precision."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), float32 matmuls at full precision, and
+the shared fixture modules on the path."""
 
 import os
+import sys
+
+# Test modules live in folders mirroring the package; the shared fixtures (toy.py, hf_fixtures.py)
+# sit here, importable from every folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:

@@ -6,7 +6,7 @@ turn, parses the call, runs the tool on the original images and returns a fixed-
 observation — token ids (the turn end, the tool response with the image placeholders expanded,
 the next assistant header), patches, grid and a stop flag. In-graph, the vision tower encodes the
 view and the observation is prefilled into the KV cache at each row's own slot, marked as
-non-action tokens, with M-RoPE positions continued by the shared ``mrope_positions``.
+non-action tokens, with positions continued by the family's ``positions`` (M-RoPE for Qwen2.5-VL).
 
 Every shape is static: prompts padded to ``max_prompt_len`` and ``prompt_patches``, each
 observation to ``obs_max_tokens`` and ``view_max_patches``. One compiled program serves every
@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import itertools
 import threading
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -34,10 +34,10 @@ from jax.experimental import io_callback
 from imagent_jax.rl import masks as masks_lib
 from imagent_jax.agent import protocol
 from imagent_jax.agent import tools as tools_lib
-from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.agent.trajectory import Call, Trajectory
+from imagent_jax.models.registry import family_of
 from imagent_jax.processing import chat
 from imagent_jax.processing import images as images_lib
-from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 from imagent_jax.sampling import sampler
 
 RUNNING = -1  # in-graph status of a row still going
@@ -56,7 +56,7 @@ class RolloutConfig:
     max_new_tokens: per trajectory, generated plus observation tokens.
     max_tool_calls: a tool call beyond this ends the trajectory (``STATUS_TURN_LIMIT``).
     obs_max_tokens: static size of one observation chunk (text + image tokens).
-    view_max_patches: static patch slot of one returned view (its pixel budget / 14**2).
+    view_max_patches: static patch slot of one returned view (its pixel budget over the pixels of a patch).
     temperature, top_k, top_p: sampling (see ``sampler.sample_logits``).
     insert_wait: decode steps a row that closed a tool call may wait for other rows' calls, so
       that one observation insert (a host call, the vision tower and a prefill for the whole
@@ -107,16 +107,6 @@ class _Carry:
 # ------------------------------------------------------------------------------------ host side
 
 
-class Call(NamedTuple):
-  """One tool call of a trajectory, as the host saw it."""
-
-  name: str | None  # the tool named, None when the call did not parse
-  ok: bool
-  error_kind: str | None  # tools.ERROR_KINDS, or "turn_limit"
-  view_index: int | None  # 1-based number of the returned view
-  entered: bool  # the returned view entered the context (it fit in the observation slot)
-
-
 @dataclasses.dataclass
 class _Episode:
   """Host state of one rollout call."""
@@ -128,6 +118,8 @@ class _Episode:
   seq_len: int
   merge_size: int
   image_pad_id: int
+  view_settings: dict  # preprocess_image arguments of a returned view (the processor's geometry)
+  patch_dim: int
   turns: list  # [R] list of assistant turn texts that ended in a tool call
   calls: list  # [R] list of Call
   host_stopped: list  # [R] bool: the host ended the row at a tool call (turn limit / no room)
@@ -151,8 +143,7 @@ def _observation(ep: _Episode, row: int, turn_text: str, cursor: int):
   result = tools_lib.run_tool_call(ctx, turn)
   patches, grid = None, None
   if result.image is not None:
-    patches, grid = images_lib.preprocess_image(result.image, min_pixels=ep.tool_config.view_min_pixels,
-                                                max_pixels=ep.cfg.view_max_patches * 14 * 14)
+    patches, grid = images_lib.preprocess_image(result.image, **ep.view_settings)
     grid = np.asarray(grid, np.int64)
   def encode(text: str) -> list[int]:
     ids = ep.tokenizer.encode(protocol.observation_suffix(text, result.image is not None))
@@ -179,7 +170,7 @@ def _host_step(episode_id, need, tokens, turn_start, cursor):
   k, p = ep.cfg.obs_max_tokens, ep.cfg.view_max_patches
   obs = np.zeros((r, k), np.int32)
   obs_len = np.zeros((r,), np.int32)
-  pixels = np.zeros((r * p, 3 * 2 * 14 * 14), np.float32)
+  pixels = np.zeros((r * p, ep.patch_dim), np.float32)
   grid = np.zeros((r, 3), np.int32)
   stop = np.zeros((r,), bool)
   stop_status = np.full((r,), RUNNING, np.int32)
@@ -209,23 +200,22 @@ def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: Ro
   """Host call for the rows in ``need``, then prefill of their observations into the cache."""
   r, k, p = need.shape[0], cfg.obs_max_tokens, cfg.view_max_patches
   dec = carry.dec
-  patch_dim = model.config.vision.patch_dim
+  family = family_of(model.config)
+  patch_dim = family.geometry(model.config).patch_dim
   shapes = (jax.ShapeDtypeStruct((r, k), jnp.int32), jax.ShapeDtypeStruct((r,), jnp.int32),
             jax.ShapeDtypeStruct((r * p, patch_dim), jnp.float32), jax.ShapeDtypeStruct((r, 3), jnp.int32),
             jax.ShapeDtypeStruct((r,), bool), jax.ShapeDtypeStruct((r,), jnp.int32))
   obs, obs_len, pixels, grid, stop, stop_status = io_callback(
       _host_step, shapes, episode_id, need, carry.tokens, carry.turn_start, dec.index, ordered=True)
   obs_mask = jnp.arange(k)[None, :] < obs_len[:, None]
-  features = model.apply({"params": params}, pixels, grid, method=qvl.Qwen25VL.encode_images)
-  embeds = model.apply({"params": params}, obs, features, qvl.num_real_features(grid, model.config),
-                       method=qvl.Qwen25VL.embed)
-  pos, _ = mrope_positions(obs, obs_mask, grid, image_token_id=model.config.image_token_id,
-                           spatial_merge_size=model.config.vision.spatial_merge_size, offset=dec.next_pos)
+  features = model.apply({"params": params}, pixels, grid, method="encode_images")
+  embeds = model.apply({"params": params}, obs, features, family.num_real_features(model.config, grid), method="embed")
+  pos, _ = family.positions(model.config, obs, obs_mask, grid, offset=dec.next_pos)
   slots = jnp.arange(dec.key_mask.shape[1])[None, :]
   new_slots = (slots >= dec.index[:, None]) & (slots < (dec.index + obs_len)[:, None])
   key_mask = dec.key_mask | new_slots
   last, cache = model.apply({"params": params}, embeds, pos, key_mask, dec.cache, dec.index,
-                            logits_at=jnp.maximum(obs_len - 1, 0), method=qvl.Qwen25VL.decode)  # [R, V]
+                            logits_at=jnp.maximum(obs_len - 1, 0), method="decode")  # [R, V]
   has = obs_len > 0
   next_pos = jnp.where(has, jnp.max(jnp.where(obs_mask[None], pos, -1), axis=(0, 2)) + 1, dec.next_pos)
   write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i,)))
@@ -247,7 +237,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
   seq_len = l + cfg.max_new_tokens
   k = cfg.obs_max_tokens
   dec = sampler.prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, seq_len + k,
-                        num_image_features=qvl.num_real_features(image_grid_thw, model.config))
+                        num_image_features=family_of(model.config).num_real_features(model.config, image_grid_thw))
   dec = sampler.repeat_rows(dec, cfg.group_size)
   r = b * cfg.group_size
   tokens = jnp.full((r, seq_len + k), pad_id, jnp.int32).at[:, :l].set(jnp.repeat(input_ids, cfg.group_size, 0))
@@ -303,57 +293,37 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
 # ------------------------------------------------------------------------------------ interface
 
 
-@dataclasses.dataclass
-class Trajectory:
-  """Host record of one trajectory (row ``r``; group ``r // group_size``)."""
-
-  prompt_index: int
-  status: int
-  response: str  # every generated and observation token after the prompt, decoded
-  turns: list  # the assistant turns (tool responses excluded), as the rewards read them
-  answer: str | None
-  calls: list  # [Call]
-  context: Any  # the ToolContext: input images, returned views and their provenance
-
-  @property
-  def num_successful_image_calls(self) -> int:
-    """Successful calls whose returned view entered the context (what the tool gain counts)."""
-    return sum(1 for c in self.calls if c.ok and c.entered)
-
-  @property
-  def num_malformed_calls(self) -> int:
-    """Calls that did not parse or named an unknown tool (``tools.MALFORMED_KINDS``)."""
-    return sum(1 for c in self.calls if not c.ok and c.error_kind in tools_lib.MALFORMED_KINDS)
-
-  @property
-  def views_in_context(self) -> list[int]:
-    """0-based indices into ``context.views`` of the images in the token sequence, in order."""
-    return list(range(self.context.num_inputs)) + [c.view_index - 1 for c in self.calls if c.entered]
-
-
 class Rollout:
   """Host wrapper: examples in, trajectories and training arrays out.
 
   Args:
-    model: the ``Qwen25VL`` module (config and dtypes).
+    model: the family's module (``family.module``: config and dtypes).
     processor: ``imagent_jax.processing.Processor`` (tokenizer and image settings of the prompts).
     cfg: ``RolloutConfig``.
     tool_config: ``tools.ToolConfig``; its view budget must fit ``cfg.view_max_patches``.
   """
 
-  def __init__(self, model: qvl.Qwen25VL, processor, cfg: RolloutConfig, tool_config: tools_lib.ToolConfig):
-    if tool_config.view_max_pixels > cfg.view_max_patches * 14 * 14:
+  def __init__(self, model, processor, cfg: RolloutConfig, tool_config: tools_lib.ToolConfig):
+    c = model.config
+    self.family = family_of(c)
+    self.geometry = self.family.geometry(c)
+    settings = processor.image_settings
+    if (settings["patch_size"], settings["merge_size"]) != (self.geometry.patch_size, self.geometry.merge_size):
+      raise ValueError(f"the processor cuts {settings['patch_size']}-pixel patches merged {settings['merge_size']}x"
+                       f"{settings['merge_size']}, the model {self.geometry.patch_size}-pixel patches merged "
+                       f"{self.geometry.merge_size}x{self.geometry.merge_size}: use the checkpoint's own processor")
+    view_slot = cfg.view_max_patches * self.geometry.pixels_per_patch
+    if tool_config.view_max_pixels > view_slot:
       raise ValueError(f"tool_config.view_max_pixels={tool_config.view_max_pixels} exceeds the view slot of "
-                       f"{cfg.view_max_patches} patches ({cfg.view_max_patches * 196} pixels)")
+                       f"{cfg.view_max_patches} patches ({view_slot} pixels)")
     self.model, self.processor, self.cfg, self.tool_config = model, processor, cfg, tool_config
     tok = processor.tokenizer
-    c = model.config
     self.eos_id = c.eos_token_id
     self.call_end_id = tok.token_to_id(chat.TOOL_CALL_END)
     if self.call_end_id is None:
       raise ValueError(f"the tokenizer has no single token for {chat.TOOL_CALL_END}")
     self.pad_id = c.pad_token_id if c.pad_token_id is not None else tok.pad_id
-    self.banned_token_ids = banned_token_ids(c)
+    self.banned_token_ids = self.family.banned_token_ids(c)
 
   def prepare(self, prompts: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]]) -> dict:
     """Processor outputs padded to the config's static prompt budgets."""
@@ -366,13 +336,10 @@ class Rollout:
     pad = cfg.max_prompt_len - l
     ids = np.concatenate([np.full((b, pad), self.pad_id, ids.dtype), ids], axis=1)
     mask = np.concatenate([np.zeros((b, pad), mask.dtype), mask], axis=1)
-    pv = inputs.get("pixel_values", np.zeros((0, self.model.config.vision.patch_dim), np.float32))
-    grid = inputs.get("image_grid_thw", np.zeros((0, 3), np.int32))
-    if len(pv) > cfg.prompt_patches or len(grid) > cfg.max_prompt_images:
-      raise ValueError(f"the prompts' images need {len(pv)} patches in {len(grid)} images; the budgets are "
-                       f"prompt_patches={cfg.prompt_patches}, max_prompt_images={cfg.max_prompt_images}")
-    pv = np.concatenate([pv, np.zeros((cfg.prompt_patches - len(pv), pv.shape[1]), np.float32)])
-    grid = np.concatenate([grid, np.zeros((cfg.max_prompt_images - len(grid), 3), np.int32)]).astype(np.int32)
+    pv, grid = images_lib.pack_patches([inputs["pixel_values"]] if "pixel_values" in inputs else [],
+                                       [inputs["image_grid_thw"]] if "image_grid_thw" in inputs else [],
+                                       patch_budget=cfg.prompt_patches, image_slots=cfg.max_prompt_images,
+                                       patch_dim=self.geometry.patch_dim, what="the prompts' images")
     return dict(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32), pixel_values=pv,
                 image_grid_thw=grid)
 
@@ -398,8 +365,11 @@ class Rollout:
     r = len(prompts) * cfg.group_size
     contexts = [tools_lib.ToolContext(images[i // cfg.group_size], self.tool_config) for i in range(r)]
     ep = _Episode(contexts=contexts, tokenizer=self.processor.tokenizer, tool_config=self.tool_config, cfg=cfg,
-                  seq_len=cfg.max_prompt_len + cfg.max_new_tokens, merge_size=self.model.config.vision.spatial_merge_size,
-                  image_pad_id=self.model.config.image_token_id, turns=[[] for _ in range(r)],
+                  seq_len=cfg.max_prompt_len + cfg.max_new_tokens, merge_size=self.geometry.merge_size,
+                  image_pad_id=self.family.image_token_id(self.model.config),
+                  view_settings={**self.processor.image_settings, "min_pixels": self.tool_config.view_min_pixels,
+                                 "max_pixels": cfg.view_max_patches * self.geometry.pixels_per_patch},
+                  patch_dim=self.geometry.patch_dim, turns=[[] for _ in range(r)],
                   calls=[[] for _ in range(r)], host_stopped=[False] * r)
     with _LOCK:
       episode_id = next(_EPISODE_IDS)
@@ -433,40 +403,3 @@ class Rollout:
                               turns=turns, answer=turn.answer, calls=ep.calls[row], context=ep.contexts[row]))
     out["status"] = np.array([t.status for t in trajs], np.int32)
     return trajs
-
-
-def training_images(trajectories: Sequence[Trajectory], patch_budget: int, image_slots: int,
-                    max_pixels: int, min_pixels: int, view_max_pixels: int):
-  """``pixel_values [patch_budget, D]`` and ``image_grid_thw [image_slots, 3]`` for a training pass.
-
-  Row by row, the prompt images then the returned views in order — the order of the image
-  placeholders in the trajectories' token sequences. Views are re-rendered from their provenance
-  (root image and box), so a trajectory need not keep the pixels it was shown.
-  """
-  patches, grids = [], []
-  for t in trajectories:
-    ctx = t.context
-    for v in t.views_in_context:
-      if v < ctx.num_inputs:
-        pv, g = images_lib.preprocess_image(ctx.views[v], min_pixels=min_pixels, max_pixels=max_pixels)
-      else:
-        ref = ctx.refs[v]
-        view = ctx.render(ref.root, ref.root_box, ctx.shown_sizes[v])
-        pv, g = images_lib.preprocess_image(view, min_pixels=min_pixels, max_pixels=view_max_pixels)
-      patches.append(pv)
-      grids.append(np.asarray(g))
-  pv = np.concatenate(patches) if patches else np.zeros((0, 1176), np.float32)
-  if len(pv) > patch_budget or len(grids) > image_slots:
-    raise ValueError(f"trajectories need {len(pv)} patches in {len(grids)} images; budgets {patch_budget}, "
-                     f"{image_slots}")
-  pv = np.concatenate([pv, np.zeros((patch_budget - len(pv), pv.shape[1]), np.float32)])
-  grid = np.zeros((image_slots, 3), np.int32)
-  if grids:
-    grid[:len(grids)] = np.stack(grids)
-  return pv, grid
-
-
-def banned_token_ids(config) -> tuple[int, ...]:
-  """Tokens the policy may never sample: the image and video placeholders and their brackets."""
-  return tuple(sorted({config.vision_start_token_id, config.vision_end_token_id, config.vision_token_id,
-                       config.image_token_id, config.video_token_id}))

@@ -212,7 +212,8 @@ def released_qwen_config(preset: str, arg: str | None = None) -> ml_collections.
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ``ValueError`` naming every problem of ``config`` (before anything compiles)."""
   from imagent_jax import parallel
-  from imagent_jax.models import presets
+  from imagent_jax.models import hf_io, registry, tree
+  from imagent_jax.models.presets import TINY_TOKENIZER_PRESETS
 
   errors = []
   stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
@@ -222,18 +223,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if unknown:
     errors.append(f"unknown stages {unknown}; available: {list(STAGES)}")
   m = config.model
+  model_config = None  # the architecture the run will have, when it can be known without weights
   if m.checkpoint:
     if not os.path.isfile(os.path.join(os.path.expanduser(m.checkpoint), "config.json")):
       errors.append(f"config.model.checkpoint={m.checkpoint!r} is not a folder with a config.json (a local Hugging "
-                    "Face Qwen2.5-VL checkpoint; nothing is downloaded)")
-  elif m.preset not in presets.PRESETS:
-    errors.append(f"config.model.preset={m.preset!r} is not one of {sorted(presets.PRESETS)}")
-  elif m.preset not in presets.TINY_TOKENIZER_PRESETS and not m.tokenizer:
-    errors.append(f"config.model.preset={m.preset!r} without a checkpoint needs config.model.tokenizer (a local "
-                  f"tokenizer folder); only {', '.join(presets.TINY_TOKENIZER_PRESETS)} build their own")
-  from imagent_jax.models import qwen2_5_vl  # pylint: disable=import-outside-toplevel
-  if m.init not in qwen2_5_vl.INITS:
-    errors.append(f"config.model.init={m.init!r} is not one of {qwen2_5_vl.INITS}")
+                    "Face checkpoint; nothing is downloaded)")
+    else:
+      try:
+        model_config = hf_io.load_config(os.path.expanduser(m.checkpoint))
+      except ValueError as e:
+        errors.append(f"config.model.checkpoint: {e}")
+  elif m.preset not in registry.presets():
+    errors.append(f"config.model.preset={m.preset!r} is not one of {sorted(registry.presets())}")
+  else:
+    model_config = registry.get_preset(m.preset)
+    if m.preset not in TINY_TOKENIZER_PRESETS and not m.tokenizer:
+      errors.append(f"config.model.preset={m.preset!r} without a checkpoint needs config.model.tokenizer (a local "
+                    f"tokenizer folder); only {', '.join(TINY_TOKENIZER_PRESETS)} build their own")
+  geometry = None if model_config is None else registry.family_of(model_config).geometry(model_config)
+  if m.init not in tree.INITS:
+    errors.append(f"config.model.init={m.init!r} is not one of {tree.INITS}")
   for name in ("dtype", "param_dtype"):
     if m[name] not in DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} is not one of {DTYPES}")
@@ -246,9 +255,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.tools.view_max_pixels > config.processor.max_pixels:
     errors.append(f"config.tools.view_max_pixels={config.tools.view_max_pixels} exceeds config.processor.max_pixels="
                   f"{config.processor.max_pixels}: the processor would shrink tool views again")
-  if config.rollout.obs_max_tokens < config.tools.view_max_pixels // 784 + 16:
+  view_tokens = 0 if geometry is None else geometry.tokens(config.tools.view_max_pixels)
+  if config.rollout.obs_max_tokens < view_tokens + 16:
     errors.append(f"config.rollout.obs_max_tokens={config.rollout.obs_max_tokens} cannot hold a view of "
-                  f"{config.tools.view_max_pixels // 784} tokens plus the tool response text")
+                  f"{view_tokens} tokens plus the tool response text")
   if config.rollout.group_size < 1 or config.rollout.num_prompts < 1:
     errors.append("config.rollout.group_size and num_prompts must be >= 1")
   if config.rollout.insert_wait < 0:
@@ -265,7 +275,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     rewards.RewardConfig(**config.reward)
   except (ValueError, KeyError, TypeError) as e:
     errors.append(f"config.tools / config.reward: {e}")
-  if config.data.source in ("synthetic", "synthetic_mifg"):
+  if config.data.source in ("synthetic", "synthetic_mifg") and geometry is not None:
     try:
       most_images = int(str(config.data.images_per_question).split(",")[-1])
     except ValueError:
@@ -275,10 +285,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if need > config.rollout.max_prompt_images:
       errors.append(f"config.rollout.max_prompt_images={config.rollout.max_prompt_images} < rl.batch_size x "
                     f"{most_images} images per question = {need}")
-    if need * (config.processor.max_pixels // 196) > config.rollout.prompt_patches:
+    per_image = geometry.patches(config.processor.max_pixels)
+    if need * per_image > config.rollout.prompt_patches:
       errors.append(f"config.rollout.prompt_patches={config.rollout.prompt_patches} cannot hold rl.batch_size="
                     f"{config.rl.batch_size} questions of {most_images} images of up to "
-                    f"{config.processor.max_pixels // 196} patches ({need * (config.processor.max_pixels // 196)})")
+                    f"{per_image} patches ({need * per_image})")
   for name in ("call_share", "confirm_share", "zoom_request_share"):
     if not 0.0 <= config.warmup[name] <= 1.0:
       errors.append(f"config.warmup.{name}={config.warmup[name]} must lie in [0, 1]")

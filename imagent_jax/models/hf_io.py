@@ -1,19 +1,21 @@
-"""Hugging Face Qwen2.5-VL checkpoints: load them into our params pytree and write them back.
+"""Hugging Face checkpoints of any registered family: load them into our params pytree and write them back.
 
 A Hugging Face folder holds ``config.json`` and the weights as safetensors, either one
 ``model.safetensors`` or shards ``model-0000k-of-0000n.safetensors`` listed in
 ``model.safetensors.index.json``. Tensor names come in two layouts, both accepted on load:
 
-* the published layout (``visual.blocks.0.attn.qkv.weight``, ``model.layers.0.mlp.up_proj.weight``,
-  ``model.embed_tokens.weight``, ``lm_head.weight``), which the Qwen releases use and which
-  transformers 4.x and 5.x both write and read, as does vLLM;
+* the published layout (for Qwen2.5-VL ``visual.blocks.0.attn.qkv.weight``,
+  ``model.layers.0.mlp.up_proj.weight``, ``model.embed_tokens.weight``, ``lm_head.weight``), which
+  the releases use and which transformers 4.x and 5.x both write and read, as does vLLM;
 * the module layout of transformers >= 4.52 (``model.visual.*``, ``model.language_model.*``).
+
+The family comes from ``config.json``'s ``model_type`` (``models.registry.family_for_hf``).
 
 ``save_pretrained`` writes the published layout.
 
-One table, ``_ROWS``, maps tensor families between the two naming schemes (Hugging Face name
-template, our param path template and the transform between the layouts); load reads it
-forwards and save backwards. Transforms: torch ``Linear`` weights are ``[out, in]`` and our
+Each family's ``ParamsMap`` (for Qwen2.5-VL: ``models/qwen2_5_vl/params.py``) maps tensor
+families between the two naming schemes (Hugging Face name template, our param path template and
+the transform between the layouts); load reads it forwards and save backwards. Transforms: torch ``Linear`` weights are ``[out, in]`` and our
 kernels ``[in, out]`` (a transpose); the patch-embedding ``Conv3d`` weight ``[Dv, C, T, P, P]``
 becomes the kernel ``[C*T*P*P, Dv]``; norms, biases and the embedding are copied.
 
@@ -35,10 +37,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from imagent_jax.models.qwen2_5_vl.config import ModelConfig
+from imagent_jax.models import registry
+from imagent_jax.models.safetensors import NP_TO_ST, SafetensorsReader, write_safetensors
+from imagent_jax.models.tree import flatten, unflatten
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -49,19 +52,17 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SHARD_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 # Buffers some exporters write that carry no learned weights (recomputed from the config).
 _HARMLESS_RE = re.compile(r"(^|\.)(inv_freq|rotary_emb\.[A-Za-z_]+)$")
-# transformers >= 4.52 module layout -> published layout.
-_LAYOUT_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
 # --------------------------------------------------------------------------- the name table
 
 
 @dataclasses.dataclass(frozen=True)
-class _Row:
+class ParamRow:
   """One tensor family: a Hugging Face name template, our param path template and a transform.
 
   Templates hold ``{name}`` placeholders; ``{i}`` is a layer index (digits), the others take the
   alternatives listed in ``choices``. ``kind`` is ``copy`` (same layout), ``linear`` (transpose)
-  or ``patch`` (Conv3d weight <-> flattened patch kernel).
+  or ``patch`` (Conv3d weight ``[D, C, T, P, P]`` <-> flattened patch kernel ``[C*T*P*P, D]``).
   """
 
   hf: str
@@ -88,88 +89,85 @@ class _Row:
     return self.hf.format(**m.groupdict()) if m else None
 
 
-_PROJ = "q_proj|k_proj|v_proj|o_proj"
-_MLP = "gate_proj|up_proj|down_proj"
-_ROWS: tuple[_Row, ...] = (
-    # Vision tower.
-    _Row("visual.patch_embed.proj.weight", "visual/patch_embed/kernel", "patch"),
-    _Row("visual.blocks.{i}.{n}.weight", "visual/blocks_{i}/{n}/scale", "copy", {"n": "norm1|norm2"}),
-    _Row("visual.blocks.{i}.attn.{m}.weight", "visual/blocks_{i}/attn/{m}/kernel", "linear", {"m": "qkv|proj"}),
-    _Row("visual.blocks.{i}.attn.{m}.bias", "visual/blocks_{i}/attn/{m}/bias", "copy", {"m": "qkv|proj"}),
-    _Row("visual.blocks.{i}.mlp.{m}.weight", "visual/blocks_{i}/mlp/{m}/kernel", "linear", {"m": _MLP}),
-    _Row("visual.blocks.{i}.mlp.{m}.bias", "visual/blocks_{i}/mlp/{m}/bias", "copy", {"m": _MLP}),
-    _Row("visual.merger.ln_q.weight", "visual/merger/ln_q/scale", "copy"),
-    _Row("visual.merger.mlp.{j}.weight", "visual/merger/mlp_{j}/kernel", "linear", {"j": "0|2"}),
-    _Row("visual.merger.mlp.{j}.bias", "visual/merger/mlp_{j}/bias", "copy", {"j": "0|2"}),
-    # Text decoder.
-    _Row("model.embed_tokens.weight", "embed_tokens/embedding", "copy"),
-    _Row("model.layers.{i}.{n}.weight", "layers_{i}/{n}/scale", "copy",
-         {"n": "input_layernorm|post_attention_layernorm"}),
-    _Row("model.layers.{i}.self_attn.{m}.weight", "layers_{i}/self_attn/{m}/kernel", "linear", {"m": _PROJ}),
-    _Row("model.layers.{i}.self_attn.{m}.bias", "layers_{i}/self_attn/{m}/bias", "copy", {"m": _PROJ}),
-    _Row("model.layers.{i}.mlp.{m}.weight", "layers_{i}/mlp/{m}/kernel", "linear", {"m": _MLP}),
-    _Row("model.layers.{i}.mlp.{m}.bias", "layers_{i}/mlp/{m}/bias", "copy", {"m": _MLP}),
-    _Row("model.norm.weight", "norm/scale", "copy"),
-    _Row("lm_head.weight", "lm_head/kernel", "linear"),
-)
+@dataclasses.dataclass(frozen=True)
+class ParamsMap:
+  """A family's map between Hugging Face tensor names and our parameter paths.
 
-
-def canonical_hf_key(key: str) -> str:
-  """Rewrites a tensor name of the transformers >= 4.52 module layout into the published layout.
-
-  ``model.visual.X`` -> ``visual.X`` and ``model.language_model.X`` -> ``model.X``; other names are
-  returned unchanged.
+  Attributes:
+    rows: the tensor families; load reads them forwards, save backwards.
+    layout_prefixes: ``(other, published)`` name prefixes; tensors saved under ``other`` (e.g.
+      transformers >= 4.52's module layout) are read as if saved under ``published``.
+    optional: published names a checkpoint may hold although the model has no such param (a tied
+      ``lm_head.weight`` some exporters still write); skipped on load.
   """
-  for old, new in _LAYOUT_PREFIXES:
-    if key.startswith(old):
-      return new + key[len(old):]
-  return key
+
+  rows: tuple[ParamRow, ...]
+  layout_prefixes: tuple[tuple[str, str], ...] = ()
+  optional: tuple[str, ...] = ()
+
+  def canonical(self, key: str) -> str:
+    """``key`` rewritten from any accepted layout into the published one."""
+    for old, new in self.layout_prefixes:
+      if key.startswith(old):
+        return new + key[len(old):]
+    return key
+
+  def match_hf(self, name: str) -> tuple[ParamRow, str] | None:
+    """``(row, our path)`` of a published-layout name, or None."""
+    for row in self.rows:
+      ours = row.hf_to_ours(name)
+      if ours is not None:
+        return row, ours
+    return None
+
+  def match_ours(self, path: str) -> tuple[ParamRow, str]:
+    """``(row, Hugging Face name)`` of one of our paths; ``KeyError`` if no row covers it."""
+    for row in self.rows:
+      hf = row.ours_to_hf(path)
+      if hf is not None:
+        return row, hf
+    raise KeyError(f"param {path!r} has no Hugging Face name; the family's ParamsMap needs a row for it")
 
 
-def hf_key_to_param_path(key: str) -> str | None:
+def _default_family():
+  return registry.get_family("qwen2_5_vl")
+
+
+def canonical_hf_key(key: str, family=None) -> str:
+  """Rewrites a tensor name of another accepted layout into the published layout.
+
+  For Qwen2.5-VL (the default family): ``model.visual.X`` -> ``visual.X`` and
+  ``model.language_model.X`` -> ``model.X``; other names are returned unchanged.
+  """
+  return (family or _default_family()).params_map().canonical(key)
+
+
+def hf_key_to_param_path(key: str, family=None) -> str | None:
   """Our ``/``-joined param path for a Hugging Face tensor name (either layout), or None if unknown.
 
   E.g. ``model.language_model.layers.3.self_attn.q_proj.weight`` -> ``layers_3/self_attn/q_proj/kernel``.
   """
-  row_path = _match_hf(canonical_hf_key(key))
+  pmap = (family or _default_family()).params_map()
+  row_path = pmap.match_hf(pmap.canonical(key))
   return row_path[1] if row_path else None
 
 
-def param_path_to_hf_key(path: str | Sequence[str]) -> str:
+def param_path_to_hf_key(path: str | Sequence[str], family=None) -> str:
   """The published-layout Hugging Face tensor name of one of our params (path ``/``-joined or a tuple)."""
-  return _match_ours(path if isinstance(path, str) else "/".join(path))[1]
+  pmap = (family or _default_family()).params_map()
+  return pmap.match_ours(path if isinstance(path, str) else "/".join(path))[1]
 
 
-def _match_hf(name: str) -> tuple[_Row, str] | None:
-  for row in _ROWS:
-    ours = row.hf_to_ours(name)
-    if ours is not None:
-      return row, ours
-  return None
-
-
-def _match_ours(path: str) -> tuple[_Row, str]:
-  for row in _ROWS:
-    hf = row.ours_to_hf(path)
-    if hf is not None:
-      return row, hf
-  raise KeyError(f"param {path!r} has no Hugging Face name; hf_io._ROWS needs a row for it")
-
-
-def _patch_shape(config: ModelConfig) -> tuple[int, int, int, int]:
-  v = config.vision
-  return (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-
-
-def _hf_shape(kind: str, shape: Sequence[int], config: ModelConfig) -> tuple[int, ...]:
+def _hf_shape(kind: str, shape: Sequence[int], geometry) -> tuple[int, ...]:
   """The Hugging Face shape of a tensor whose shape in our layout is ``shape``."""
   shape = tuple(int(s) for s in shape)
   if kind == "copy":
     return shape
   if kind == "linear":
     return shape[::-1]
-  if kind == "patch":  # [C*T*P*P, Dv] -> [Dv, C, T, P, P]
-    return (shape[1],) + _patch_shape(config)
+  if kind == "patch":  # [C*T*P*P, D] -> [D, C, T, P, P]
+    g = geometry
+    return (shape[1], g.in_channels, g.temporal_patch_size, g.patch_size, g.patch_size)
   raise ValueError(kind)
 
 
@@ -202,135 +200,14 @@ class _Tensor:
   hf_shape: tuple[int, ...]
 
 
-def _expected_tensors(config: ModelConfig) -> dict[str, _Tensor]:
+def _expected_tensors(family, config) -> dict[str, _Tensor]:
   """Every tensor the model of ``config`` has, keyed by our param path (from ``abstract_params``)."""
-  from imagent_jax.models import qwen2_5_vl  # pylint: disable=import-outside-toplevel
-
+  pmap, geometry = family.params_map(), family.geometry(config)
   out = {}
-  for path, leaf in _flatten(qwen2_5_vl.abstract_params(config)).items():
-    row, hf_name = _match_ours(path)
-    out[path] = _Tensor(path, hf_name, row.kind, tuple(leaf.shape), _hf_shape(row.kind, leaf.shape, config))
+  for path, leaf in flatten(family.abstract_params(config)).items():
+    row, hf_name = pmap.match_ours(path)
+    out[path] = _Tensor(path, hf_name, row.kind, tuple(leaf.shape), _hf_shape(row.kind, leaf.shape, geometry))
   return out
-
-
-# --------------------------------------------------------------------------- pytree helpers
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
-# --------------------------------------------------------------------------- safetensors files
-
-_ST_TO_NP = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
-    "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
-_MAX_HEADER = 100 * 2**20
-
-
-class _SafetensorsReader:
-  """A memory-mapped safetensors file: the header is parsed up front, tensors are read on demand.
-
-  We read the format ourselves (8-byte little-endian header length, a JSON header of
-  ``{name: {dtype, shape, data_offsets}}``, then the raw bytes) so that every dtype, bfloat16
-  included, comes back as a numpy array (via ``ml_dtypes``) without any framework.
-  """
-
-  def __init__(self, filename: str):
-    self.filename = filename
-    size = os.path.getsize(filename)
-    with open(filename, "rb") as f:
-      head = f.read(8)
-      n = int.from_bytes(head, "little") if len(head) == 8 else -1
-      if not 0 < n <= min(size - 8, _MAX_HEADER):
-        raise ValueError(f"{filename} is not a safetensors file (header length {n}, file size {size})")
-      try:
-        header = json.loads(f.read(n))
-      except ValueError as e:
-        raise ValueError(f"{filename} is not a safetensors file (unreadable JSON header: {e})") from None
-    self.metadata = header.pop("__metadata__", None) or {}
-    self._start = 8 + n
-    self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-    for name, e in header.items():
-      try:
-        dtype = _ST_TO_NP[e["dtype"]]
-        shape = tuple(int(s) for s in e["shape"])
-        begin, end = (int(o) for o in e["data_offsets"])
-      except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{filename}: tensor {name!r} has an unsupported or malformed header entry {e!r}") from None
-      if end - begin != math.prod(shape) * dtype.itemsize or self._start + end > size or begin < 0:
-        raise ValueError(f"{filename}: tensor {name!r} has data offsets {[begin, end]} that do not fit its shape "
-                         f"{list(shape)} and dtype {e['dtype']} or the file size {size}; the file is truncated "
-                         "or corrupt")
-      self.entries[name] = (dtype, shape, begin, end)
-    self._mmap: np.memmap | None = None
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return self.entries[name][1]
-
-  def read(self, name: str) -> np.ndarray:
-    """A read-only view of tensor ``name`` on the mapped file (no copy)."""
-    dtype, shape, begin, end = self.entries[name]
-    if begin == end:
-      return np.zeros(shape, dtype)
-    if self._mmap is None:
-      self._mmap = np.memmap(self.filename, dtype=np.uint8, mode="r")
-    raw = self._mmap[self._start + begin:self._start + end]
-    x = raw.view(dtype).reshape(shape)
-    return x if sys.byteorder == "little" else x.byteswap().view(dtype.newbyteorder())
-
-  def close(self):
-    self._mmap = None
-
-
-def _write_safetensors(filename: str, items: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
-                       fetch: Callable[[str], np.ndarray | None], metadata: Mapping[str, str]) -> None:
-  """Writes a safetensors file, pulling one tensor at a time from ``fetch(name)``.
-
-  The header is written first (offsets follow from shapes and dtypes), then each tensor's bytes.
-  """
-  header: dict[str, Any] = {"__metadata__": dict(metadata)}
-  offset = 0
-  for name, dtype, shape in items:
-    nbytes = math.prod(shape) * dtype.itemsize
-    header[name] = {"dtype": _NP_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
-  with open(filename, "wb") as f:
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for name, dtype, shape in items:
-      x = np.ascontiguousarray(fetch(name))
-      if x.dtype != dtype or x.shape != tuple(shape):
-        raise AssertionError(f"{name}: got {x.dtype}{list(x.shape)}, planned {dtype}{list(shape)}")
-      if sys.byteorder != "little":
-        x = x.byteswap()
-      f.write(x.reshape(-1).view(np.uint8).data)
 
 
 # --------------------------------------------------------------------------- folder handling
@@ -346,12 +223,13 @@ def _check_folder(path: str | os.PathLike) -> str:
   return folder
 
 
-def load_config(path: str | os.PathLike) -> ModelConfig:
-  """Reads ``config.json`` of a Hugging Face Qwen2.5-VL folder into a ``ModelConfig``."""
+def load_config(path: str | os.PathLike):
+  """Reads ``config.json`` of a Hugging Face folder into its family's config (``ModelConfig`` for
+  Qwen2.5-VL); the family is found by the file's ``model_type``."""
   folder = _check_folder(path)
   filename = os.path.join(folder, CONFIG_NAME)
   if not os.path.isfile(filename):
-    raise FileNotFoundError(f"{folder!r} has no {CONFIG_NAME}; a Hugging Face Qwen2.5-VL folder needs its "
+    raise FileNotFoundError(f"{folder!r} has no {CONFIG_NAME}; a Hugging Face folder needs its "
                             f"config.json beside the weights (found: {sorted(os.listdir(folder))[:20]})")
   try:
     with open(filename, encoding="utf-8") as f:
@@ -361,7 +239,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
   if not isinstance(d, dict):
     raise ValueError(f"{filename} must hold a JSON object, got {type(d).__name__}")
   try:
-    return ModelConfig.from_hf_dict(d)
+    return registry.family_for_hf(d).config_from_hf(d)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{filename}: {e}") from e
 
@@ -416,7 +294,7 @@ def _progress_bar(total: int, desc: str, enabled: bool | None):
 
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                    rules: Any = None, *, progress: bool | None = None) -> tuple[ModelConfig, dict[str, Any]]:
+                    rules: Any = None, *, progress: bool | None = None) -> tuple[Any, dict[str, Any]]:
   """Loads a local Hugging Face Qwen2.5-VL checkpoint folder, tensor by tensor.
 
   Reads ``config.json`` and the safetensors weights (one file, or shards with
@@ -440,8 +318,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
     progress: show a tqdm bar; None shows it on a terminal when there are many tensors.
 
   Returns:
-    ``(config, params)``: the ``ModelConfig`` and the params pytree (nested dict of ``jax.Array``)
-    with the structure and shapes of ``qwen2_5_vl.abstract_params(config)``, e.g.
+    ``(config, params)``: the family's config (``ModelConfig`` for Qwen2.5-VL) and the params pytree (nested dict of ``jax.Array``)
+    with the structure and shapes of the family's ``abstract_params(config)``, e.g.
     ``layers_0/self_attn/q_proj/kernel`` of shape ``[hidden, heads * head_dim]``.
 
   Raises:
@@ -451,19 +329,21 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
   """
   folder = _check_folder(path)
   config = load_config(folder)
-  readers = [_SafetensorsReader(f) for f in _weight_files(folder)]
-  expected = _expected_tensors(config)
+  family = registry.family_of(config)
+  pmap = family.params_map()
+  readers = [SafetensorsReader(f) for f in _weight_files(folder)]
+  expected = _expected_tensors(family, config)
 
-  found: dict[str, tuple[_SafetensorsReader, str]] = {}
+  found: dict[str, tuple[SafetensorsReader, str]] = {}
   unexpected, duplicated, misshaped = [], [], []
   for reader in readers:
     for key in reader.entries:
-      name = canonical_hf_key(key)
+      name = pmap.canonical(key)
       if _HARMLESS_RE.search(name):
         continue
-      if name == "lm_head.weight" and config.tie_word_embeddings and "lm_head/kernel" not in expected:
-        continue  # a tied head some exporters still write; the model reads the embedding instead
-      match = _match_hf(name)
+      match = pmap.match_hf(name)
+      if name in pmap.optional and (match is None or match[1] not in expected):
+        continue  # e.g. a tied head some exporters still write; the model reads the embedding instead
       if match is None or match[1] not in expected:
         unexpected.append(f"{key} {_format_shape(reader.shape(key))} ({os.path.basename(reader.filename)})")
         continue
@@ -491,7 +371,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
   shardings = None
   if mesh is not None:
     from imagent_jax import parallel  # pylint: disable=import-outside-toplevel
-    shardings = _flatten(parallel.param_shardings(config, mesh, rules))
+    shardings = flatten(parallel.param_shardings(config, mesh, rules))
   target = None if dtype is None else np.dtype(dtype)
 
   # Read in file order, so that large checkpoints stream sequentially from disk.
@@ -518,7 +398,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
     bar.close()
   for reader in readers:
     reader.close()
-  return config, _unflatten({p: flat[p] for p in expected})
+  return config, unflatten({p: flat[p] for p in expected})
 
 
 # --------------------------------------------------------------------------- save
@@ -544,7 +424,7 @@ def _to_host(x: Any) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mapping[str, Any],
+def save_pretrained(path: str | os.PathLike, config: Any, params: Mapping[str, Any],
                     max_shard_size: int | str = "5GB", dtype: Any = None, *, progress: bool | None = None) -> None:
   """Writes a Hugging Face Qwen2.5-VL checkpoint folder that transformers and vLLM load.
 
@@ -559,7 +439,7 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
   Args:
     path: output folder (created if needed).
     config: the model config.
-    params: params pytree with the structure of ``qwen2_5_vl.abstract_params(config)``
+    params: params pytree with the structure of the family's ``abstract_params(config)``
       (``jax.Array`` or numpy leaves, sharded or not).
     max_shard_size: bytes per shard, as an int or a string such as ``"5GB"`` or ``"500MB"``.
     dtype: dtype of the saved floating-point tensors (e.g. ``jnp.bfloat16``); None keeps each
@@ -571,8 +451,9 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
   """
   folder = os.fspath(path)
   limit = _parse_size(max_shard_size)
-  expected = _expected_tensors(config)
-  flat = _flatten(params)
+  family = registry.family_of(config)
+  expected = _expected_tensors(family, config)
+  flat = flatten(params)
   missing = [f"{p} {_format_shape(t.shape)}" for p, t in expected.items() if p not in flat]
   unexpected = [p for p in flat if p not in expected]
   misshaped = [f"{p}: expected {_format_shape(expected[p].shape)}, got {_format_shape(np.shape(x))}"
@@ -588,7 +469,7 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
   for p, t in expected.items():
     leaf_dtype = np.dtype(flat[p].dtype)
     out_dtype = target if target is not None and jnp.issubdtype(leaf_dtype, jnp.inexact) else leaf_dtype
-    if out_dtype not in _NP_TO_ST:
+    if out_dtype not in NP_TO_ST:
       raise ValueError(f"param {p} has dtype {out_dtype}, which safetensors cannot store")
     plan.append((t.hf_name, p, out_dtype, t.hf_shape))
   plan.sort()
@@ -622,7 +503,7 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
   for name, shard in zip(names, shards):
     items = [(hf_name, out_dtype, hf_shape) for hf_name, _, out_dtype, hf_shape in shard]
     if writer:  # under a temporary name: an earlier checkpoint here stays intact until all is written
-      _write_safetensors(os.path.join(folder, name + ".tmp"), items, fetch, {"format": "pt"})
+      write_safetensors(os.path.join(folder, name + ".tmp"), items, fetch, {"format": "pt"})
     else:  # take part in the all-gathers of params that span hosts, write nothing
       for hf_name, _, _ in items:
         x = flat[by_name[hf_name][1]]
@@ -645,15 +526,12 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
     _write_json(os.path.join(folder, WEIGHTS_INDEX_NAME), index)
   dtypes = [d for _, _, d, _ in plan if jnp.issubdtype(d, jnp.inexact)]
   dtype_name = max(set(dtypes), key=dtypes.count).name if dtypes else "float32"
-  hf_config = config.to_hf_dict()
+  hf_config = family.config_to_hf(config)
   hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name
   if isinstance(hf_config.get("text_config"), dict):
     hf_config["text_config"]["dtype"] = hf_config["text_config"]["torch_dtype"] = dtype_name
   _write_json(os.path.join(folder, CONFIG_NAME), hf_config)
-  generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-  if config.pad_token_id is not None:
-    generation["pad_token_id"] = config.pad_token_id
-  _write_json(os.path.join(folder, GENERATION_CONFIG_NAME), generation)
+  _write_json(os.path.join(folder, GENERATION_CONFIG_NAME), family.generation_config(config))
 
 
 def _write_json(filename: str, obj: Any) -> None:
@@ -665,6 +543,6 @@ def _write_json(filename: str, obj: Any) -> None:
 
 
 __all__ = [
-    "load_pretrained", "save_pretrained", "load_config", "canonical_hf_key", "hf_key_to_param_path",
-    "param_path_to_hf_key",
+    "ParamRow", "ParamsMap", "load_pretrained", "save_pretrained", "load_config", "canonical_hf_key",
+    "hf_key_to_param_path", "param_path_to_hf_key",
 ]

@@ -281,3 +281,34 @@ def num_image_tokens(grid_thw, merge_size: int = MERGE_SIZE):
   grid = np.asarray(grid_thw, dtype=np.int64)
   tokens = np.prod(grid, axis=-1) // (merge_size * merge_size)
   return int(tokens) if tokens.ndim == 0 else tokens
+
+
+def pack_patches(patches: Sequence[np.ndarray], grids: Sequence[np.ndarray], *, patch_budget: int, image_slots: int,
+                 patch_dim: int, what: str = "the images") -> tuple[np.ndarray, np.ndarray]:
+  """Packs images' patches into static budgets: the one way every caller pads images for ``jit``.
+
+  Args:
+    patches: per image (or per group of images) ``[P_i, patch_dim]`` arrays, in placeholder order.
+    grids: the matching ``[3]`` or ``[N_i, 3]`` grids.
+    patch_budget: static number of patch rows of the result.
+    image_slots: static number of grid rows of the result (unused slots are all-zero rows).
+    patch_dim: length of one patch (``C * T * P * P``), for the empty case.
+    what: names the images in the error message.
+
+  Returns:
+    ``pixel_values [patch_budget, patch_dim]`` float32 (zero rows after the real patches) and
+    ``image_grid_thw [image_slots, 3]`` int32.
+
+  Raises:
+    ValueError: the images need more patches or slots than the budgets.
+  """
+  pv = np.concatenate([np.asarray(p, np.float32).reshape(-1, patch_dim) for p in patches]) if len(patches) else (
+      np.zeros((0, patch_dim), np.float32))
+  grid = np.concatenate([np.asarray(g, np.int64).reshape(-1, 3) for g in grids]) if len(grids) else (
+      np.zeros((0, 3), np.int64))
+  if len(pv) > patch_budget or len(grid) > image_slots:
+    raise ValueError(f"{what} need {len(pv)} patches in {len(grid)} images; the budgets are "
+                     f"patch_budget={patch_budget}, image_slots={image_slots}")
+  pv = np.concatenate([pv, np.zeros((patch_budget - len(pv), patch_dim), np.float32)])
+  grid = np.concatenate([grid, np.zeros((image_slots - len(grid), 3), np.int64)]).astype(np.int32)
+  return pv, grid

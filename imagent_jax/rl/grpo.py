@@ -49,6 +49,7 @@ import optax
 from jax.sharding import Mesh
 
 from imagent_jax import parallel
+from imagent_jax.models.registry import family_of
 from imagent_jax.rl import logprobs as logprobs_lib
 
 Batch = Mapping[str, Any]
@@ -418,7 +419,7 @@ def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch):
   """``(loss, metrics)`` of ``params`` on one minibatch; log-probs from ``token_logprobs``.
 
   Args:
-    model: the ``Qwen25VL`` module.
+    model: the model (the family's module).
     cfg: the GRPO config.
     params: parameters (differentiated).
     batch: see ``train_step``.
@@ -439,7 +440,7 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch):
   (the optimiser's step count, and so the schedule, do not advance either).
 
   Args:
-    model: the ``Qwen25VL`` module (static).
+    model: the model (the family's module) (static).
     cfg: the GRPO config (static).
     params: parameters.
     opt_state: ``make_optimizer(cfg).init(params)``.
@@ -470,7 +471,7 @@ def jit_train_step(model, cfg: GRPOConfig, donate: bool = False, jit_kwargs: Map
   """``train_step`` jitted for one model and config: ``step(params, opt_state, batch)``.
 
   Args:
-    model: the ``Qwen25VL`` module.
+    model: the model (the family's module).
     cfg: the GRPO config.
     donate: donate params and optimiser state (the caller must not reuse what it passed in).
     jit_kwargs: extra ``jax.jit`` arguments (e.g. ``compiler_options``).
@@ -499,7 +500,7 @@ def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None, jit_kwarg
   process (a notebook, a resume) reuses its compiled programs.
 
   Args:
-    model: the ``Qwen25VL`` module.
+    model: the model (the family's module).
     cfg: the GRPO config.
     mesh: the device mesh (``parallel.make_mesh``).
     rules: logical-axis rules (default ``parallel.DEFAULT_RULES``).
@@ -661,7 +662,7 @@ def update(model, cfg: GRPOConfig, params, opt_state, batch: Batch, rng, *, step
   (``old_logp``), so from the second step on the PPO ratio and clipping are active.
 
   Args:
-    model: the ``Qwen25VL`` module.
+    model: the model (the family's module).
     cfg: the GRPO config.
     params: parameters (donated when ``step_fn`` donates).
     opt_state: optimiser state.
@@ -681,8 +682,9 @@ def update(model, cfg: GRPOConfig, params, opt_state, batch: Batch, rng, *, step
   history = []
   for epoch in range(cfg.ppo_epochs):
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), rows))
-    minibatches = split_minibatches(batch, cfg.num_minibatches, image_token_id=model.config.image_token_id,
-                                    merge_unit=model.config.vision.merge_unit, perm=perm,
+    family = family_of(model.config)
+    minibatches = split_minibatches(batch, cfg.num_minibatches, image_token_id=family.image_token_id(model.config),
+                                    merge_unit=family.geometry(model.config).merge_unit, perm=perm,
                                     patch_budget=patch_budget, image_slots=image_slots)
     for mb in minibatches:
       params, opt_state, metrics = step_fn(params, opt_state, mb)

@@ -1,7 +1,7 @@
 """The training-side log-prob pass: the only way training computes log-probs of trajectories.
 
 One full forward pass over finished trajectories — prompt images and tool views included, with
-M-RoPE positions from ``mrope_positions`` over the whole sequence — under the same distribution
+positions from the family's ``positions`` over the whole sequence — under the same distribution
 the rollout sampled from (temperature, suppressed placeholder tokens). The rollout's log-probs
 must equal these (tests/test_rollout.py); the trainer logs the gap every step.
 """
@@ -13,12 +13,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from imagent_jax.agent.rollout import banned_token_ids
-from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.models.registry import family_of
 from imagent_jax.sampling import sampler
 
 
-def token_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel_values, image_grid_thw, *,
+def token_logprobs(model, params, tokens, attention_mask, pixel_values, image_grid_thw, *,
                    temperature: float = 1.0, banned: tuple[int, ...] | None = None, with_entropy: bool = False):
   """Per-token log-probs (and optionally entropies) of trajectories; not jitted (call inside jit).
 
@@ -26,9 +25,9 @@ def token_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel_va
     model: the module.
     params: parameters.
     tokens: ``[R, S]`` int; attention_mask ``[R, S]``.
-    pixel_values: ``[P, D]`` (``rollout.training_images``); image_grid_thw ``[N, 3]``.
+    pixel_values: ``[P, D]`` (``trajectory.training_images``); image_grid_thw ``[N, 3]``.
     temperature: the rollout's sampling temperature (0 is read as 1).
-    banned: tokens the rollout suppressed (default ``banned_token_ids(model.config)``).
+    banned: tokens the rollout suppressed (default: the family's ``banned_token_ids``).
     with_entropy: also return the entropy of each next-token distribution.
 
   Returns:
@@ -39,7 +38,7 @@ def token_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel_va
   logits = model.apply({"params": params}, input_ids=tokens, attention_mask=attention_mask, pixel_values=pixel_values,
                        image_grid_thw=image_grid_thw)
   t = 1.0 if temperature == 0.0 else temperature
-  logits = sampler.suppress_tokens(logits[:, :-1] / t, banned_token_ids(model.config) if banned is None else banned)
+  logits = sampler.suppress_tokens(logits[:, :-1] / t, family_of(model.config).banned_token_ids(model.config) if banned is None else banned)
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   picked = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
   valid = attention_mask.astype(bool)
@@ -53,7 +52,7 @@ def token_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel_va
 
 
 @functools.partial(jax.jit, static_argnames=("model", "temperature", "banned"))
-def sequence_logprobs(model: qvl.Qwen25VL, params, tokens, attention_mask, pixel_values, image_grid_thw,
+def sequence_logprobs(model, params, tokens, attention_mask, pixel_values, image_grid_thw,
                       temperature: float = 1.0, banned: tuple[int, ...] | None = None):
   """Jitted ``token_logprobs``: ``[R, S]`` log-probs of finished trajectories (see there)."""
   return token_logprobs(model, params, tokens, attention_mask, pixel_values, image_grid_thw, temperature=temperature,

@@ -31,6 +31,7 @@ from imagent_jax.stages import build
 from imagent_jax.agent import protocol
 from imagent_jax.rl import masks, rewards
 from imagent_jax.agent import rollout as rl
+from imagent_jax.agent import trajectory
 from imagent_jax.rl import grpo, logprobs
 
 log = logging.getLogger("imagent_jax")
@@ -155,10 +156,11 @@ def score_trajectories(trajs: Sequence[rl.Trajectory], examples: Sequence[dict],
                                  num_malformed_calls=[t.num_malformed_calls for t in trajs])
 
 
-def training_batch(config, out: dict, trajs: Sequence[rl.Trajectory], loss_mask, advantages) -> tuple[dict, np.ndarray]:
+def training_batch(config, out: dict, trajs: Sequence[rl.Trajectory], loss_mask, advantages,
+                   image_settings=None) -> tuple[dict, np.ndarray]:
   """The GRPO update's batch from one rollout.
 
-  Re-renders every image the trajectories saw (``rl.training_images``, from each view's
+  Re-renders every image the trajectories saw (``trajectory.training_images``, from each view's
   provenance, into ``config.rl.patch_budget`` / ``image_slots``) and keeps only the token columns
   some row uses (rounded up to ``config.rl.length_bucket``).
 
@@ -168,6 +170,8 @@ def training_batch(config, out: dict, trajs: Sequence[rl.Trajectory], loss_mask,
     trajs: its ``[R]`` trajectories.
     loss_mask: ``[R, T]`` (``masks.loss_mask``).
     advantages: ``[R]`` (``grpo.compute_advantages``).
+    image_settings: the processor's ``image_settings`` (geometry; default: the processor's
+      defaults with ``config.processor``'s pixel limits).
 
   Returns:
     ``(batch, sampled)``: ``batch`` with ``tokens``, ``attention_mask``, ``loss_mask``, ``old_logp``
@@ -175,8 +179,9 @@ def training_batch(config, out: dict, trajs: Sequence[rl.Trajectory], loss_mask,
     add ``ref_logp`` for a KL term), and ``sampled [R, T']`` bool, the tokens the policy sampled.
   """
   c = config
-  pv, grid = rl.training_images(trajs, c.rl.patch_budget, c.rl.image_slots, max_pixels=c.processor.max_pixels,
-                                min_pixels=c.processor.min_pixels, view_max_pixels=c.tools.view_max_pixels)
+  settings = dict(image_settings or {}, min_pixels=c.processor.min_pixels, max_pixels=c.processor.max_pixels)
+  pv, grid, _ = trajectory.training_images(trajs, patch_budget=c.rl.patch_budget, image_slots=c.rl.image_slots,
+                                           image_settings=settings, view_max_pixels=c.tools.view_max_pixels)
   batch = dict(tokens=out["tokens"], attention_mask=out["attention_mask"], loss_mask=np.asarray(loss_mask),
                advantages=np.asarray(advantages), old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid,
                action_mask=out["action_mask"])
@@ -194,8 +199,8 @@ class Trainer:
     self.mesh = parallel.make_mesh(dict(config.mesh))
     self.model_config, params, self.processor, _ = build.load_model_and_processor(config, workdir, self.mesh)
     self.model = build.build_model(config, self.model_config, remat=r.remat)
-    self.rollout_cfg = build.rollout_config(config)
-    self.tool_cfg = build.tool_config(config)
+    self.rollout_cfg = build.rollout_config(config, self.model_config)
+    self.tool_cfg = build.tool_config(config, self.model_config)
     self.rollout = rl.Rollout(self.model, self.processor, self.rollout_cfg, self.tool_cfg)
     self.reward_cfg = build.reward_config(config)
     self.mask_cfg = build.mask_config(config)
@@ -284,7 +289,7 @@ class Trainer:
                                               rew["total"], self.mask_cfg)
     stats_rows = masks.group_stats_mask(out["status"], malformed, self.mask_cfg)
     advantages = grpo.compute_advantages(self.grpo_cfg, rew["total"], stats_rows)
-    batch, act = training_batch(c, out, trajs, loss_mask, advantages)
+    batch, act = training_batch(c, out, trajs, loss_mask, advantages, self.processor.image_settings)
     pv, grid = batch["pixel_values"], batch["image_grid_thw"]
     metrics: dict[str, float] = {}
     if c.rl.logprob_gap_every and self.step % c.rl.logprob_gap_every == 0:  # steps 1, 1 + every, ...
@@ -330,7 +335,7 @@ class Trainer:
     examples = self.eval_examples if examples is None else list(examples)
     if not examples:
       return {}
-    cfg = build.eval_rollout_config(self.config)
+    cfg = build.eval_rollout_config(self.config, self.model_config)
     ro = rl.Rollout(self.model, self.processor, cfg, self.tool_cfg)
     accs, trajs_all, ex_all = [], [], []
     bs = self.config.rl.batch_size

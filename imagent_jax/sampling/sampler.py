@@ -20,9 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagent_jax.models import qwen2_5_vl as qvl
-from imagent_jax.models.qwen2_5_vl.config import ModelConfig
-from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
+from imagent_jax.models.registry import family_of
 
 _NEG = -1e30
 
@@ -31,10 +29,10 @@ _NEG = -1e30
 class DecodeState:
   """Everything the decode loop carries. Shapes: ``B`` rows, ``S`` cache slots, ``V`` vocabulary."""
 
-  cache: Any  # list (one per layer) of {'k': [B, Hkv, S, hd], 'v': [B, Hkv, hd, S]}: qvl.init_cache
+  cache: Any  # the family's KV cache (family.init_cache), e.g. one {'k', 'v'} per decoder layer
   key_mask: jax.Array  # [B, S] bool: cache slots that hold real tokens
   index: jax.Array  # [B] int32: next cache slot to write, per row
-  next_pos: jax.Array  # [B] int32: M-RoPE position (all three streams) of the next text token
+  next_pos: jax.Array  # [B] int32: position of the next text token (all M-RoPE streams)
   logits: jax.Array  # [B, V] float32: next-token logits
 
 
@@ -79,12 +77,12 @@ def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: 
   return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-def prefill(model: qvl.Qwen25VL, params, input_ids, attention_mask, pixel_values, image_grid_thw,
+def prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw,
             cache_len: int, num_image_features=None) -> DecodeState:
   """Runs the prompt through the model into a fresh cache of ``cache_len`` slots.
 
   Args:
-    model: the module (its config and dtypes).
+    model: the family's module (``family.module``: its config and dtypes).
     params: parameters.
     input_ids: ``[B, L]`` left-padded prompt ids.
     attention_mask: ``[B, L]``.
@@ -96,23 +94,23 @@ def prefill(model: qvl.Qwen25VL, params, input_ids, attention_mask, pixel_values
   Only each row's last real position goes through the vocabulary projection.
   """
   c = model.config
+  family = family_of(c)
   b, l = input_ids.shape
   features = None
   if pixel_values is not None:
-    features = model.apply({"params": params}, pixel_values, image_grid_thw, method=qvl.Qwen25VL.encode_images)
-  embeds = model.apply({"params": params}, input_ids, features, num_image_features, method=qvl.Qwen25VL.embed)
-  positions, deltas = mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id=c.image_token_id,
-                                      spatial_merge_size=c.vision.spatial_merge_size)
-  cache = qvl.init_cache(c, b, cache_len, model.dtype)
+    features = model.apply({"params": params}, pixel_values, image_grid_thw, method="encode_images")
+  embeds = model.apply({"params": params}, input_ids, features, num_image_features, method="embed")
+  positions, deltas = family.positions(c, input_ids, attention_mask, image_grid_thw)
+  cache = family.init_cache(c, b, cache_len, model.dtype)
   key_mask = jnp.zeros((b, cache_len), bool).at[:, :l].set(attention_mask.astype(bool))
   last = l - 1 - jnp.argmax(jnp.asarray(attention_mask)[:, ::-1] > 0, axis=1)  # [B] last real position
   logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0, logits_at=last,
-                              method=qvl.Qwen25VL.decode)
+                              method="decode")
   return DecodeState(cache=cache, key_mask=key_mask, index=jnp.full((b,), l, jnp.int32), next_pos=l + deltas,
                      logits=logits)
 
 
-def decode_step(model: qvl.Qwen25VL, params, state: DecodeState, tokens, active=None) -> DecodeState:
+def decode_step(model, params, state: DecodeState, tokens, active=None) -> DecodeState:
   """Writes ``tokens [B]`` at each row's slot ``state.index`` and computes the next logits.
 
   Rows with ``active [B] == False`` compute but do not advance: their slot stays masked and is
@@ -120,12 +118,12 @@ def decode_step(model: qvl.Qwen25VL, params, state: DecodeState, tokens, active=
   """
   b = tokens.shape[0]
   active = jnp.ones((b,), bool) if active is None else active
-  embeds = model.apply({"params": params}, tokens[:, None], None, method=qvl.Qwen25VL.embed)
+  embeds = model.apply({"params": params}, tokens[:, None], None, method="embed")
   pos = jnp.broadcast_to(state.next_pos[None, :, None], (3, b, 1))
   slot = jax.nn.one_hot(state.index, state.key_mask.shape[1], dtype=bool) & active[:, None]
   key_mask = state.key_mask | slot
   logits, cache = model.apply({"params": params}, embeds, pos, key_mask, state.cache, state.index,
-                              method=qvl.Qwen25VL.decode)
+                              method="decode")
   step = active.astype(jnp.int32)
   return state.replace(cache=cache, key_mask=key_mask, index=state.index + step, next_pos=state.next_pos + step,
                        logits=jnp.where(active[:, None], logits[:, -1], state.logits))
@@ -174,13 +172,13 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, image_grid
   return {"tokens": out, "logprobs": logps, "lengths": first_stop.astype(jnp.int32)}
 
 
-def generate(config: ModelConfig, params, inputs, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+def generate(config, params, inputs, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, rng=None, stop_token_ids: Sequence[int] = (), group_size: int = 1,
              dtype=jnp.float32, pad_id: int | None = None) -> dict:
   """Samples continuations of a left-padded batch (DESIGN.md §5).
 
   Args:
-    config: model config.
+    config: model config (of any registered family).
     params: parameters (any sharding).
     inputs: dict as the model takes it: ``input_ids [B, L]``, ``attention_mask [B, L]`` (left
       padding), optional ``pixel_values [P, C*T*p*p]`` and ``image_grid_thw [N, 3]``.
@@ -206,9 +204,10 @@ def generate(config: ModelConfig, params, inputs, *, max_new_tokens: int, temper
   if (attention_mask[:, -1] == 0).any():
     raise ValueError("generate expects left padding: the last position of every row must be a real token")
   grid = inputs.get("image_grid_thw")
-  qvl.check_image_tokens(input_ids, grid, config)
+  family = family_of(config)
+  family.check_image_tokens(config, input_ids, grid)
   pad = config.pad_token_id if pad_id is None else pad_id
-  model = qvl.Qwen25VL(config, dtype=dtype, param_dtype=dtype)
+  model = family.module(config, dtype=dtype, param_dtype=dtype)
   return _generate(model, params, input_ids, attention_mask, inputs.get("pixel_values"),
                    None if grid is None else np.asarray(grid, np.int32),
                    jax.random.key(0) if rng is None else rng, max_new_tokens=int(max_new_tokens),

@@ -15,7 +15,7 @@ from imagent_jax import parallel
 from imagent_jax.rl import masks, rewards
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools
-from imagent_jax.models import hf_io, presets
+from imagent_jax.models import hf_io, registry, tree
 from imagent_jax.processing import Processor, build_tiny_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -52,10 +52,9 @@ def load_model_and_processor(config, workdir: str, mesh, *, random_init: bool = 
     model_config, params = hf_io.load_pretrained(source, dtype=param_dtype, mesh=mesh)
     tok_dir = m.tokenizer or source
   else:
-    model_config = presets.get_preset(m.preset)
+    model_config = registry.get_preset(m.preset)
     params = parallel.init_sharded_params(model_config, jax.random.key(config.seed), mesh, param_dtype=param_dtype)
-    from imagent_jax.models import qwen2_5_vl as qvl
-    params = qvl.rescale_init(params, m.init)
+    params = tree.rescale_init(params, m.init)
     tok_dir = m.tokenizer
     if not tok_dir:
       tok_dir = os.path.join(workdir, "tokenizer")
@@ -69,19 +68,22 @@ def load_model_and_processor(config, workdir: str, mesh, *, random_init: bool = 
 
 
 def build_model(config, model_config, *, remat: bool = False):
-  """The ``Qwen25VL`` module of a run: dtypes from ``config.model``, and vision bands bounded by
-  the processor's ``max_pixels`` (no input or tool view has a larger frame; see ``VisionTower``)."""
-  from imagent_jax.models import qwen2_5_vl as qvl
-  return qvl.Qwen25VL(model_config, dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype],
-                      remat=remat, max_frame_patches=config.processor.max_pixels // model_config.vision.patch_size ** 2)
+  """The family's module of a run (``family.module``): dtypes from ``config.model``, and vision
+  attention bands bounded by the processor's ``max_pixels`` (no input or tool view has a larger frame)."""
+  family = registry.family_of(model_config)
+  return family.module(model_config, dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype],
+                       remat=remat, max_frame_patches=family.geometry(model_config).patches(config.processor.max_pixels))
 
 
-def rollout_config(config) -> rl.RolloutConfig:
+def rollout_config(config, model_config=None) -> rl.RolloutConfig:
+  """``RolloutConfig`` from ``config.rollout``; the view slot in patches from ``config.tools.view_max_pixels``
+  and the model's patch geometry (the default family's preset when ``model_config`` is None)."""
   r = config.rollout
+  geometry = _geometry(config, model_config)
   return rl.RolloutConfig(group_size=r.group_size, max_prompt_len=r.max_prompt_len, prompt_patches=r.prompt_patches,
                           max_prompt_images=r.max_prompt_images, max_new_tokens=r.max_new_tokens,
                           max_tool_calls=r.max_tool_calls, obs_max_tokens=r.obs_max_tokens,
-                          view_max_patches=config.tools.view_max_pixels // (14 * 14), temperature=r.temperature,
+                          view_max_patches=geometry.patches(config.tools.view_max_pixels), temperature=r.temperature,
                           top_k=r.top_k, top_p=r.top_p, insert_wait=r.insert_wait)
 
 
@@ -91,12 +93,20 @@ def listed_tool_schemas(config) -> list[dict]:
   return tools.tool_schemas(config.tools.listed or config.tools.names)
 
 
-def tool_config(config) -> tools.ToolConfig:
+def _geometry(config, model_config=None):
+  """The model's patch geometry (of the preset's family when ``model_config`` is None)."""
+  model_config = model_config or registry.get_preset(config.model.preset)
+  return registry.family_of(model_config).geometry(model_config)
+
+
+def tool_config(config, model_config=None) -> tools.ToolConfig:
+  """``ToolConfig`` from ``config.tools`` and the processor's pixel limits; views are sized in
+  multiples of the model's ``PatchGeometry.factor``."""
   t = config.tools
   return tools.ToolConfig(tools=tools.available_tools(t.names), max_tool_images=t.max_tool_images,
                           view_max_pixels=t.view_max_pixels, input_min_pixels=config.processor.min_pixels,
                           input_max_pixels=config.processor.max_pixels, min_box_side=t.min_box_side,
-                          max_aspect=t.max_aspect)
+                          max_aspect=t.max_aspect, factor=_geometry(config, model_config).factor)
 
 
 def reward_config(config) -> rewards.RewardConfig:
@@ -119,10 +129,10 @@ def grpo_config(config):
                          num_minibatches=r.num_minibatches, ppo_epochs=r.ppo_epochs)
 
 
-def eval_rollout_config(config) -> rl.RolloutConfig:
+def eval_rollout_config(config, model_config=None) -> rl.RolloutConfig:
   """The evaluation rollout: one greedy trajectory per question, same limits as training."""
   import dataclasses
-  return dataclasses.replace(rollout_config(config), group_size=1, temperature=0.0, top_k=0, top_p=1.0)
+  return dataclasses.replace(rollout_config(config, model_config), group_size=1, temperature=0.0, top_k=0, top_p=1.0)
 
 
 def difficulty(config):

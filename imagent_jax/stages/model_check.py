@@ -18,23 +18,18 @@ import numpy as np
 
 from imagent_jax import parallel
 from imagent_jax.stages import build
-from imagent_jax.analysis import plots
 from imagent_jax.data import synthetic
 from imagent_jax.models import hf_io
-from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.models import registry, tree
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
 
 log = logging.getLogger("imagent_jax")
 
 
-def _param_table(params) -> list[tuple[str, int, str]]:
-  parts = {"vision tower": params["visual"], "token embedding": params["embed_tokens"],
-           "decoder layers": {k: v for k, v in params.items() if k.startswith("layers_")},
-           "final norm": params["norm"]}
-  if "lm_head" in params:
-    parts["lm head"] = params["lm_head"]
-  total = qvl.count_params(params)
-  return [(k, qvl.count_params(v), f"{100 * qvl.count_params(v) / total:.1f}%") for k, v in parts.items()] + [
+def _param_table(model_config, params) -> list[tuple[str, int, str]]:
+  parts = registry.family_of(model_config).param_parts(params)
+  total = tree.count_params(params)
+  return [(k, tree.count_params(v), f"{100 * tree.count_params(v) / total:.1f}%") for k, v in parts.items()] + [
       ("total", total, "100%")]
 
 
@@ -60,17 +55,19 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   t0 = time.perf_counter()
   model_config, params, processor, _ = build.load_model_and_processor(config, workdir, mesh)
   t_load = time.perf_counter() - t0
-  rows = _param_table(params)
+  rows = _param_table(model_config, params)
   print("\nModel parameters\n" + text_table(["part", "parameters", "share"], rows))
 
   messages, images = demo_batch(config, processor)
   inputs = processor(messages, images)
-  qvl.check_image_tokens(inputs["input_ids"], inputs.get("image_grid_thw"), model_config)
+  family = registry.family_of(model_config)
+  geometry = family.geometry(model_config)
+  family.check_image_tokens(model_config, inputs["input_ids"], inputs.get("image_grid_thw"))
   grids = inputs.get("image_grid_thw", np.zeros((0, 3), np.int32))
   flat_images = [im for row in images for im in row]
-  img_rows = [(i, f"{im.width}x{im.height}", f"{g[2] * 14}x{g[1] * 14}", f"{g[1]}x{g[2]}",
-               int(g.prod()) // model_config.vision.merge_unit) for i, (im, g) in enumerate(zip(flat_images, grids))]
-  print("\nImages (resized to multiples of 28 within min/max pixels)\n" +
+  img_rows = [(i, f"{im.width}x{im.height}", f"{g[2] * geometry.patch_size}x{g[1] * geometry.patch_size}",
+               f"{g[1]}x{g[2]}", int(g.prod()) // geometry.merge_unit) for i, (im, g) in enumerate(zip(flat_images, grids))]
+  print(f"\nImages (resized to multiples of {geometry.factor} within min/max pixels)\n" +
         text_table(["image", "input WxH", "resized WxH", "patch grid", "tokens"], img_rows))
 
   model = build.build_model(config, model_config)
@@ -95,7 +92,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
 
   summary = dict(params=rows[-1][1], batch=b, tokens=l, images=len(flat_images), load_s=round(t_load, 3),
                  compile_and_run_s=round(t_first, 3), forward_ms=round(t_run * 1e3, 2),
-                 image_tokens=int((inputs["input_ids"] == model_config.image_token_id).sum()))
+                 image_tokens=int((inputs["input_ids"] == family.image_token_id(model_config)).sum()))
   if config.model.export_hf:
     export = os.path.join(workdir, "hf_export")
     hf_io.save_pretrained(export, model_config, params)
@@ -108,8 +105,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
 
   layout_png = None
   if len(flat_images):
-    layout_png = plots.plot_window_layout(flat_images, grids, model_config.vision,
-                                          os.path.join(workdir, "vision_windows.png"))
+    layout_png = family.plot_vision_layout(model_config, flat_images, grids, os.path.join(workdir, "vision_windows.png"))
   metrics.write(0, "model", **summary)
   src = build.model_source(config, workdir) or f"preset '{config.model.preset}' (random init)"
   body = [f"Model: {src}; compute dtype {config.model.dtype}, params {config.model.param_dtype}; "

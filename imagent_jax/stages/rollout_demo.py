@@ -66,7 +66,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   mesh = parallel.make_mesh(dict(config.mesh))
   model_config, params, processor, _ = build.load_model_and_processor(config, workdir, mesh)
   model = build.build_model(config, model_config)
-  cfg, tcfg = build.rollout_config(config), build.tool_config(config)
+  cfg, tcfg = build.rollout_config(config, model_config), build.tool_config(config, model_config)
   ro = rl.Rollout(model, processor, cfg, tcfg)
   examples = build.eval_examples(config, workdir, "validation", config.rollout.num_prompts)
   schemas = build.listed_tool_schemas(config)

@@ -48,7 +48,7 @@ from imagent_jax.stages import build
 from imagent_jax.agent import protocol, tools
 from imagent_jax.data import synthetic
 from imagent_jax.models import hf_io
-from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.processing import images as images_lib
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table
 
 TaskFn = Callable[[dict, tools.ToolContext, np.random.Generator, "TaskOptions"], tuple[list, list, str]]
@@ -237,17 +237,14 @@ def encode_batch(processor, examples, max_len: int, patch_budget: int, image_slo
     if "pixel_values" in inputs:
       patches.append(inputs["pixel_values"])
       grids.append(inputs["image_grid_thw"])
-  pv = np.concatenate(patches) if patches else np.zeros((0, 1176), np.float32)
-  grid = np.concatenate(grids) if grids else np.zeros((0, 3), np.int32)
-  if len(pv) > patch_budget or len(grid) > image_slots:
-    raise ValueError(f"warmup batch needs {len(pv)} patches / {len(grid)} images; budgets {patch_budget} / "
-                     f"{image_slots} (config.warmup.patch_budget, image_slots)")
-  pv = np.concatenate([pv, np.zeros((patch_budget - len(pv), pv.shape[1]), np.float32)])
-  grid = np.concatenate([grid, np.zeros((image_slots - len(grid), 3), grid.dtype)]).astype(np.int32)
+  s = processor.image_settings
+  pv, grid = images_lib.pack_patches(patches, grids, patch_budget=patch_budget, image_slots=image_slots,
+                                     patch_dim=3 * s["temporal_patch_size"] * s["patch_size"] ** 2,
+                                     what="the warmup batch (config.warmup.patch_budget, image_slots)")
   return dict(input_ids=ids, attention_mask=attn, loss_mask=loss, pixel_values=pv, image_grid_thw=grid)
 
 
-def sft_loss(model: qvl.Qwen25VL, params, batch):
+def sft_loss(model, params, batch):
   """Mean next-token cross-entropy over ``loss_mask`` tokens.
 
   Returns:
@@ -331,7 +328,7 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
   return {"read_zoom_accuracy": right / n, "read_zoom_format": answered / n}
 
 
-def image_choice_probe(model: qvl.Qwen25VL, params, processor, examples, tool_config: tools.ToolConfig,
+def image_choice_probe(model, params, processor, examples, tool_config: tools.ToolConfig,
                        system: str, *, max_len: int, batch_size: int = 16) -> dict[str, float]:
   """Which image a model's zoom names, given that it zooms (teacher forced).
 
@@ -342,7 +339,7 @@ def image_choice_probe(model: qvl.Qwen25VL, params, processor, examples, tool_co
   (the place is the category's); where it is high, the base already knows and RL learns *whether*.
 
   Args:
-    model, params: the model (``qvl.Qwen25VL``) and its parameters.
+    model, params: the model (the family's module) and its parameters.
     processor: its ``Processor``.
     examples: synthetic examples with ``target_image`` / ``target_box``; single-image ones are skipped.
     tool_config: the tools (the box is in the pixels the model sees the image at).

@@ -49,7 +49,7 @@ from imagent_jax.agent.protocol import ToolCall, Turn
 from imagent_jax.processing import images as images_lib
 
 Box = tuple[float, float, float, float]
-_FACTOR = images_lib.PATCH_SIZE * images_lib.MERGE_SIZE
+_DEFAULT_FACTOR = images_lib.PATCH_SIZE * images_lib.MERGE_SIZE  # the processor's default geometry
 
 # Every ``error_kind`` a ToolResult can carry (also the error keys of ``ToolContext.counts``).
 ERROR_KINDS = ("parse_error", "no_tool_call", "unknown_tool", "disabled_tool", "missing_argument", "extra_argument",
@@ -177,28 +177,31 @@ class ToolConfig:
     tools: enabled tool names (None: every registered tool); others answer ``unknown_tool``.
     max_tool_images: images the tools may return per trajectory.
     view_min_pixels: smallest area of a returned view, at least ``input_min_pixels``.
-    view_max_pixels: visual-token budget of a returned view, in pixels (28*28 per token), at
-      most ``input_max_pixels`` (so the processor shows a view at its own size).
+    view_max_pixels: visual-token budget of a returned view, in pixels (``factor**2`` per token),
+      at most ``input_max_pixels`` (so the processor shows a view at its own size).
     input_min_pixels: the processor's ``min_pixels`` (how the inputs were shown).
     input_max_pixels: the processor's ``max_pixels``.
     min_box_side: shortest crop side, in root pixels (smaller boxes grow around their centre).
     max_aspect: most elongated crop or re-shown view allowed (long side / short side).
+    factor: the model's resize multiple (patch size x merge size, ``PatchGeometry.factor``):
+      returned views have sides that are multiples of it.
   """
   tools: Optional[tuple[str, ...]] = None
   max_tool_images: int = 4
   view_min_pixels: int = images_lib.MIN_PIXELS
-  view_max_pixels: int = 28 * 28 * 256
+  view_max_pixels: int = _DEFAULT_FACTOR * _DEFAULT_FACTOR * 256
   input_min_pixels: int = images_lib.MIN_PIXELS
   input_max_pixels: int = images_lib.MAX_PIXELS
-  min_box_side: float = 28.0
+  min_box_side: float = float(_DEFAULT_FACTOR)
   max_aspect: float = 8.0
+  factor: int = _DEFAULT_FACTOR
 
   def __post_init__(self):
     if self.tools is not None:
       object.__setattr__(self, "tools", available_tools(self.tools))
     if self.max_tool_images < 0:
       raise ValueError(f"max_tool_images must be >= 0, got {self.max_tool_images}")
-    # Views inside the processor's [min_pixels, max_pixels] with sides multiples of 28 are shown
+    # Views inside the processor's [min_pixels, max_pixels] with sides multiples of factor are shown
     # at their own size, so boxes in a view's pixels mean what the model saw.
     if not (0 < self.input_min_pixels <= self.view_min_pixels <= self.view_max_pixels
             <= self.input_max_pixels):
@@ -207,10 +210,13 @@ class ToolConfig:
                        f"{self.view_max_pixels}, {self.input_max_pixels}")
     if not 1.0 <= self.max_aspect < images_lib.MAX_ASPECT_RATIO:
       raise ValueError(f"max_aspect must lie in [1, {images_lib.MAX_ASPECT_RATIO}), got {self.max_aspect}")
-    if self.view_max_pixels < _FACTOR * _FACTOR * self.max_aspect:
+    f = self.factor
+    if not f > 0:
+      raise ValueError(f"factor must be > 0, got {f}")
+    if self.view_max_pixels < f * f * self.max_aspect:
       raise ValueError(f"view_max_pixels={self.view_max_pixels} is too small for max_aspect="
-                       f"{self.max_aspect}: a view's short side would drop below {_FACTOR} pixels; need "
-                       f">= {math.ceil(_FACTOR * _FACTOR * self.max_aspect)}")
+                       f"{self.max_aspect}: a view's short side would drop below {f} pixels; need "
+                       f">= {math.ceil(f * f * self.max_aspect)}")
     if not self.min_box_side > 0:
       raise ValueError(f"min_box_side must be > 0, got {self.min_box_side}")
 
@@ -300,7 +306,7 @@ class ToolContext:
     for index, image in enumerate(images):
       try:
         rgb = images_lib.to_rgb(image)
-        height, width = images_lib.smart_resize(rgb.height, rgb.width, factor=_FACTOR,
+        height, width = images_lib.smart_resize(rgb.height, rgb.width, factor=config.factor,
                                                 min_pixels=config.input_min_pixels,
                                                 max_pixels=config.input_max_pixels)
       except ValueError as e:
@@ -407,21 +413,21 @@ def fit_view_size(width: float, height: float, config: ToolConfig, *, upscale: b
     upscale: scale the region to use the whole budget (zoom) rather than keep its size.
 
   Returns:
-    Sides that are multiples of 28 with area in ``[view_min_pixels, view_max_pixels]`` (for
+    Sides that are multiples of ``config.factor`` with area in ``[view_min_pixels, view_max_pixels]`` (for
     aspect ratios up to ``max_aspect``).
   """
   if upscale:
     scale = math.sqrt(config.view_max_pixels / (width * height))
     width, height = width * scale, height * scale
-  h, w = images_lib.smart_resize(max(1, round(height)), max(1, round(width)), factor=_FACTOR,
+  h, w = images_lib.smart_resize(max(1, round(height)), max(1, round(width)), factor=config.factor,
                                  min_pixels=config.view_min_pixels, max_pixels=config.view_max_pixels)
   return w, h
 
 
 def _conforms(image: Image.Image, config: ToolConfig) -> bool:
-  """The image's sides are multiples of 28 and its area lies within the view budget."""
+  """The image's sides are multiples of ``config.factor`` and its area lies within the view budget."""
   w, h = image.size
-  return (w % _FACTOR == 0 and h % _FACTOR == 0
+  return (w % config.factor == 0 and h % config.factor == 0
           and config.view_min_pixels <= w * h <= config.view_max_pixels)
 
 

@@ -27,6 +27,7 @@ from imagent_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, cached_a
                                        local_segment_attention, masked_softmax_attention,
                                        mrope_cos_sin, rope_inv_freq)
 from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
+from imagent_jax.models.tree import INITS, count_params, rescale_init  # noqa: F401  (public here as before)
 
 Dtype = Any
 VISION_ROPE_THETA = 10000.0
@@ -487,40 +488,6 @@ def init_params(config: ModelConfig, rng, param_dtype=jnp.float32):
   return nn.unbox(jax.jit(lambda r: _boxed_init(config, r, param_dtype))(rng))
 
 
-INITS = ("hf", "fan_in")
-
-
-def rescale_init(params, init: str = "fan_in", hf_std: float = 0.02):
-  """Random ``init_params`` rescaled for training from scratch.
-
-  ``init_params`` draws every kernel from normal(0.02), the released models' ``initializer_range``:
-  right for widths in the thousands, but at the tiny presets' widths (32-128) every layer shrinks
-  its input about 5-10 times, and the image features reach the decoder ~0.001 apart from one
-  image to the next, so a model trained from scratch learns to ignore them. ``"fan_in"`` redraws
-  (by rescaling: the same distribution) every kernel ``[in, out]`` to normal(1/sqrt(in)), the
-  LeCun init; embeddings, biases and norms are unchanged. ``"hf"`` returns ``params`` as they are.
-
-  Args:
-    params: parameters from ``init_params`` / ``parallel.init_sharded_params`` (shardings kept).
-    init: ``"hf"`` or ``"fan_in"``.
-    hf_std: the std the kernels were drawn with.
-
-  Returns:
-    The rescaled parameter pytree.
-  """
-  if init not in INITS:
-    raise ValueError(f"init must be one of {INITS}, got {init!r}")
-  if init == "hf":
-    return params
-
-  def rescale(path, x):
-    if jax.tree_util.keystr(path).endswith("['kernel']"):
-      return x * jnp.asarray(1.0 / (hf_std * np.sqrt(x.shape[0])), x.dtype)
-    return x
-
-  return jax.tree_util.tree_map_with_path(rescale, params)
-
-
 def abstract_params(config: ModelConfig, param_dtype=jnp.float32):
   """``jax.ShapeDtypeStruct`` pytree of the parameters, without allocating them."""
   return jax.eval_shape(lambda r: nn.unbox(_boxed_init(config, r, param_dtype)), jax.random.key(0))
@@ -556,7 +523,3 @@ def write_cache(cache, k, v, index):
   k_new = jnp.transpose(k, (0, 2, 1, 3)).astype(cache["k"].dtype)  # [B, Hkv, L, hd]
   v_new = jnp.transpose(v, (0, 2, 3, 1)).astype(cache["v"].dtype)  # [B, Hkv, hd, L]
   return {"k": put(1)(cache["k"], k_new, idx), "v": put(2)(cache["v"], v_new, idx)}
-
-
-def count_params(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

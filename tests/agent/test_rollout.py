@@ -13,7 +13,7 @@ from imagent_jax.agent import protocol
 from imagent_jax.rl import masks
 from imagent_jax.agent import rollout as rl
 from imagent_jax.rl import logprobs
-from imagent_jax.agent import tools
+from imagent_jax.agent import tools, trajectory
 from imagent_jax.data import synthetic
 from imagent_jax.models import get_preset
 from imagent_jax.models import qwen2_5_vl as qvl
@@ -80,8 +80,8 @@ def test_rollout_logprobs_equal_training_forward_with_tool_views(env):
   assert processor.tokenizer.decode(out["tokens"][0][act[0]].tolist()).startswith("<think>zoom on the second")
   assert "<tool_response>" in t0.response and "Image 4: zoom of image 2" in t0.response
 
-  pv, grid = rl.training_images(trajs, 4096, 16, max_pixels=PIX["max_pixels"], min_pixels=PIX["min_pixels"],
-                                view_max_pixels=PIX["max_pixels"])
+  pv, grid = trajectory.training_images(trajs, patch_budget=4096, image_slots=16, image_settings=processor.image_settings,
+                                           view_max_pixels=PIX["max_pixels"])[:2]
   lp = np.asarray(logprobs.sequence_logprobs(ro.model, params, out["tokens"], out["attention_mask"], pv, grid,
                                        temperature=CFG.temperature))
   assert act.sum(1).min() > 10
@@ -96,8 +96,8 @@ def test_tool_view_on_a_later_row_keeps_positions(env):
   forced = forced[::-1].copy()  # the script on row 1, row 0 samples freely
   out, trajs = ro(params, prompt, images, jax.random.key(4), forced_tokens=forced)
   assert trajs[1].calls and trajs[1].calls[0].entered
-  pv, grid = rl.training_images(trajs, 4096, 16, max_pixels=PIX["max_pixels"], min_pixels=PIX["min_pixels"],
-                                view_max_pixels=PIX["max_pixels"])
+  pv, grid = trajectory.training_images(trajs, patch_budget=4096, image_slots=16, image_settings=processor.image_settings,
+                                           view_max_pixels=PIX["max_pixels"])[:2]
   lp = np.asarray(logprobs.sequence_logprobs(ro.model, params, out["tokens"], out["attention_mask"], pv, grid,
                                              temperature=CFG.temperature))
   act = out["action_mask"].astype(bool)

@@ -17,18 +17,20 @@ import transformers
 
 from imagent_jax import parallel
 from imagent_jax.models import hf_io
+from imagent_jax.models import safetensors as st_io
+from imagent_jax.models import tree as tree_lib
 from imagent_jax.models import qwen2_5_vl
 from imagent_jax.models.qwen2_5_vl.config import ModelConfig
 from imagent_jax.models.presets import get_preset
 
 
 def _flat(tree):
-  return hf_io._flatten(tree)  # pylint: disable=protected-access
+  return tree_lib.flatten(tree)
 
 
 def _read_all(path):
   """All tensors of one safetensors file as numpy (bf16 via ml_dtypes), with its metadata."""
-  reader = hf_io._SafetensorsReader(path)  # pylint: disable=protected-access
+  reader = st_io.SafetensorsReader(path)
   return {k: np.array(reader.read(k)) for k in reader.entries}, reader.metadata
 
 
