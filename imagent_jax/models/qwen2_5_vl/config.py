@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from imagent_jax.models.interface import PatchGeometry
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -47,13 +49,19 @@ class VisionConfig:
     return self.hidden_size // self.num_heads
 
   @property
+  def geometry(self) -> PatchGeometry:
+    """How the tower cuts images into patches and merges them into tokens."""
+    return PatchGeometry(patch_size=self.patch_size, merge_size=self.spatial_merge_size,
+                         temporal_patch_size=self.temporal_patch_size, in_channels=self.in_channels)
+
+  @property
   def patch_dim(self) -> int:
     """Length of one flattened patch in ``pixel_values``: C * T * P * P."""
-    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+    return self.geometry.patch_dim
 
   @property
   def merge_unit(self) -> int:
-    return self.spatial_merge_size ** 2
+    return self.geometry.merge_unit
 
   @property
   def window_units(self) -> int:

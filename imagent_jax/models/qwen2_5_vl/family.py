@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from imagent_jax.models import registry
-from imagent_jax.models.interface import PatchGeometry, VLMFamily
+from imagent_jax.models.interface import PatchGeometry, VLMFamily  # noqa: F401
 from imagent_jax.models.qwen2_5_vl import model as model_lib
 from imagent_jax.models.qwen2_5_vl import presets as presets_lib
 from imagent_jax.models.qwen2_5_vl.config import ModelConfig
@@ -40,9 +40,7 @@ class Qwen25VLFamily(VLMFamily):
     model_lib.check_image_tokens(input_ids, image_grid_thw, config)
 
   def geometry(self, config) -> PatchGeometry:
-    v = config.vision
-    return PatchGeometry(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                         temporal_patch_size=v.temporal_patch_size, in_channels=v.in_channels)
+    return config.vision.geometry
 
   def image_token_id(self, config) -> int:
     return config.image_token_id
