@@ -32,8 +32,8 @@ Parsing rules of ``parse_turn`` (model output is untrusted; it never raises):
 * Several tool calls, nested or unclosed ``<tool_call>`` tags, a stray ``</tool_call>``, or an
   answer next to a tool call give ``tool_call_error`` (and no ``tool_call``): the host sends the
   error back as the observation.
-* ``answer`` is the text of the only complete ``<answer>`` block; with several answer blocks it
-  is None (ambiguous answers earn nothing).
+* ``answer`` is ``answers.single_answer`` of the turn: the text of its only ``<answer>`` block;
+  with several answer tags it is None (ambiguous answers earn nothing).
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ import json
 import re
 from typing import Any, Mapping, Optional, Sequence
 
+from imagent_jax.agent import answers
 from imagent_jax.processing import chat
 
 THINK_START, THINK_END = "<think>", "</think>"
-ANSWER_START, ANSWER_END = "<answer>", "</answer>"
+ANSWER_START, ANSWER_END = answers.ANSWER_START, answers.ANSWER_END
 TOOL_CALL_START, TOOL_CALL_END = chat.TOOL_CALL_START, chat.TOOL_CALL_END
 TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
 IMAGE_PLACEHOLDER = chat.VISION_START + chat.IMAGE_PAD + chat.VISION_END
@@ -58,7 +59,6 @@ _SPECIAL_TOKENS = (chat.IM_START, chat.IM_END, chat.ENDOFTEXT, chat.VISION_START
                    chat.VISION_PAD, chat.IMAGE_PAD, chat.VIDEO_PAD)
 _TAG_RE = re.compile(r"(</?(?:think|answer|tool_call|tool_response)>)")
 _FENCE_RE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.DOTALL)
-_OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +160,9 @@ def _options_text(options: Sequence[str] | Mapping[str, str]) -> str:
   if isinstance(options, Mapping):
     items = [(str(letter), str(text)) for letter, text in options.items()]
   else:
-    if len(options) > len(_OPTION_LETTERS):
-      raise ValueError(f"at most {len(_OPTION_LETTERS)} options can be lettered, got {len(options)}")
-    items = [(_OPTION_LETTERS[i], str(text)) for i, text in enumerate(options)]
+    if len(options) > len(answers.LETTERS):
+      raise ValueError(f"at most {len(answers.LETTERS)} options can be lettered, got {len(options)}")
+    items = [(answers.LETTERS[i], str(text)) for i, text in enumerate(options)]
   return "\n".join(f"{letter}. {text}" for letter, text in items)
 
 
@@ -296,15 +296,6 @@ def _extract_tool_call(text: str) -> tuple[Optional[ToolCall], Optional[str]]:
   return _parse_call_json(text[begin:end])
 
 
-def _extract_block(text: str, start: str, end: str) -> Optional[str]:
-  """Stripped text of the only complete ``start...end`` block; None when absent or repeated."""
-  if text.count(start) != 1 or text.count(end) != 1:
-    return None
-  begin = text.find(start) + len(start)
-  stop = text.find(end, begin)
-  return None if stop < 0 else text[begin:stop].strip()
-
-
 def _extract_think(text: str) -> Optional[str]:
   """Stripped text of the first ``<think>`` block (up to the next ``</think>``), or None."""
   begin = text.find(THINK_START)
@@ -365,7 +356,7 @@ def parse_turn(text: Any, *, require_think: bool = False) -> Turn:
   try:
     text = _strip_turn_end(text)
     tool_call, tool_call_error = _extract_tool_call(text)
-    answer = _extract_block(text, ANSWER_START, ANSWER_END)
+    answer = answers.single_answer(text)
     think = _extract_think(text)
     error = _format_error(text, require_think, tool_call, tool_call_error, answer)
     return Turn(think=think, tool_call=tool_call, tool_call_error=tool_call_error, answer=answer,

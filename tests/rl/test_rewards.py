@@ -1,10 +1,11 @@
-"""Tests for imagent_jax.agent.rewards: answer checking, format, tool gain, registry."""
+"""rl.rewards: accuracy (answers read by agent.answers), format, tool gain, the reward registry."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imagent_jax.agent import answers
 from imagent_jax.rl import rewards
 
 OPTS = ["a dog", "a cat", "a bird", "a fish"]
@@ -108,24 +109,13 @@ def test_numeric_tolerances_are_configurable():
   assert rewards.accuracy(ans("10.5"), "10.0", rel_tol=0.0, abs_tol=0.5) == 1.0
 
 
-def test_extract_answer_and_fallbacks():
-  assert rewards.extract_answer("<answer> A </answer><answer>\nB\n</answer>") == "B"
-  assert rewards.extract_answer("<ANSWER>c</ANSWER>") == "c"
-  assert rewards.extract_answer("<answer>unclosed") is None
-  assert rewards.extract_answer("no tags") is None
-  assert rewards.extract_answer("so \\boxed{42} it is", "boxed") == "42"
-  assert rewards.extract_answer("<think>hmm</think> B ", "text") == "B"
+def test_accuracy_reads_the_last_answer_block_or_the_fallback():
+  assert rewards.accuracy("<answer> A </answer><answer>\nB\n</answer>", "B", OPTS) == 1.0
+  assert rewards.accuracy("<ANSWER>B</ANSWER>", "B", OPTS) == 0.0  # tags are exact (agent/test_answers.py)
   assert rewards.accuracy("<think>x</think>B", "B", OPTS, fallback="text") == 1.0
+  assert rewards.accuracy("so \\boxed{B}", "B", OPTS, fallback="boxed") == 1.0
   with pytest.raises(KeyError):
-    rewards.extract_answer("x", "nope")
-
-
-def test_parse_choice():
-  assert rewards.parse_choice("(C)", OPTS) == 2
-  assert rewards.parse_choice("a fish", OPTS) == 3
-  assert rewards.parse_choice("A and B", OPTS) is None
-  assert rewards.parse_choice("F", OPTS) is None
-  assert rewards.parse_choice("F") == 5  # without options any letter is a choice
+    rewards.accuracy("x", "B", OPTS, fallback="nope")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,7 +251,7 @@ def test_register_a_new_reward():
     with pytest.raises(ValueError, match="already registered"):
       rewards.register_reward("test_only_constant")(_constant)
   finally:
-    rewards.REWARDS.pop("test_only_constant")
+    rewards.REWARDS.unregister("test_only_constant")
 
 
 def test_compute_rewards_validates_inputs():
@@ -316,6 +306,6 @@ def test_format_never_raises(turns):
 def test_single_letter_correct_iff_same_choice(num_options, gold, pred, form):
   gold, pred = gold % num_options, pred % num_options
   options = [f"thing number {i}" for i in range(num_options)]
-  letter = rewards.LETTERS[pred]
+  letter = answers.LETTERS[pred]
   response = ans(form.format(letter if pred % 2 else letter.lower()))
-  assert rewards.accuracy(response, rewards.LETTERS[gold], options) == float(gold == pred)
+  assert rewards.accuracy(response, answers.LETTERS[gold], options) == float(gold == pred)
