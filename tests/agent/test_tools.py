@@ -92,6 +92,14 @@ def test_config_validation(kwargs):
     ToolConfig(**kwargs)
 
 
+def test_tools_are_one_registry_in_prompt_order():
+  """Each tool is one module registering one function; the import order is the prompt's order."""
+  from imagent_jax.registry import Registry
+  assert isinstance(TOOLS, Registry) and TOOLS.names() == ("reflect", "confirm")
+  assert [s["function"]["name"] for s in tool_schemas()] == ["reflect", "confirm"]
+  assert TOOLS["reflect"].fn is tools.reflect.reflect and TOOLS["confirm"].fn is tools.confirm.confirm
+
+
 def test_registry_selection():
   assert available_tools()[:2] == ("reflect", "confirm")
   assert available_tools("confirm") == ("confirm",)
@@ -326,14 +334,18 @@ def test_budget_exhaustion(inputs):
   assert run_tool_call(ctx, _call("reflect", image=99)).error_kind == "bad_image_index"
 
 
-def test_tool_exceptions_are_contained(inputs, monkeypatch):
+def test_tool_exceptions_are_contained(inputs):
+  @register_tool("broken", "Always crashes.", {
+      "type": "object", "properties": {"image": tools.base.IMAGE_PARAM}, "required": ["image"]})
   def broken(ctx, image):
     raise RuntimeError("bug")
 
-  monkeypatch.setitem(TOOLS, "reflect", tools.Tool("reflect", "x", TOOLS["reflect"].parameters, broken))
-  ctx = ToolContext(inputs, CONFIG)
-  result = run_tool_call(ctx, _call("reflect", image=1))
-  assert result.error_kind == "tool_failed" and not result.ok and ctx.counts == {"tool_failed": 1}
+  try:
+    ctx = ToolContext(inputs, CONFIG)
+    result = run_tool_call(ctx, _call("broken", image=1))
+    assert result.error_kind == "tool_failed" and not result.ok and ctx.counts == {"tool_failed": 1}
+  finally:
+    TOOLS.unregister("broken")
 
 
 # ------------------------------------------------------------------------------------------
@@ -407,7 +419,7 @@ def test_confirm_on_arbitrary_boxes(box, image):
 def extra_tools():
   yield
   for name in ("grayscale", "count_images"):
-    TOOLS.pop(name, None)
+    TOOLS.unregister(name)
 
 
 def test_register_new_tools(inputs, extra_tools):
@@ -444,7 +456,7 @@ def test_register_new_tools(inputs, extra_tools):
   try:
     assert run_tool_call(ctx, _call("refuser")).error_kind == "bad_argument"
   finally:
-    TOOLS.pop("refuser")
+    TOOLS.unregister("refuser")
 
 
 def test_malformed_kinds_are_unparsable_text_and_unknown_tools():
