@@ -1,15 +1,16 @@
 """Entry point: ``python -m imagent_jax.main [--config configs/<name>.py] --workdir DIR [--config.a.b=v]``.
 
 Without ``--config`` the embedded default runs (``imagent_jax/config/schema.py``: synthetic
-data, tiny model, CPU). The config is validated before anything compiles; the stages named in
-``config.stages`` run in order; the workdir receives ``config.json``, ``metrics.jsonl`` and
-``report.md`` with its plots.
+data, tiny model, CPU). The config is validated before anything compiles (``config.validate``);
+the stages named in ``config.stages`` run in order, each looked up in ``stages.STAGES``; the
+workdir receives ``config.json``, ``metrics.jsonl`` and ``report.md`` with its plots.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 
@@ -21,31 +22,56 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "schema.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (a Python file with get_config).",
-                                          lock_config=True)
+
+
+def _exit_unknown_key(error: Exception, argv) -> None:
+  """Exits with the one-line ``error: invalid config`` (status 2) for an override of a key the
+  config does not have; ml_collections raises it from deep inside flag parsing."""
+  inner = error.args[0] if error.args and isinstance(error.args[0], Exception) else error
+  detail = str(inner.args[0] if inner.args else inner)
+  overrides = [a.split("=", 1)[0].lstrip("-") for a in argv if a.lstrip("-").startswith("config.")]
+  named = [o for o in overrides if any(f"'{part}'" in detail for part in o.split(".")[1:])] or overrides
+  hint = re.sub(r"^'[^']*'\s*", "", detail).replace("\n", " ")  # ml_collections' "Did you mean ...?"
+  print(f"error: invalid config: no such key: {', '.join(named)}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+  sys.exit(2)
+
+
+try:  # without --config, the embedded default is read (and its overrides applied) right here
+  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (a Python file with get_config; "
+                                            "a suffix :arg is passed to it).", lock_config=True)
+except (AttributeError, KeyError, TypeError) as e:
+  _exit_unknown_key(e, sys.argv)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, report, checkpoints and plots.")
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with unknown config keys reported like every invalid config."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError) as e:
+    _exit_unknown_key(e, argv)
 
 
 def run(config, workdir: str) -> dict:
   """Validates ``config`` and runs its stages in ``workdir``; returns each stage's summary."""
   import jax
 
-  from imagent_jax.config import schema
-  from imagent_jax.stages import model_check, rl as rl_stage, rollout_demo, warmup
+  from imagent_jax import stages
+  from imagent_jax.config.validate import validate
   from imagent_jax.reporting import MetricsWriter, Report
 
-  schema.validate(config, num_devices=jax.device_count())
+  validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  stage_fns = {"model": model_check.run, "warmup": warmup.run, "rollout": rollout_demo.run, "rl": rl_stage.run}
   report = Report(workdir, "imagent_jax run report")
   metrics = MetricsWriter(workdir)
+  run_fns = [(stage, stages.run_function(stage)) for stage in stages.configured(config.stages)]
   results = {}
-  for stage in [s.strip() for s in config.stages.split(",") if s.strip()]:
+  for stage, run_stage in run_fns:
     t0 = time.perf_counter()
     print(f"\n=== stage: {stage} ===")
-    results[stage] = stage_fns[stage](config, workdir, report, metrics)
+    results[stage] = run_stage(config, workdir, report, metrics)
     print(f"=== stage {stage} done in {time.perf_counter() - t0:.1f}s ===")
   path = report.write()
   print(f"\nReport: {path}\nMetrics: {metrics.path}")
@@ -71,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -60,7 +60,9 @@ def test_smoke_config_end_to_end(tmp_path):
     ("--config.stages=model,fly", "unknown stages ['fly']"),
     ("--config.model.dtype=float8", "config.model.dtype='float8'"),
     ("--config.model.checkpoint=/nonexistent", "is not a folder with a config.json"),
-    ("--config.tools.names=zoom", "config.tools / config.reward"),
+    ("--config.tools.names=zoom", "config.tools: unknown tool(s) ['zoom']"),
+    ("--config.reward.fallback=guess", "config.reward: unknown answer fallback 'guess'"),
+    ("--config.data.source=web", "config.data.source='web' is not one of"),
     ("--config.tools.view_max_pixels=1000000", "exceeds config.processor.max_pixels"),
     ("--config.rl.batch_size=9", "cannot hold rl.batch_size=9 questions"),
 ])
@@ -72,24 +74,37 @@ def test_invalid_config_fails_before_compiling(tmp_path, override, message):
 
 
 def test_unknown_config_key_is_refused(tmp_path):
-  res = _main("--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.model.presett=tiny", timeout=120)
-  assert res.returncode != 0
-  assert "presett" in res.stderr
+  for config in (["--config", "configs/smoke.py"], []):  # the embedded default reads its overrides at import
+    res = _main(*config, "--workdir", str(tmp_path), "--config.model.presett=tiny", timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        'error: invalid config: no such key: config.model.presett (Did you mean "preset" instead of "presett"?)']
 
 
-@pytest.mark.parametrize("name", ["synthetic_tiny", "smoke", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
-def test_every_config_file_is_valid(tmp_path, name):
+def test_stages_come_from_the_registry():
+  from imagent_jax import stages
+  assert stages.STAGES.names() == ("model", "warmup", "rollout", "rl")
+  assert stages.configured(" model, rl,,") == ["model", "rl"]
+  from imagent_jax.stages import rollout_demo
+  assert stages.run_function("rollout") is rollout_demo.run
+  with pytest.raises(KeyError, match="unknown stage 'fly'"):
+    stages.run_function("fly")
+
+
+@pytest.mark.parametrize("name,arg", [("synthetic_tiny", None), ("smoke", None), ("qwen2_5_vl", "3b"),
+                                      ("qwen2_5_vl", "7b")])
+def test_every_config_file_is_valid(tmp_path, name, arg):
   import importlib.util
 
-  from imagent_jax.config import schema
+  from imagent_jax.config import validate
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg) if arg else module.get_config()  # as ml_collections calls it for name.py[:arg]
   if name.startswith("qwen"):
-    assert config.model.preset == name and config.model.dtype == "bfloat16"
+    assert config.model.preset == f"{name}_{arg}" and config.model.dtype == "bfloat16"
     with pytest.raises(ValueError, match="needs config.model.tokenizer"):  # the checkpoint is the user's
-      schema.validate(config)
+      validate.validate(config)
     (tmp_path / "config.json").write_text("{}")
     config.model.checkpoint = str(tmp_path)
-  schema.validate(config, num_devices=8)
+  validate.validate(config, num_devices=8)

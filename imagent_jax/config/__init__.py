@@ -1,2 +1,3 @@
-"""Run configuration: the schema with the embedded default (``schema.get_config``), released
-presets and the cross-section checks run before anything compiles."""
+"""Run configuration: the schema with the embedded default (``schema.get_config``), released-model
+presets (``presets.released_qwen_config``) and the checks run before anything compiles
+(``validate.validate``)."""

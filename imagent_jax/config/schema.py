@@ -2,17 +2,17 @@
 
 Every config file under ``configs/`` starts from ``get_config()`` here and changes values; the
 returned ``ConfigDict`` is locked, so ``--config.some.typo=1`` fails at start instead of being
-ignored. ``validate`` checks impossible combinations before anything compiles.
+ignored. Sections that configure a component name its dataclass, and every field of that
+dataclass is a key of the section (``stages.build.from_section`` fills one from the other; the few
+fields computed from other keys are ``stages.build.DERIVED``). ``config.validate`` checks the
+combinations before anything compiles; ``config.presets`` holds the released-model settings.
 """
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-STAGES = ("model", "warmup", "rollout", "rl")  # stages that exist so far; eval / analyze come next
-DTYPES = ("float32", "bfloat16", "float16")
+from imagent_jax.config.validate import validate  # noqa: F401  (``schema.validate``: callers that know the schema)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.categories = "mosaic"  # comma list of synthetic categories; "": all (see README: what the tiny model can read)
   c.data.option_order = "canonical"  # synthetic options: "random" or "canonical" (DifficultyConfig.option_order)
   c.data.box_hint = False  # synthetic questions end with where the detail is, in the pixels the model sees
-  c.data.train_path = ""  # jsonl: file or folder (schema in imagent_jax/data/builders/jsonl.py)
+  c.data.train_path = ""  # jsonl: file or folder (schema in imagent_jax/data/jsonl.py)
   c.data.validation_path = ""
   c.data.test_path = ""
   c.data.on_error = "raise"  # jsonl bad records: "raise" or "skip" (counted)
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.demo.max_side = 320
   c.demo.batch_size = 2
 
-  c.warmup = ml_collections.ConfigDict()  # imagent_jax/warmup.py: the tool-naive base, trained from scratch
+  c.warmup = ml_collections.ConfigDict()  # imagent_jax/stages/warmup.py: the tool-naive base, trained from scratch
   c.warmup.steps = 450
   c.warmup.batch_size = 8
   c.warmup.learning_rate = 1e-3
@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup.probe_examples = 64  # after training: reading a handed zoom, and which image a zoom names (warmup probes)
 
   c.rollout = ml_collections.ConfigDict()  # imagent_jax.agent.rollout.RolloutConfig
-  c.rollout.num_prompts = 2
+  c.rollout.num_prompts = 2  # rollout stage: questions of its demo batch
   c.rollout.group_size = 4
   c.rollout.max_prompt_len = 640  # static prompt budget (tokens)
   c.rollout.prompt_patches = 4 * 4 * 256  # static patch budget of a batch's prompt images (questions x images x patches)
@@ -100,30 +100,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.scripted_rows = -1  # rollout stage: rows per group that follow a demo script; -1: 1 with random weights
 
   c.tools = ml_collections.ConfigDict()  # imagent_jax.agent.tools.ToolConfig
-  c.tools.names = "all"  # "all", "none", or a comma list: "reflect", "confirm"
+  c.tools.names = "all"  # the enabled tools (ToolConfig.tools): "all", "none", or a comma list: "reflect", "confirm"
   # Tools the system prompt lists: "" = the enabled ones (tools.names). "all" with a smaller
   # tools.names keeps a base's prompt while calls to the others fail ("disabled_tool"): the tool
   # ablations of experiments/run_cpu_claim.py, for bases that never saw another prompt.
   c.tools.listed = ""
   c.tools.prompt_style = "compact"  # system prompt: "full" JSON schemas (pretrained Qwen) or "compact" (tiny models)
   c.tools.max_tool_images = 4
+  c.tools.view_min_pixels = 56 * 56  # smallest returned view (>= processor.min_pixels)
   c.tools.view_max_pixels = 28 * 28 * 64  # visual-token budget of a returned view (<= processor.max_pixels)
   c.tools.min_box_side = 2.0  # root pixels; the mosaic's squares are 2 pixels (released configs: 28)
   c.tools.max_aspect = 8.0
 
-  c.reward = ml_collections.ConfigDict()  # imagent_jax.agent.rewards.RewardConfig
-  c.reward.name = "tool_gain"
+  c.reward = ml_collections.ConfigDict()  # imagent_jax.rl.rewards.RewardConfig
+  c.reward.name = "tool_gain"  # rewards.REWARDS: "tool_gain", "tool_gain_helpful", ...
   c.reward.w_acc = 0.8
   c.reward.w_fmt = 0.2
   c.reward.gain = 1.2
+  c.reward.min_image_calls = 1  # successful image calls a correct answer needs for the gain
+  c.reward.helpful_without_baseline = True  # tool_gain_helpful in an all-tool group: pay the gain
+  c.reward.require_think = True  # format needs a <think> block opening every turn
+  c.reward.fallback = "none"  # answer extraction fallback (agent.answers.ANSWER_FALLBACKS)
+  c.reward.rel_tol = 1e-2  # numeric answers: relative tolerance
+  c.reward.abs_tol = 0.0
+  c.reward.integer_exact = True  # integer answers must match exactly
 
-  c.masks = ml_collections.ConfigDict()  # imagent_jax.agent.masks.MaskConfig
+  c.masks = ml_collections.ConfigDict()  # imagent_jax.rl.masks.MaskConfig
   c.masks.mask_turn_limit = True
   c.masks.mask_truncated = True
   c.masks.mask_malformed = True
   c.masks.drop_zero_variance_groups = True
+  c.masks.group_stats_include_masked = True  # masked trajectories still count in the group mean/std
+  c.masks.zero_variance_tol = 1e-6  # a group with reward spread <= this has no signal (GRPO uses it too)
 
-  c.rl = ml_collections.ConfigDict()  # imagent_jax/rl: GRPO and the trainer
+  c.rl = ml_collections.ConfigDict()  # imagent_jax.rl.grpo.GRPOConfig, then the trainer's settings
   c.rl.steps = 100
   c.rl.batch_size = 4  # questions per step; each gets rollout.group_size trajectories
   c.rl.learning_rate = 1e-4
@@ -131,7 +141,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.end_lr_ratio = 0.1
   c.rl.weight_decay = 0.0
   c.rl.max_grad_norm = 1.0
+  c.rl.b1 = 0.9  # Adam
+  c.rl.b2 = 0.999
+  c.rl.adam_eps = 1e-8
   c.rl.advantage = "grpo"  # "grpo" (group mean/std) or "grpo_unnormalized"
+  c.rl.adv_eps = 1e-6  # added to the group std
   c.rl.clip_eps_low = 0.2
   c.rl.clip_eps_high = 0.28
   c.rl.loss_agg = "token_mean"  # or "seq_mean"
@@ -139,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.entropy_coef = 0.0
   c.rl.num_minibatches = 1
   c.rl.ppo_epochs = 1
+  # The trainer's settings (rl.trainer, stages/rl.py).
   c.rl.remat = False
   c.rl.patch_budget = 4 * 4 * 6 * 256  # static patches of one rollout batch's training pass (16 rows, ~6 images each)
   c.rl.image_slots = 4 * 4 * 7
@@ -182,130 +197,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
   c.lock()
   return c
-
-
-def released_qwen_config(preset: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """The default with a released Qwen2.5-VL (``preset``, e.g. ``"qwen2_5_vl_7b"``) read from a
-  local folder (``--config.model.checkpoint``): bf16, the released processor's pixel budget, the
-  JSON tool schemas those models were tuned on, prompt and response budgets of real questions,
-  and a local JSONL dataset (``--config.data.train_path`` etc.)."""
-  c = get_config(arg)
-  with c.unlocked():
-    c.model.preset = preset
-    c.model.checkpoint = ""  # set with --config.model.checkpoint=/path/to/folder
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "bfloat16"
-    c.model.export_hf = False
-    c.tools.prompt_style = "full"
-    c.tools.view_max_pixels = 28 * 28 * 256
-    c.tools.min_box_side = 28.0
-    c.rollout.max_prompt_len = 4096
-    c.rollout.prompt_patches = 4 * 5120
-    c.rollout.max_new_tokens = 2048
-    c.rollout.obs_max_tokens = 384
-    c.processor.max_pixels = 28 * 28 * 1280  # the released processor's default
-    c.demo.max_side = 1024
-    c.data.source = "jsonl"
-  return c
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ``ValueError`` naming every problem of ``config`` (before anything compiles)."""
-  from imagent_jax import parallel
-  from imagent_jax.models import hf_io, registry, tree
-  from imagent_jax.models.presets import TINY_TOKENIZER_PRESETS
-
-  errors = []
-  stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
-  unknown = [s for s in stages if s not in STAGES]
-  if not stages:
-    errors.append("config.stages is empty")
-  if unknown:
-    errors.append(f"unknown stages {unknown}; available: {list(STAGES)}")
-  m = config.model
-  model_config = None  # the architecture the run will have, when it can be known without weights
-  if m.checkpoint:
-    if not os.path.isfile(os.path.join(os.path.expanduser(m.checkpoint), "config.json")):
-      errors.append(f"config.model.checkpoint={m.checkpoint!r} is not a folder with a config.json (a local Hugging "
-                    "Face checkpoint; nothing is downloaded)")
-    else:
-      try:
-        model_config = hf_io.load_config(os.path.expanduser(m.checkpoint))
-      except ValueError as e:
-        errors.append(f"config.model.checkpoint: {e}")
-  elif m.preset not in registry.presets():
-    errors.append(f"config.model.preset={m.preset!r} is not one of {sorted(registry.presets())}")
-  else:
-    model_config = registry.get_preset(m.preset)
-    if m.preset not in TINY_TOKENIZER_PRESETS and not m.tokenizer:
-      errors.append(f"config.model.preset={m.preset!r} without a checkpoint needs config.model.tokenizer (a local "
-                    f"tokenizer folder); only {', '.join(TINY_TOKENIZER_PRESETS)} build their own")
-  geometry = None if model_config is None else registry.family_of(model_config).geometry(model_config)
-  if m.init not in tree.INITS:
-    errors.append(f"config.model.init={m.init!r} is not one of {tree.INITS}")
-  for name in ("dtype", "param_dtype"):
-    if m[name] not in DTYPES:
-      errors.append(f"config.model.{name}={m[name]!r} is not one of {DTYPES}")
-  if not 0 < config.processor.min_pixels <= config.processor.max_pixels:
-    errors.append("need 0 < config.processor.min_pixels <= config.processor.max_pixels")
-  if config.demo.num_images < 0 or config.demo.batch_size < 1:
-    errors.append("config.demo.num_images must be >= 0 and config.demo.batch_size >= 1")
-  if not 0 < config.demo.min_side <= config.demo.max_side:
-    errors.append("need 0 < config.demo.min_side <= config.demo.max_side")
-  if config.tools.view_max_pixels > config.processor.max_pixels:
-    errors.append(f"config.tools.view_max_pixels={config.tools.view_max_pixels} exceeds config.processor.max_pixels="
-                  f"{config.processor.max_pixels}: the processor would shrink tool views again")
-  view_tokens = 0 if geometry is None else geometry.tokens(config.tools.view_max_pixels)
-  if config.rollout.obs_max_tokens < view_tokens + 16:
-    errors.append(f"config.rollout.obs_max_tokens={config.rollout.obs_max_tokens} cannot hold a view of "
-                  f"{view_tokens} tokens plus the tool response text")
-  if config.rollout.group_size < 1 or config.rollout.num_prompts < 1:
-    errors.append("config.rollout.group_size and num_prompts must be >= 1")
-  if config.rollout.insert_wait < 0:
-    errors.append(f"config.rollout.insert_wait={config.rollout.insert_wait} must be >= 0")
-  if not -1 <= config.rollout.scripted_rows <= config.rollout.group_size:
-    errors.append("config.rollout.scripted_rows must lie in [-1, group_size]")
-  try:
-    from imagent_jax.agent import tools
-    from imagent_jax.rl import rewards
-    tools.available_tools(config.tools.names)
-    tools.available_tools(config.tools.listed or config.tools.names)
-    from imagent_jax.agent import protocol
-    protocol.system_prompt(tools.tool_schemas(), config.tools.prompt_style)
-    rewards.RewardConfig(**config.reward)
-  except (ValueError, KeyError, TypeError) as e:
-    errors.append(f"config.tools / config.reward: {e}")
-  if config.data.source in ("synthetic", "synthetic_mifg") and geometry is not None:
-    try:
-      most_images = int(str(config.data.images_per_question).split(",")[-1])
-    except ValueError:
-      most_images = 0
-      errors.append(f"config.data.images_per_question={config.data.images_per_question!r} is not 'min,max'")
-    need = config.rl.batch_size * most_images
-    if need > config.rollout.max_prompt_images:
-      errors.append(f"config.rollout.max_prompt_images={config.rollout.max_prompt_images} < rl.batch_size x "
-                    f"{most_images} images per question = {need}")
-    per_image = geometry.patches(config.processor.max_pixels)
-    if need * per_image > config.rollout.prompt_patches:
-      errors.append(f"config.rollout.prompt_patches={config.rollout.prompt_patches} cannot hold rl.batch_size="
-                    f"{config.rl.batch_size} questions of {most_images} images of up to "
-                    f"{per_image} patches ({need * per_image})")
-  for name in ("call_share", "confirm_share", "zoom_request_share"):
-    if not 0.0 <= config.warmup[name] <= 1.0:
-      errors.append(f"config.warmup.{name}={config.warmup[name]} must lie in [0, 1]")
-  if config.rl.logprob_gap_every < 0:
-    errors.append("config.rl.logprob_gap_every must be >= 0 (0: never check)")
-  if config.rl.length_bucket < 0:
-    errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
-  try:
-    from imagent_jax.stages import build
-    build.grpo_config(config)
-  except (ValueError, KeyError, TypeError) as e:
-    errors.append(f"config.rl: {e}")
-  if num_devices is not None:
-    try:
-      parallel.mesh_shape(dict(config.mesh), num_devices)
-    except ValueError as e:
-      errors.append(f"config.mesh: {e}")
-  if errors:
-    raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

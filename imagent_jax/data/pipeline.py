@@ -4,9 +4,9 @@
 dicts (``synthetic.EXAMPLE_KEYS``: ``id``, ``images`` as RGB PIL images, ``question``,
 ``options``, ``answer``, ``category``, ``target_image``, ``target_box``):
 
-* ``builders.TfdsSource`` over an array_record tfds split (e.g. ``build_synthetic``), or a raw
+* ``data.tfds.TfdsSource`` over an array_record tfds split (e.g. ``build_synthetic``), or a raw
   ``builder.as_data_source(split)`` (wrapped in a ``TfdsSource`` here);
-* ``builders.JsonlSource`` over JSONL files;
+* ``data.jsonl.JsonlSource`` over JSONL files;
 * ``synthetic.SyntheticSource`` (examples drawn on the fly; no files).
 
 Order. Host ``shard_index`` of ``shard_count`` takes rows ``shard_index::shard_count``; its rows
@@ -45,7 +45,7 @@ def as_source(source: Any) -> Sequence:
       skip one), or a tfds array_record data source (``builder.as_data_source(split)``).
 
   Returns:
-    The source (tfds data sources wrapped in ``builders.TfdsSource``).
+    The source (tfds data sources wrapped in ``data.tfds.TfdsSource``).
 
   Raises:
     TypeError: not a random-access source.

@@ -1,92 +1,96 @@
-"""Sources of multi-image QA examples: the synthetic tfds builder, JSONL files, and a registry of them.
+"""Sources of multi-image QA examples and the registry a config picks them from (``config.data.source``).
 
 Every source is random access (``__len__``, ``__getitem__``) and yields the example dicts of
 ``synthetic.EXAMPLE_KEYS`` (RGB PIL images); ``pipeline.make_iterator`` batches any of them.
 
-A config picks its source by name (``make_source(name, **kwargs)``); adding one is one
-registered factory (``@register_source("name")``). Registered:
+A run asks for one split with a ``SourceRequest`` (``stages.build.data_source`` fills it from
+``config.data``) and ``make_source(name, request)`` hands it to the factory registered under
+``name``, which reads the fields it needs. Adding a source is one registered factory::
 
-* ``synthetic``       ``SyntheticSource(size, seed, difficulty)``: drawn on the fly, no files.
-* ``synthetic_mifg``  ``build_synthetic(data_dir, sizes, difficulty, seed=...)`` (built once),
-                      then ``TfdsSource(builder, split)``.
-* ``tfds``            any prepared array_record tfds dataset with this schema:
-                      ``tfds.builder(name, data_dir=...)``, then ``TfdsSource(builder, split)``.
-* ``jsonl``           ``JsonlSource(path, on_error=..., max_image_pixels=...)``.
+    @register_source("my_set")
+    def _my_set(request: SourceRequest):
+      return MySource(request.path, split=request.split)
+
+Registered:
+
+* ``synthetic``       ``synthetic.SyntheticSource``: the split's examples drawn on the fly, no files.
+* ``synthetic_mifg``  the same examples built once through tfds (``tfds.build_synthetic``, array_record,
+                      under ``data_dir``), then read with ``tfds.TfdsSource``.
+* ``jsonl``           ``jsonl.JsonlSource`` over the split's file or folder (``path``).
 
 The tfds modules load lazily (``import tensorflow_datasets`` takes a second or more), so a
-JSONL-only run never imports them.
+JSONL-only or on-the-fly run never imports them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
 
-from imagent_jax.data.jsonl import DataError, JsonlSource, write_jsonl
+from imagent_jax.data.jsonl import JsonlSource
+from imagent_jax.registry import Registry
 
-SOURCES: dict[str, Callable[..., Any]] = {}
-_LAZY = ("SyntheticMifg", "SyntheticMifgConfig", "TfdsSource", "build_synthetic", "make_config")
+SOURCES: Registry[Callable[["SourceRequest"], Any]] = Registry("data source")  # name -> factory(request)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRequest:
+  """One split of a run's data, as ``config.data`` describes it; each source reads what it needs.
+
+  Attributes:
+    split: ``"train"``, ``"validation"`` or ``"test"``.
+    sizes: examples per split (generated sources).
+    seed: base seed; a generated split draws the stream ``synthetic.split_seed(seed, split)``.
+    difficulty: the ``synthetic.DifficultyConfig`` of generated sources (None: the default one).
+    data_dir: the folder of built datasets (``synthetic_mifg``).
+    path: the split's file or folder (``jsonl``).
+    on_error: bad records of file sources: ``"raise"`` or ``"skip"`` (counted).
+  """
+  split: str = "train"
+  sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  seed: int = 0
+  difficulty: Any = None
+  data_dir: str = ""
+  path: str = ""
+  on_error: str = "raise"
 
 
 def register_source(name: str):
-  """Decorator registering ``factory(**kwargs) -> source`` under ``name``."""
-  if name in SOURCES:
-    raise ValueError(f"source {name!r} is already registered")
-
-  def decorator(factory):
-    SOURCES[name] = factory
-    return factory
-
-  return decorator
+  """Decorator registering ``factory(request: SourceRequest) -> source`` under ``name``."""
+  return SOURCES.register(name)
 
 
-def make_source(name: str, **kwargs) -> Any:
-  """The source registered as ``name``, made with ``kwargs``.
+def make_source(name: str, request: SourceRequest) -> Any:
+  """The source registered as ``name``, made for ``request``.
 
   Raises:
-    ValueError: an unknown name.
+    ValueError: an unknown name, or a request the source cannot serve.
   """
   if name not in SOURCES:
     raise ValueError(f"unknown data source {name!r}; registered: {sorted(SOURCES)}")
-  return SOURCES[name](**kwargs)
+  return SOURCES[name](request)
 
 
 @register_source("synthetic")
-def _synthetic(size: int, seed: int = 0, difficulty: Any = None) -> Any:
+def _synthetic(request: SourceRequest) -> Any:
   from imagent_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  return synthetic.SyntheticSource(size, seed, difficulty or synthetic.DifficultyConfig())
+  return synthetic.SyntheticSource(request.sizes[request.split], synthetic.split_seed(request.seed, request.split),
+                                   request.difficulty or synthetic.DifficultyConfig())
 
 
 @register_source("synthetic_mifg")
-def _synthetic_mifg(data_dir: str, split: str = "train", sizes: Any = None, difficulty: Any = None, seed: int = 0,
-                    num_workers: Any = None) -> Any:
+def _synthetic_mifg(request: SourceRequest) -> Any:
   from imagent_jax.data import tfds as data_tfds  # pylint: disable=g-import-not-at-top
-  builder = data_tfds.build_synthetic(data_dir, sizes, difficulty, seed=seed, num_workers=num_workers)
-  return data_tfds.TfdsSource(builder, split)
-
-
-@register_source("tfds")
-def _tfds(name: str, data_dir: str, split: str = "train") -> Any:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from imagent_jax.data import tfds as data_tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared under {data_dir}; nothing is downloaded")
-  return data_tfds.TfdsSource(builder, split)
+  builder = data_tfds.build_synthetic(request.data_dir, request.sizes or None, request.difficulty, seed=request.seed)
+  return data_tfds.TfdsSource(builder, request.split)
 
 
 @register_source("jsonl")
-def _jsonl(path: str, on_error: str = "raise", max_image_pixels: Any = None) -> Any:
-  return JsonlSource(path, on_error=on_error, max_image_pixels=max_image_pixels)
+def _jsonl(request: SourceRequest) -> Any:
+  if not request.path:
+    raise ValueError(f"config.data.source='jsonl' needs config.data.{request.split}_path")
+  return JsonlSource(os.path.expanduser(request.path), on_error=request.on_error)
 
 
-def __getattr__(name: str) -> Any:
-  if name == "split_seed":  # lives with the generator: no tfds import
-    from imagent_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.split_seed
-  if name in _LAZY:
-    from imagent_jax.data import tfds as data_tfds  # pylint: disable=g-import-not-at-top
-    return getattr(data_tfds, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["DataError", "JsonlSource", "SOURCES", "make_source", "register_source", "write_jsonl", "split_seed", *_LAZY]
+__all__ = ["JsonlSource", "SOURCES", "SourceRequest", "make_source", "register_source"]

@@ -1,19 +1,27 @@
-"""Builds a run's components from its config: model and processor, rollout, tools, reward, masks.
+"""Builds a run's components from its config: model and processor, rollout, tools, reward, masks,
+GRPO, data, checkpoints.
 
 Every stage (model check, rollout, warmup, RL, evaluation) gets its objects here, so a config key
-means the same thing everywhere.
+means the same thing everywhere. A component's config section maps onto its dataclass field by
+field (``from_section``): ``config.rollout`` -> ``agent.rollout.RolloutConfig``, ``config.tools``
+-> ``agent.tools.ToolConfig``, ``config.reward`` -> ``rl.rewards.RewardConfig``, ``config.masks``
+-> ``rl.masks.MaskConfig``, ``config.rl`` -> ``rl.grpo.GRPOConfig`` (then the trainer's settings).
+The few fields computed from other keys are ``DERIVED``, in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from imagent_jax import parallel
 from imagent_jax.rl import masks, rewards
-from imagent_jax.agent import rollout as rl
+from imagent_jax.agent import rollout as rollout_lib
 from imagent_jax.agent import tools
 from imagent_jax.models import hf_io, registry, tree
 from imagent_jax.processing import Processor, build_tiny_tokenizer
@@ -75,22 +83,84 @@ def build_model(config, model_config, *, remat: bool = False):
                        remat=remat, max_frame_patches=family.geometry(model_config).patches(config.processor.max_pixels))
 
 
-def rollout_config(config, model_config=None) -> rl.RolloutConfig:
-  """``RolloutConfig`` from ``config.rollout``; the view slot in patches from ``config.tools.view_max_pixels``
-  and the model's patch geometry (the default family's preset when ``model_config`` is None)."""
-  r = config.rollout
-  geometry = _geometry(config, model_config)
-  return rl.RolloutConfig(group_size=r.group_size, max_prompt_len=r.max_prompt_len, prompt_patches=r.prompt_patches,
-                          max_prompt_images=r.max_prompt_images, max_new_tokens=r.max_new_tokens,
-                          max_tool_calls=r.max_tool_calls, obs_max_tokens=r.obs_max_tokens,
-                          view_max_patches=geometry.patches(config.tools.view_max_pixels), temperature=r.temperature,
-                          top_k=r.top_k, top_p=r.top_p, insert_wait=r.insert_wait)
+# --------------------------------------------------------------------------------------------
+# Components: each a dataclass filled from its config section by field name.
 
 
-def listed_tool_schemas(config) -> list[dict]:
-  """JSON schemas of the tools the system prompt lists: ``config.tools.listed``, or the enabled
-  ``config.tools.names`` when it is empty (the default)."""
-  return tools.tool_schemas(config.tools.listed or config.tools.names)
+COMPONENT_SECTIONS = ("rollout", "tools", "reward", "masks", "rl")  # the sections that configure a dataclass
+
+
+def component_classes():
+  """Config section -> the dataclass it configures (imported here: grpo imports the model stack)."""
+  from imagent_jax.rl import grpo
+  return {"rollout": rollout_lib.RolloutConfig, "tools": tools.ToolConfig, "reward": rewards.RewardConfig,
+          "masks": masks.MaskConfig, "rl": grpo.GRPOConfig}
+
+
+# The component fields that no key of their section sets: computed from other keys (and the model's
+# patch geometry), here and nowhere else. Section -> field -> fn(config, geometry) where geometry()
+# is the model's ``PatchGeometry``.
+DERIVED: dict[str, dict[str, Callable[[Any, Callable[[], Any]], Any]]] = {
+    "rollout": {
+        # the static patch slot of a tool view: its pixel budget over the model's pixels per patch
+        "view_max_patches": lambda c, geometry: geometry().patches(c.tools.view_max_pixels),
+    },
+    "tools": {
+        "tools": lambda c, geometry: tools.available_tools(c.tools.names),  # the enabled tools
+        "input_min_pixels": lambda c, geometry: c.processor.min_pixels,  # how the inputs were shown
+        "input_max_pixels": lambda c, geometry: c.processor.max_pixels,
+        "factor": lambda c, geometry: geometry().factor,  # views are sized in multiples of it
+    },
+    "masks": {
+        "group_size": lambda c, geometry: c.rollout.group_size,
+    },
+    "rl": {
+        "group_size": lambda c, geometry: c.rollout.group_size,
+        "temperature": lambda c, geometry: c.rollout.temperature,  # log-probs under the sampling temperature
+        "total_steps": lambda c, geometry: max(c.rl.steps, 1),  # the learning-rate schedule's length
+    },
+}
+
+# Keys of a component's section that are not fields of its dataclass: settings of a stage (or of
+# the system prompt) that read the section too, and ``tools.names`` (ToolConfig.tools, derived).
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "rollout": ("num_prompts", "scripted_rows"),
+    "tools": ("names", "listed", "prompt_style"),
+    "reward": (),
+    "masks": (),
+    "rl": ("steps", "batch_size", "remat", "patch_budget", "image_slots", "minibatch_patch_budget",
+           "minibatch_image_slots", "length_bucket", "logprob_gap_every", "eval_every", "eval_examples",
+           "test_examples", "checkpoint_every", "keep_checkpoints", "progress_bar"),
+}
+
+
+def from_section(cls, section, **derived):
+  """An instance of the dataclass ``cls`` whose fields come from the config ``section`` by name.
+
+  A field takes ``derived[name]`` when given, else ``section[name]`` when the section has that
+  key, else its default; keys of ``section`` that are no field are left to their stage. The
+  dataclass checks its own values (``__post_init__``) and raises ``ValueError``.
+
+  Raises:
+    TypeError: a ``derived`` name that is not a field of ``cls``.
+  """
+  names = [f.name for f in dataclasses.fields(cls) if f.init]
+  unknown = sorted(set(derived) - set(names))
+  if unknown:
+    raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+  kwargs = {name: section[name] for name in names if name not in derived and name in section}
+  kwargs.update(derived)
+  return cls(**kwargs)
+
+
+def component(config, section: str, model_config=None):
+  """The component of ``config.<section>`` (``rollout``, ``tools``, ``reward``, ``masks``, ``rl``):
+  its dataclass filled by ``from_section``, with the ``DERIVED`` fields the dataclass has."""
+  cls = component_classes()[section]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  geometry = functools.partial(_geometry, config, model_config)
+  derived = {name: fn(config, geometry) for name, fn in DERIVED.get(section, {}).items() if name in fields}
+  return from_section(cls, config[section], **derived)
 
 
 def _geometry(config, model_config=None):
@@ -99,40 +169,46 @@ def _geometry(config, model_config=None):
   return registry.family_of(model_config).geometry(model_config)
 
 
+def rollout_config(config, model_config=None) -> rollout_lib.RolloutConfig:
+  """``RolloutConfig`` from ``config.rollout``; the view slot in patches from ``config.tools.view_max_pixels``
+  and the model's patch geometry (the default family's preset when ``model_config`` is None)."""
+  return component(config, "rollout", model_config)
+
+
 def tool_config(config, model_config=None) -> tools.ToolConfig:
   """``ToolConfig`` from ``config.tools`` and the processor's pixel limits; views are sized in
   multiples of the model's ``PatchGeometry.factor``."""
-  t = config.tools
-  return tools.ToolConfig(tools=tools.available_tools(t.names), max_tool_images=t.max_tool_images,
-                          view_max_pixels=t.view_max_pixels, input_min_pixels=config.processor.min_pixels,
-                          input_max_pixels=config.processor.max_pixels, min_box_side=t.min_box_side,
-                          max_aspect=t.max_aspect, factor=_geometry(config, model_config).factor)
+  return component(config, "tools", model_config)
 
 
 def reward_config(config) -> rewards.RewardConfig:
-  return rewards.RewardConfig(**config.reward)
+  """``RewardConfig`` from ``config.reward``."""
+  return component(config, "reward")
 
 
 def mask_config(config) -> masks.MaskConfig:
-  return masks.MaskConfig(group_size=config.rollout.group_size, **config.masks)
+  """``MaskConfig`` from ``config.masks`` (group size from ``config.rollout``)."""
+  return component(config, "masks")
 
 
 def grpo_config(config):
   """``rl.grpo.GRPOConfig`` from ``config.rl`` (group size and temperature from ``config.rollout``)."""
-  from imagent_jax.rl import grpo  # local: grpo imports the model stack
-  r = config.rl
-  return grpo.GRPOConfig(group_size=config.rollout.group_size, advantage=r.advantage, clip_eps_low=r.clip_eps_low,
-                         clip_eps_high=r.clip_eps_high, loss_agg=r.loss_agg, kl_coef=r.kl_coef,
-                         entropy_coef=r.entropy_coef, temperature=config.rollout.temperature,
-                         learning_rate=r.learning_rate, warmup_steps=r.warmup_steps, total_steps=max(r.steps, 1),
-                         end_lr_ratio=r.end_lr_ratio, weight_decay=r.weight_decay, max_grad_norm=r.max_grad_norm,
-                         num_minibatches=r.num_minibatches, ppo_epochs=r.ppo_epochs)
+  return component(config, "rl")
 
 
-def eval_rollout_config(config, model_config=None) -> rl.RolloutConfig:
+def eval_rollout_config(config, model_config=None) -> rollout_lib.RolloutConfig:
   """The evaluation rollout: one greedy trajectory per question, same limits as training."""
-  import dataclasses
   return dataclasses.replace(rollout_config(config, model_config), group_size=1, temperature=0.0, top_k=0, top_p=1.0)
+
+
+def listed_tool_schemas(config) -> list[dict]:
+  """JSON schemas of the tools the system prompt lists: ``config.tools.listed``, or the enabled
+  ``config.tools.names`` when it is empty (the default)."""
+  return tools.tool_schemas(config.tools.listed or config.tools.names)
+
+
+# --------------------------------------------------------------------------------------------
+# Data.
 
 
 def difficulty(config):
@@ -152,29 +228,21 @@ def difficulty(config):
 
 
 def data_source(config, workdir: str, split: str):
-  """The random-access source of ``split`` named by ``config.data.source``.
+  """The random-access source of ``split``: the source registered as ``config.data.source``
+  (``data.sources.SOURCES``) asked for that split with the settings of ``config.data``.
 
   ``synthetic_mifg``: the procedural dataset built once through tfds (array_record) under
   ``config.data.data_dir`` (default ``<workdir>/data``); ``synthetic``: the same examples drawn
-  on the fly; ``jsonl``: a local JSONL dataset (``config.data.{train,validation}_path``).
+  on the fly; ``jsonl``: a local JSONL dataset (``config.data.{train,validation,test}_path``).
   """
   from imagent_jax.data import sources
   d = config.data
-  sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
-  if d.source == "synthetic_mifg":
-    data_dir = os.path.expanduser(d.data_dir) if d.data_dir else os.path.join(workdir, "data")
-    return sources.make_source("synthetic_mifg", data_dir=data_dir, split=split, sizes=sizes,
-                                difficulty=difficulty(config), seed=d.seed)
-  if d.source == "synthetic":
-    from imagent_jax.data import synthetic
-    return sources.make_source("synthetic", size=sizes[split], seed=synthetic.split_seed(d.seed, split),
-                                difficulty=difficulty(config))
-  if d.source == "jsonl":
-    path = {"train": d.train_path, "validation": d.validation_path, "test": d.test_path}[split]
-    if not path:
-      raise ValueError(f"config.data.source='jsonl' needs config.data.{split}_path")
-    return sources.make_source("jsonl", path=os.path.expanduser(path), on_error=d.on_error)
-  raise ValueError(f"unknown config.data.source={d.source!r}")
+  request = sources.SourceRequest(
+      split=split, sizes={"train": d.train_size, "validation": d.validation_size, "test": d.test_size},
+      seed=d.seed, difficulty=difficulty(config),
+      data_dir=os.path.expanduser(d.data_dir) if d.data_dir else os.path.join(workdir, "data"),
+      path={"train": d.train_path, "validation": d.validation_path, "test": d.test_path}[split], on_error=d.on_error)
+  return sources.make_source(d.source, request)
 
 
 def example_stream(config, workdir: str, split: str, batch_size: int):

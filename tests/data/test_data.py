@@ -14,10 +14,12 @@ from etils import epath
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from imagent_jax.agent import tools
 from imagent_jax.data import pipeline, synthetic
 from imagent_jax.data import sources
 from imagent_jax.data import tfds as data_tfds
 from imagent_jax.data import jsonl
+from imagent_jax.data.synthetic import categories, scenes
 
 # Small images: fast to draw and decode, for tests that are not about legibility.
 SMALL = synthetic.DifficultyConfig(image_side=(96, 128), cluster_side=60, num_distractors=2, num_clutter=2)
@@ -68,7 +70,7 @@ def _shape_of(mask):
   extent = mask.shape[0]
   for shape in synthetic.SHAPES:
     canvas = Image.new("L", (extent, extent), 0)
-    synthetic._draw_shape(ImageDraw.Draw(canvas), shape, 0, 0, extent, 1)
+    scenes._draw_shape(ImageDraw.Draw(canvas), shape, 0, 0, extent, 1)
     if np.array_equal(np.asarray(canvas) == 1, mask):
       return shape
   return None
@@ -76,7 +78,7 @@ def _shape_of(mask):
 
 def _marks(array, color):
   """``[(shape or None, (y0, x0, y1, x1))]`` of the connected marks of ``color`` in a palette array."""
-  labels, _ = ndimage.label(array == synthetic._MARK_INDEX[color])
+  labels, _ = ndimage.label(array == scenes._MARK_INDEX[color])
   out = []
   for sl in ndimage.find_objects(labels):
     mask = (labels[sl] > 0)
@@ -93,38 +95,38 @@ def _check_answer_in_pixels(ex, arrays):
   words = ex["question"].rstrip("?").split()
   category = ex["category"]
   if category in ("digit", "letter"):
-    mask = np.asarray(synthetic._glyph_mask(answer, 1)) > 0
-    assert (crop[0] == synthetic._TAG_INDEX).all()
-    assert np.array_equal(crop[1:-1, 1:-1] == synthetic._INK_INDEX, mask)
+    mask = np.asarray(scenes._glyph_mask(answer, 1)) > 0
+    assert (crop[0] == scenes._TAG_INDEX).all()
+    assert np.array_equal(crop[1:-1, 1:-1] == scenes._INK_INDEX, mask)
   elif category == "color":
     shape = words[-1]
-    assert _shape_of(crop == synthetic._MARK_INDEX[answer]) == shape
+    assert _shape_of(crop == scenes._MARK_INDEX[answer]) == shape
     for color in ex["options"]:  # every option colour is drawn in that image
       assert _marks(arrays[k], color)
     assert sum(s == shape for c in synthetic.MARK_COLORS for s, _ in _marks(arrays[k], c)) == 1
   elif category == "shape":
     color = words[-2]
-    assert _shape_of(crop == synthetic._MARK_INDEX[color]) == answer
+    assert _shape_of(crop == scenes._MARK_INDEX[color]) == answer
     assert len(_marks(arrays[k], color)) == 1
   elif category == "locate":
     color, shape = words[-2], words[-1]
-    assert _shape_of(crop == synthetic._MARK_INDEX[color]) == shape
+    assert _shape_of(crop == scenes._MARK_INDEX[color]) == shape
     for j, array in enumerate(arrays):
       marks = _marks(array, color)
       assert len(marks) == 1 and (marks[0][0] == shape) == (j == k)
   elif category == "count":
     color, plural = words[3], words[4]
     marks = _marks(arrays[k], color)
-    shape = next(s for s in synthetic.SHAPES if synthetic._PLURALS[s] == plural)
+    shape = next(s for s in synthetic.SHAPES if categories._PLURALS[s] == plural)
     assert sum(s == shape for s, _ in marks) == int(answer)
     assert len(marks) == synthetic.DifficultyConfig().max_count + 1
     for _, (a0, b0, a1, b1) in marks:  # all inside the target box
       assert y0 <= a0 and x0 <= b0 and a1 <= y1 and b1 <= x1
   elif category == "mosaic":  # the target is the top-left square of a 2 x 2 mosaic of the option colours
     side = synthetic.DifficultyConfig().mosaic_square
-    assert (x1 - x0, y1 - y0) == (side, side) and (crop == synthetic._MARK_INDEX[answer]).all()
+    assert (x1 - x0, y1 - y0) == (side, side) and (crop == scenes._MARK_INDEX[answer]).all()
     mosaic = arrays[k][y0:y0 + 2 * side, x0:x0 + 2 * side]
-    index = {synthetic._MARK_INDEX[c]: c for c in synthetic.MARK_COLORS}
+    index = {scenes._MARK_INDEX[c]: c for c in synthetic.MARK_COLORS}
     assert sorted(index[int(mosaic[dy, dx])] for dy in (0, side) for dx in (0, side)) == sorted(ex["options"])
   else:
     raise AssertionError(f"untested category {category}")
@@ -168,7 +170,7 @@ def test_detail_illegible_at_base_view_and_legible_in_a_zoom():
   for index in range(24):
     ex = synthetic.generate_example(5, index)
     seen.add(ex["category"])
-    sizes = synthetic.legibility(ex, **TINY_PROCESSOR)
+    sizes = tools.legibility(ex, **TINY_PROCESSOR)
     assert sizes["base_px"] < 2.0, (ex["category"], sizes["base_px"])
     assert sizes["zoom_px"] > 10.0, (ex["category"], sizes["zoom_px"])
     base = sizes["base_view"]
@@ -195,7 +197,7 @@ def test_difficulty_config_is_validated_and_scales_to_a_processor():
     synthetic.DifficultyConfig(num_images=(1, 1), categories=("locate",))
   big = synthetic.DifficultyConfig.for_processor(28 * 28 * 1280)
   side = big.image_side[0]
-  w, h = synthetic.base_view_size(side, side, max_pixels=28 * 28 * 1280)
+  w, h = synthetic.shown_size(side, side, 28 * 28 * 1280)
   assert 7 * w / side <= 2.0 and big.image_side[1] > side
   assert synthetic.DifficultyConfig(num_images=[2, 3]).num_images == (2, 3)  # lists from configs
   with pytest.raises(ValueError, match="option_order"):
@@ -279,7 +281,7 @@ def test_on_the_fly_source_needs_no_tfds(monkeypatch, tmp_path):
   config = schema.get_config()
   config.data.source = "synthetic"
   source = build.data_source(config, str(tmp_path), "validation")
-  seed = sources.split_seed(config.data.seed, "validation")
+  seed = synthetic.split_seed(config.data.seed, "validation")
   assert seed == 3 * config.data.seed + 1
   want = synthetic.generate_example(seed, 2, build.difficulty(config))
   assert source[2]["question"] == want["question"] and same_images(source[2]["images"], want["images"])
@@ -317,7 +319,7 @@ def test_builder_reads_back_the_generated_examples(built):
   for split, size in zip(data_tfds.SPLITS, SIZES):
     source = data_tfds.TfdsSource(builder, split)
     assert len(source) == size
-    seed = sources.split_seed(0, split)
+    seed = synthetic.split_seed(0, split)
     for index in range(0, size, 4 if split == "train" else 1):  # rows of train: 0, 4, ... (time)
       got, want = source[index], synthetic.generate_example(seed, index)
       assert same_images(got["images"], want["images"]), (split, index)
@@ -329,7 +331,7 @@ def test_builder_reads_back_the_generated_examples(built):
 
 def test_builder_splits_use_disjoint_seeds(built):
   builder, _, _ = built
-  seeds = {sources.split_seed(s, split) for s in range(50) for split in data_tfds.SPLITS}
+  seeds = {synthetic.split_seed(s, split) for s in range(50) for split in data_tfds.SPLITS}
   assert len(seeds) == 150
   first = [data_tfds.TfdsSource(builder, split)[0] for split in data_tfds.SPLITS]
   assert len({(e["question"], e["images"][0].size) for e in first}) == 3
@@ -482,9 +484,11 @@ def test_jsonl_source_registry_and_missing_path(tmp_path):
   with pytest.raises(FileNotFoundError, match="no \\*.jsonl"):
     sources.JsonlSource(tmp_path)
   path = _write_bad_set(tmp_path, json.dumps(GOOD))
-  assert len(sources.make_source("jsonl", path=path)) == 3
+  assert len(sources.make_source("jsonl", sources.SourceRequest(path=str(path)))) == 3
+  with pytest.raises(ValueError, match="needs config.data.validation_path"):
+    sources.make_source("jsonl", sources.SourceRequest(split="validation"))
   with pytest.raises(ValueError, match="unknown data source"):
-    sources.make_source("nope")
+    sources.make_source("nope", sources.SourceRequest())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,3 +615,29 @@ def test_mosaic_is_one_base_pixel_and_a_zoom_on_it_shows_the_answer():
   assert synthetic.CATEGORIES["mosaic"].zoom_pad == 0 and synthetic.CATEGORIES["color"].zoom_pad == synthetic.HINT_PAD
   with pytest.raises(ValueError, match="mosaic_square"):
     synthetic.DifficultyConfig(mosaic_square=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator's modules.
+
+
+def test_generator_runs_no_agent_code():
+  """Drawing examples imports neither the agent nor jax; the confirm-zoom measurement lives with the tool."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import sys\nfrom imagent_jax.data import synthetic\n"
+          "ex = synthetic.generate_example(0, 0, synthetic.DifficultyConfig(image_side=(96, 128), cluster_side=60))\n"
+          "print(sorted(m for m in sys.modules if m.startswith(('imagent_jax.agent', 'jax'))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+  assert synthetic.legibility is tools.legibility is tools.confirm.legibility
+
+
+def test_categories_are_a_registry_in_draw_order():
+  from imagent_jax.registry import Registry  # pylint: disable=g-import-not-at-top
+  assert isinstance(synthetic.CATEGORIES, Registry)
+  assert synthetic.CATEGORIES.names() == ("digit", "letter", "color", "shape", "locate", "count", "mosaic")
+  with pytest.raises(ValueError, match="already registered"):
+    synthetic.register_category("digit")(lambda rng, scene: None)
+  assert synthetic.zoom_box({"category": "nope", "target_box": [10, 10, 20, 20]}, (100, 100), (50, 50)) == \
+      synthetic.view_box([10, 10, 20, 20], (100, 100), (50, 50), synthetic.HINT_PAD)

@@ -1,0 +1,153 @@
+"""Tests for imagent_jax.config: the schema maps onto the component dataclasses, every field is a
+flag, the released presets, and validation naming each section's problems before compiling."""
+
+import dataclasses
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from imagent_jax.config import presets, schema, validate
+from imagent_jax.stages import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Keys added so that every field of a component is a flag; their values are the dataclasses'
+# defaults, so the default run builds the very components it built before they were keys.
+ADDED_KEYS = {
+    "tools": ("view_min_pixels",),
+    "reward": ("min_image_calls", "helpful_without_baseline", "require_think", "fallback", "rel_tol", "abs_tol",
+               "integer_exact"),
+    "masks": ("group_stats_include_masked", "zero_variance_tol"),
+    "rl": ("adv_eps", "b1", "b2", "adam_eps"),
+}
+
+
+def _fields(cls):
+  return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+@pytest.mark.parametrize("section", build.COMPONENT_SECTIONS)
+def test_each_field_of_a_component_is_a_key_of_its_section_or_derived(section):
+  """The section maps onto its dataclass one to one: a field is a key of the section or a quantity
+  ``build.DERIVED`` computes from other keys; a key is a field or a stage's setting (``STAGE_KEYS``)."""
+  cls = build.component_classes()[section]
+  keys = set(schema.get_config()[section].keys())
+  derived = set(build.DERIVED.get(section, {}))
+  fields = _fields(cls)
+  assert fields - keys - derived == set(), f"fields of {cls.__name__} no config.{section} key sets"
+  assert keys - fields - set(build.STAGE_KEYS[section]) == set(), f"config.{section} keys that are no field"
+  assert derived <= fields, f"DERIVED names fields {cls.__name__} does not have"
+  assert not keys & derived, "a derived field must not also be a key"
+  assert set(build.STAGE_KEYS[section]).isdisjoint(fields)
+
+
+@pytest.mark.parametrize("section,key", [(s, k) for s, keys in ADDED_KEYS.items() for k in keys])
+def test_added_keys_default_to_the_dataclass_defaults(section, key):
+  cls = build.component_classes()[section]
+  default = {f.name: f.default for f in dataclasses.fields(cls)}[key]
+  for config in (schema.get_config(), schema.get_config("smoke"), presets.released_qwen_config("qwen2_5_vl_7b")):
+    assert config[section][key] == default
+    assert getattr(build.component(config, section), key) == default
+
+
+def _parse(*overrides, config_file="configs/smoke.py"):
+  values = flags.FlagValues()
+  argv = ["test", f"--config={os.path.join(ROOT, config_file)}", *overrides]
+  config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+@pytest.mark.parametrize("flag,section,field,value", [
+    ("--config.reward.fallback=boxed", "reward", "fallback", "boxed"),
+    ("--config.reward.rel_tol=0.05", "reward", "rel_tol", 0.05),
+    ("--config.reward.require_think=false", "reward", "require_think", False),
+    ("--config.masks.zero_variance_tol=0.01", "masks", "zero_variance_tol", 0.01),
+    ("--config.masks.group_stats_include_masked=false", "masks", "group_stats_include_masked", False),
+    ("--config.rl.adv_eps=0.001", "rl", "adv_eps", 0.001),
+    ("--config.rl.b2=0.95", "rl", "b2", 0.95),
+    ("--config.rl.adam_eps=1e-6", "rl", "adam_eps", 1e-6),
+    ("--config.tools.view_min_pixels=6272", "tools", "view_min_pixels", 6272),
+    ("--config.rollout.top_k=5", "rollout", "top_k", 5),
+])
+def test_every_field_is_reachable_from_the_command_line(flag, section, field, value):
+  config = _parse(flag)
+  assert getattr(build.component(config, section), field) == value
+
+
+def test_derived_quantities_follow_their_sources():
+  config = _parse("--config.rollout.group_size=3", "--config.rollout.temperature=0.7", "--config.rl.steps=0",
+                  "--config.tools.view_max_pixels=12544", "--config.processor.min_pixels=6272",
+                  "--config.tools.view_min_pixels=6272",
+                  "--config.rl.advantage=grpo_unnormalized")
+  assert build.mask_config(config).group_size == 3
+  grpo = build.grpo_config(config)
+  assert (grpo.group_size, grpo.temperature, grpo.total_steps) == (3, 0.7, 1)  # total_steps >= 1
+  assert build.rollout_config(config).view_max_patches == 12544 // 14 ** 2
+  tool = build.tool_config(config)
+  assert (tool.input_min_pixels, tool.input_max_pixels, tool.factor) == (6272, config.processor.max_pixels, 28)
+  assert tool.tools == ("reflect", "confirm")
+
+
+def test_the_config_modules():
+  assert schema.validate is validate.validate  # callers that know the schema module keep working
+  with pytest.raises(ValueError, match="unknown config argument"):
+    schema.get_config("nope")
+  smoke = schema.get_config("smoke")
+  assert smoke.model.preset == "micro" and smoke.rl.steps == 2
+  released = presets.released_qwen_config("qwen2_5_vl_3b", "smoke")
+  assert released.model.preset == "qwen2_5_vl_3b" and released.rl.steps == 2 and released.data.source == "jsonl"
+
+
+@pytest.mark.parametrize("arg,preset,steps", [("3b", "qwen2_5_vl_3b", 100), ("7b", "qwen2_5_vl_7b", 100),
+                                              ("7b,smoke", "qwen2_5_vl_7b", 2)])
+def test_released_config_takes_the_size_after_a_colon(arg, preset, steps):
+  config = _parse("--config.rollout.group_size=8", config_file=f"configs/qwen2_5_vl.py:{arg}")
+  assert config.model.preset == preset and config.model.dtype == "bfloat16" and config.rl.steps == steps
+  assert config.rollout.group_size == 8
+
+
+def test_released_config_needs_a_size():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("qwen2_5_vl", os.path.join(ROOT, "configs", "qwen2_5_vl.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for arg in (None, "", "5b"):
+    with pytest.raises(ValueError, match=r"needs a size argument, one of \['3b', '7b', '32b', '72b'\]"):
+      module.get_config(arg)
+
+
+def test_validate_names_the_problem_of_every_section_at_once():
+  config = schema.get_config("smoke")
+  config.reward.fallback = "nope"
+  config.masks.zero_variance_tol = -1.0
+  config.rl.b1 = 1.5
+  config.rollout.obs_max_tokens = 20
+  config.data.categories = "nope"
+  config.tools.prompt_style = "verbose"
+  with pytest.raises(ValueError) as e:
+    validate.validate(config)
+  text = str(e.value)
+  assert text.startswith("invalid config:")
+  for message in ("config.reward: unknown answer fallback 'nope'", "config.masks: MaskConfig.zero_variance_tol",
+                  "config.rl: GRPOConfig: need 0 <= b1", "config.rollout: obs_max_tokens=20",
+                  "config.data: invalid DifficultyConfig: unknown categories ['nope']", "config.tools:"):
+    assert message in text, (message, text)
+
+
+def test_validate_cross_section_and_stage_checks():
+  config = schema.get_config("smoke")
+  validate.validate(config, num_devices=8)
+  config.data.source = "nope"
+  config.stages = "model,fly"
+  config.rollout.group_size = 1  # std-normalised GRPO needs two rollouts per prompt
+  config.tools.view_max_pixels = 28 * 28 * 128
+  with pytest.raises(ValueError) as e:
+    validate.validate(config)
+  text = str(e.value)
+  for message in ("config.data.source='nope' is not one of ['synthetic', 'synthetic_mifg', 'jsonl']",
+                  "unknown stages ['fly']; available: ['model', 'warmup', 'rollout', 'rl']",
+                  "config.rl: GRPOConfig: group_size=1", "exceeds config.processor.max_pixels"):
+    assert message in text, (message, text)
