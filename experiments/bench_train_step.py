@@ -52,7 +52,7 @@ import bench_models  # experiments/bench_models.py (the script's folder is on sy
 from imagent_jax.rl import masks as masks_lib
 from imagent_jax.models import get_preset
 from imagent_jax.models import qwen2_5_vl as qvl
-from imagent_jax.rl import grpo
+from imagent_jax.rl import advantages, grpo, optim
 from imagent_jax.rl import logprobs
 
 GROUP = 4
@@ -71,7 +71,7 @@ def synthetic_batch(config, rows: int, seq: int, grids, seed: int = 0) -> dict[s
   """A GRPO batch: per row ``grids`` images after a text token, prompt text, then a response.
 
   The response (the last ``seq // 2`` tokens) is what the policy sampled; rewards alternate so
-  every group has signal, advantages come from ``grpo.compute_advantages`` and the loss mask from
+  every group has signal, advantages come from ``advantages.compute_advantages`` and the loss mask from
   ``masks.loss_mask``. ``old_logp`` is filled in by the caller.
   """
   rng = np.random.RandomState(seed)
@@ -98,7 +98,7 @@ def synthetic_batch(config, rows: int, seq: int, grids, seed: int = 0) -> dict[s
   loss_mask, _ = masks_lib.loss_mask(action, attention, status, np.zeros(rows, np.int32), rewards, mcfg)
   cfg = grpo.GRPOConfig(group_size=GROUP)
   return dict(tokens=tokens, attention_mask=attention, loss_mask=np.asarray(loss_mask),
-              advantages=np.asarray(grpo.compute_advantages(cfg, rewards)), pixel_values=pixel_values,
+              advantages=np.asarray(advantages.compute_advantages(cfg, rewards)), pixel_values=pixel_values,
               image_grid_thw=grid)
 
 
@@ -191,7 +191,7 @@ def main():
                                                          b["pixel_values"], b["image_grid_thw"]), **jit_kwargs)
   batch["old_logp"] = np.asarray(forward(params, batch))  # on-policy: the rollout sampled with these params
   batch = jax.device_put(batch)
-  opt_state = grpo.make_optimizer(cfg).init(params)
+  opt_state = optim.make_optimizer(cfg).init(params)
   step = grpo.jit_train_step(model, cfg, donate=True, jit_kwargs=jit_kwargs)
   flops = model_flops(config, params, rows, seq, grids)
   print(f"params={n_params / 1e6:.2f}M rows={rows} seq={seq} tokens/step={rows * seq} "

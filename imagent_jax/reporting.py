@@ -4,22 +4,33 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Sequence
 
 
 class MetricsWriter:
-  """Appends one JSON object per call to ``<workdir>/metrics.jsonl``."""
+  """Appends one JSON object per call to ``<workdir>/metrics.jsonl``: the one writer of that file."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, stage: str, **metrics: Any) -> None:
+    """Appends ``{"step", "stage", "time", **metrics}`` as one line.
+
+    NumPy and 0-d array values become Python numbers; a non-finite float (NaN, as in a share of
+    zero calls) becomes ``null``, so every line is strict JSON.
+    """
     record = {"step": int(step), "stage": stage, "time": round(time.time(), 3)}
-    record.update({k: _plain(v) for k, v in metrics.items()})
+    record.update({k: _json_value(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+
+
+def _json_value(v: Any) -> Any:
+  v = _plain(v)
+  return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _plain(v: Any) -> Any:

@@ -1,6 +1,7 @@
-"""Tables format NumPy scalars like Python numbers; metrics records are plain JSON."""
+"""Tables format NumPy scalars like Python numbers; metrics records are plain, strict JSON."""
 
 import json
+import math
 
 import numpy as np
 
@@ -19,3 +20,16 @@ def test_metrics_writer_writes_plain_json(tmp_path):
   MetricsWriter(str(tmp_path)).write(np.int64(2), "rl", acc=np.float32(0.5), n=np.asarray(3))
   record = json.loads((tmp_path / "metrics.jsonl").read_text())
   assert (record["step"], record["stage"], record["acc"], record["n"]) == (2, "rl", 0.5, 3)
+
+
+def test_metrics_writer_keeps_key_order_and_writes_non_finite_as_null(tmp_path):
+  writer = MetricsWriter(str(tmp_path))
+  writer.write(3, "eval", **{"eval/b": float("nan"), "eval/a": np.float64(math.inf), "eval/c": np.float32(-math.inf),
+                             "eval/d": 1.5, "eval/e": 2})
+  line = (tmp_path / "metrics.jsonl").read_text()
+  assert "NaN" not in line and "Infinity" not in line
+  record = json.loads(line)
+  assert list(record) == ["step", "stage", "time", "eval/b", "eval/a", "eval/c", "eval/d", "eval/e"]
+  assert [record[k] for k in ("eval/b", "eval/a", "eval/c", "eval/d", "eval/e")] == [None, None, None, 1.5, 2]
+  writer.write(4, "rl", x=0.25)  # appends
+  assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3, 4]

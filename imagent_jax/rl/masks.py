@@ -14,7 +14,10 @@ trajectories each rule masked. ``STATUS_NO_ANSWER`` (the model stopped without a
 deliberately *not* masked: that is a choice of the policy and its 0 accuracy reward is the signal.
 
 Groups whose rewards are all equal carry no GRPO signal (every advantage is 0) and are dropped
-from the loss (``zero_variance_groups``), so that they do not dilute the token-mean loss.
+from the loss (``zero_variance_groups``), so that they do not dilute the token-mean loss. That
+function is the one zero-variance test: the advantage estimators (``rl.advantages``) call it too,
+with the same tolerance (``MaskConfig.zero_variance_tol``, default ``ZERO_VARIANCE_TOL``), so a
+group the mask drops gets advantages of exactly 0.
 
 Group statistics. Verl-based peers (Mini-o3's over-turn masking) apply the trajectory mask to the
 response mask only: GRPO's group mean/std are still computed over *all* rollouts of the prompt,
@@ -45,6 +48,9 @@ STATUS_NO_ANSWER = 3  # stopped (end of turn, no tool call) without an <answer>
 STATUS_NAMES = ("answered", "truncated", "turn_limit", "no_answer")  # indexed by status code
 NUM_STATUSES = len(STATUS_NAMES)
 
+# Reward spread (max - min over a group's counted rows) at or below which a group is "zero variance".
+ZERO_VARIANCE_TOL = 1e-6
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MaskConfig:
@@ -58,7 +64,8 @@ class MaskConfig:
     drop_zero_variance_groups: drop groups whose rewards are all equal (no GRPO signal).
     group_stats_include_masked: layer-2-masked trajectories still count in the group mean/std
       and in the zero-variance test (Mini-o3 / verl behaviour). False: only kept ones count.
-    zero_variance_tol: a group is "zero variance" when ``max - min <= tol`` over its rewards.
+    zero_variance_tol: a group is "zero variance" when ``max - min <= tol`` over its rewards; the
+      one tolerance of that test, for the masks and the advantages alike.
   """
   group_size: int
   mask_turn_limit: bool = True
@@ -66,7 +73,7 @@ class MaskConfig:
   mask_malformed: bool = True
   drop_zero_variance_groups: bool = True
   group_stats_include_masked: bool = True
-  zero_variance_tol: float = 1e-6
+  zero_variance_tol: float = ZERO_VARIANCE_TOL
 
   def __post_init__(self):
     if int(self.group_size) != self.group_size or self.group_size < 1:
@@ -139,22 +146,26 @@ def trajectory_mask(status, num_malformed_calls, cfg: MaskConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "tol"))
-def zero_variance_groups(rewards, group_size: int, valid=None, tol: float = 1e-6):
-  """Finds groups whose rewards carry no GRPO signal.
+def zero_variance_groups(rewards, group_size: int, valid=None, tol: float = ZERO_VARIANCE_TOL):
+  """Finds groups whose rewards carry no GRPO signal: the one zero-variance test.
 
   A group carries no signal when all its (valid) rewards are equal within ``tol``
-  (``max - min <= tol``); with ``valid``, so does a group with fewer than two valid rows.
+  (``max - min <= tol``); with ``valid``, so does a group with fewer than two valid rows. The
+  loss mask drops such groups (``loss_mask``) and the advantage estimators give them 0
+  (``advantages.group_advantages``), both through this function.
 
   Args:
     rewards: ``[R]`` float total reward per trajectory.
     group_size: rollouts per prompt (static); ``R`` must be a multiple of it.
     valid: ``[R]`` bool/float, the rows that count in the group statistics, or None (all).
-    tol: equality tolerance (static).
+    tol: equality tolerance (static), ``>= 0``.
 
   Returns:
     ``(keep [R] float32, num_dropped_groups int32 scalar)``; ``keep`` is 0 on every row of a
     dropped group and 1 elsewhere.
   """
+  if not tol >= 0:
+    raise ValueError(f"the zero-variance tolerance must be >= 0, got {tol!r}")
   rewards = jnp.asarray(rewards, jnp.float32)
   g = _num_groups(rewards.shape[0], group_size)
   r = rewards.reshape(g, group_size)

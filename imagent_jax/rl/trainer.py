@@ -1,225 +1,112 @@
 """The RL trainer: rollout → rewards → masks → advantages → GRPO updates, with checkpoints and logs.
 
 Each step draws a batch of questions, runs ``group_size`` agent rollouts per question (one jitted
-program, tools on the host), scores them (``agent.rewards``), masks them (``agent.masks``: token
-and trajectory layers, zero-variance groups), computes group advantages over the same rows as the
-zero-variance test, re-renders every image the trajectories saw, and takes the GRPO minibatch
-steps against the rollout's sampling log-probs.
+program, tools on the host), turns them into the update's batch with ``batch.prepare_batch``
+(rewards, the token and trajectory masks and zero-variance groups, group advantages over the same
+rows as the zero-variance test, every image the trajectories saw re-rendered), and takes the GRPO
+minibatch steps against the rollout's sampling log-probs.
 
-Everything a run needs to continue lives in ``<workdir>/checkpoints`` (orbax): parameters,
-optimiser state, step, RNG and the data iterator's state, so a restarted run sees the same data
-in the same order as an uninterrupted one. Checkpoints are written every ``checkpoint_every``
-steps, at the end, and on SIGTERM. Every step appends to ``metrics.jsonl`` and TensorBoard.
+The trainer is handed its pieces built — model and parameters, rollouts, configs, data, checkpoint
+manager, metrics writer — so a test or a notebook can hand it others; ``stages.rl.build_trainer``
+builds them from a run config. Everything a run needs to continue lives in the checkpoints
+(orbax): parameters, optimiser state, step, RNG and the data iterator's state, so a restarted run
+sees the same data in the same order as an uninterrupted one. Checkpoints are written every
+``checkpoint_every`` steps, at the end, and on SIGTERM. Every step appends to ``metrics.jsonl``
+(``reporting.MetricsWriter``) and TensorBoard.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
 import signal
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from imagent_jax import parallel
+from imagent_jax.agent.rollout import Rollout
+from imagent_jax.evaluation.metrics import trajectory_stats
+from imagent_jax.reporting import MetricsWriter
+from imagent_jax.rl import batch as batch_lib
+from imagent_jax.rl import grpo, logprobs, masks, optim, rewards
 from imagent_jax.stages import build
-from imagent_jax.agent import protocol
-from imagent_jax.rl import masks, rewards
-from imagent_jax.agent import rollout as rl
-from imagent_jax.agent import trajectory
-from imagent_jax.rl import grpo, logprobs
 
 log = logging.getLogger("imagent_jax")
 
 
-class ExampleStream:
-  """A checkpointable stream of examples: ``make_example(index) -> dict``, drawn in order.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+  """How the trainer's loop runs (``config.rl``'s loop settings and ``config.seed``).
 
-  The state is the next index, so restoring it replays exactly the batches an uninterrupted run
-  would have drawn. Same interface as ``data.pipeline.ExampleIterator`` (``next``, ``get_state``,
-  ``set_state``), which the trainer uses by default; this one is for tests and custom data.
+  Attributes:
+    steps: the step ``train`` stops at.
+    seed: the run's RNG: step ``s`` rolls out with ``fold_in(fold_in(key(seed), s), 0)`` and
+      shuffles minibatches with ``fold_in(..., 1)``.
+    eval_batch_size: questions per evaluation rollout.
+    eval_every: steps between greedy evaluations (0: never, no base evaluation either).
+    checkpoint_every: steps between checkpoints (0: only at the end and on SIGTERM).
+    logprob_gap_every: steps between checks that the training forward pass gives the rollout's
+      sampling log-probs (0: never).
+    minibatch_patch_budget, minibatch_image_slots: static image budgets of a minibatch (None:
+      the batch's; see ``batch.split_minibatches``).
+    progress_bar: show a tqdm bar.
   """
-
-  def __init__(self, make_example: Callable[[int], dict], batch_size: int, start: int = 0):
-    self.make_example, self.batch_size, self.index = make_example, batch_size, start
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> list[dict]:
-    batch = [self.make_example(self.index + i) for i in range(self.batch_size)]
-    self.index += self.batch_size
-    return batch
-
-  def get_state(self) -> dict:
-    return {"next_index": self.index}
-
-  def set_state(self, state: dict) -> None:
-    self.index = int(state["next_index"])
-
-
-class ConfirmHits(NamedTuple):
-  """Where one trajectory's successful ``confirm`` calls went (sums over those calls)."""
-  hits: int  # on the target image and covering half of the target box or more
-  total: int  # successful confirm calls
-  chance: float  # expected hits of same-size boxes placed uniformly on a uniformly chosen input image
-  on_image: int  # on the asked (target) image, wherever on it
-  on_image_chance: float  # expected on_image of a uniformly chosen input image: total / number of images
-
-
-def confirm_hits(traj: rl.Trajectory, example: dict, samples: int = 256) -> ConfirmHits:
-  """Where ``traj``'s successful ``confirm`` zooms went, against two chance baselines.
-
-  A zoom hits when its box, mapped back to the root input image, is on the example's
-  ``target_image`` and overlaps its ``target_box`` by at least half of the target's area.
-  ``chance`` is the expected number of hits had each call put a box of the same size uniformly at
-  random on a uniformly chosen input image (Monte Carlo over ``samples`` placements, fixed seed),
-  the baseline ``confirm_on_target`` must beat to show that the model aims its zooms.
-  ``on_image`` counts zooms on the asked image, against ``on_image_chance`` (one over the number
-  of input images per call): where the detail's place is fixed, this is the part of aiming that
-  is left, which image to zoom on.
-  """
-  if "target_box" not in example or example.get("target_box") is None:
-    return ConfirmHits(0, 0, 0.0, 0, 0.0)
-  hits = total = on_image = 0
-  chance = 0.0
-  k = example["target_image"]
-  n = len(example["images"])
-  tx0, ty0, tx1, ty1 = example["target_box"]
-  area = max((tx1 - tx0) * (ty1 - ty0), 1e-6)
-  width, height = example["images"][k].size
-  for c in traj.calls:
-    if c.name != "confirm" or not c.ok or c.view_index is None:
-      continue
-    total += 1
-    ref = traj.context.refs[c.view_index - 1]
-    x0, y0, x1, y1 = ref.root_box
-    bw, bh = min(x1 - x0, width), min(y1 - y0, height)
-    rng = np.random.default_rng(0)  # the same placements for every box: a deterministic baseline
-    rx, ry = rng.uniform(0, width - bw, samples), rng.uniform(0, height - bh, samples)
-    inter = (np.clip(np.minimum(rx + bw, tx1) - np.maximum(rx, tx0), 0, None)
-             * np.clip(np.minimum(ry + bh, ty1) - np.maximum(ry, ty0), 0, None))
-    chance += float(np.mean(inter >= 0.5 * area)) / n
-    if ref.root - 1 != k:
-      continue
-    on_image += 1
-    inter = max(0.0, min(x1, tx1) - max(x0, tx0)) * max(0.0, min(y1, ty1) - max(y0, ty0))
-    hits += inter >= 0.5 * area
-  return ConfirmHits(hits, total, chance, on_image, total / n)
-
-
-def trajectory_stats(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], tool_names: Sequence[str],
-                     group_size: int) -> dict[str, float]:
-  """Tool-use numbers of a batch of trajectories for logging (per trajectory means)."""
-  n = max(len(trajs), 1)
-  out = {"tool_calls_per_trajectory": sum(len(t.calls) for t in trajs) / n,
-         "successful_calls_per_trajectory": sum(sum(c.ok for c in t.calls) for t in trajs) / n,
-         "failed_calls_per_trajectory": sum(sum(not c.ok for c in t.calls) for t in trajs) / n,
-         "image_calls_per_trajectory": sum(t.num_successful_image_calls for t in trajs) / n,
-         "malformed_calls_per_trajectory": sum(t.num_malformed_calls for t in trajs) / n}
-  for name in tool_names:
-    out[f"calls/{name}"] = sum(sum(c.name == name for c in t.calls) for t in trajs) / n
-  sums = [sum(column) for column in zip(ConfirmHits(0, 0, 0.0, 0, 0.0),
-                                          *(confirm_hits(t, examples[t.prompt_index]) for t in trajs))]
-  hits = ConfirmHits(*sums)
-  share = lambda x: x / hits.total if hits.total else float("nan")
-  out["confirm_on_target"] = share(hits.hits)
-  out["confirm_on_target_chance"] = share(hits.chance)
-  out["confirm_on_image"] = share(hits.on_image)
-  out["confirm_on_image_chance"] = share(hits.on_image_chance)
-  for code, name in enumerate(masks.STATUS_NAMES):
-    out[f"status/{name}"] = sum(t.status == code for t in trajs) / n
-  return out
-
-
-def score_trajectories(trajs: Sequence[rl.Trajectory], examples: Sequence[dict], group_size: int,
-                       reward_config: rewards.RewardConfig) -> dict[str, np.ndarray]:
-  """``rewards.compute_rewards`` of rollout trajectories against their questions' answers.
-
-  Args:
-    trajs: ``[R]`` trajectories, ``group_size`` consecutive ones per question.
-    examples: the questions (``answer``, optional ``options``), indexed by ``Trajectory.prompt_index``.
-    group_size: trajectories per question.
-    reward_config: the reward.
-
-  Returns:
-    ``compute_rewards``' dict of ``[R]`` arrays (``total``, ``accuracy``, ``format``, ...).
-  """
-  return rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],
-                                 [examples[t.prompt_index].get("options") for t in trajs],
-                                 [t.num_successful_image_calls for t in trajs], group_size, reward_config,
-                                 num_malformed_calls=[t.num_malformed_calls for t in trajs])
-
-
-def training_batch(config, out: dict, trajs: Sequence[rl.Trajectory], loss_mask, advantages,
-                   image_settings=None) -> tuple[dict, np.ndarray]:
-  """The GRPO update's batch from one rollout.
-
-  Re-renders every image the trajectories saw (``trajectory.training_images``, from each view's
-  provenance, into ``config.rl.patch_budget`` / ``image_slots``) and keeps only the token columns
-  some row uses (rounded up to ``config.rl.length_bucket``).
-
-  Args:
-    config: the run config (``rl``, ``processor``, ``tools`` sections).
-    out: the rollout's arrays (``tokens``, ``attention_mask``, ``action_mask``, ``logprobs``: ``[R, T]``).
-    trajs: its ``[R]`` trajectories.
-    loss_mask: ``[R, T]`` (``masks.loss_mask``).
-    advantages: ``[R]`` (``grpo.compute_advantages``).
-    image_settings: the processor's ``image_settings`` (geometry; default: the processor's
-      defaults with ``config.processor``'s pixel limits).
-
-  Returns:
-    ``(batch, sampled)``: ``batch`` with ``tokens``, ``attention_mask``, ``loss_mask``, ``old_logp``
-    ``[R, T']``, ``advantages [R]``, ``pixel_values``, ``image_grid_thw`` (what ``grpo.update`` takes;
-    add ``ref_logp`` for a KL term), and ``sampled [R, T']`` bool, the tokens the policy sampled.
-  """
-  c = config
-  settings = dict(image_settings or {}, min_pixels=c.processor.min_pixels, max_pixels=c.processor.max_pixels)
-  pv, grid, _ = trajectory.training_images(trajs, patch_budget=c.rl.patch_budget, image_slots=c.rl.image_slots,
-                                           image_settings=settings, view_max_pixels=c.tools.view_max_pixels)
-  batch = dict(tokens=out["tokens"], attention_mask=out["attention_mask"], loss_mask=np.asarray(loss_mask),
-               advantages=np.asarray(advantages), old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid,
-               action_mask=out["action_mask"])
-  batch = grpo.trim_padding_columns(batch, c.rl.length_bucket)  # the used span only: less attention
-  return batch, batch.pop("action_mask").astype(bool)
+  steps: int
+  seed: int
+  eval_batch_size: int
+  eval_every: int = 0
+  checkpoint_every: int = 0
+  logprob_gap_every: int = 0
+  minibatch_patch_budget: int | None = None
+  minibatch_image_slots: int | None = None
+  progress_bar: bool = True
 
 
 class Trainer:
-  """Owns the run's state and loop. ``Trainer(config, workdir).train()``."""
+  """Owns the run's state and loop: ``Trainer(...).train()`` (``stages.rl.build_trainer(config, workdir)``).
 
-  def __init__(self, config, workdir: str, *, train_stream=None, eval_examples: Sequence[dict] | None = None,
-               make_prompt: Callable[[dict], Any] | None = None):
-    self.config, self.workdir = config, workdir
-    r = config.rl
-    self.mesh = parallel.make_mesh(dict(config.mesh))
-    self.model_config, params, self.processor, _ = build.load_model_and_processor(config, workdir, self.mesh)
-    self.model = build.build_model(config, self.model_config, remat=r.remat)
-    self.rollout_cfg = build.rollout_config(config, self.model_config)
-    self.tool_cfg = build.tool_config(config, self.model_config)
-    self.rollout = rl.Rollout(self.model, self.processor, self.rollout_cfg, self.tool_cfg)
-    self.reward_cfg = build.reward_config(config)
-    self.mask_cfg = build.mask_config(config)
-    self.grpo_cfg = build.grpo_config(config)
-    self.optimizer = grpo.make_optimizer(self.grpo_cfg)
-    self.step_fn = grpo.sharded_train_step(self.model, self.grpo_cfg, self.mesh)
-    self.schemas = build.listed_tool_schemas(config)
-    self.train_stream = train_stream or build.example_stream(config, workdir, "train", r.batch_size)
-    self.eval_examples = (list(eval_examples) if eval_examples is not None
-                          else build.eval_examples(config, workdir))
+  Args:
+    model: the family's module (training forward pass).
+    params: the starting parameters, placed on ``mesh`` (a checkpoint in ``checkpoints``
+      replaces them).
+    rollout: the training ``agent.rollout.Rollout`` (its ``cfg.group_size`` rollouts per question).
+    eval_rollout: the evaluation ``Rollout`` (one greedy trajectory per question).
+    prompt: ``prompt(example) -> messages``, the opening conversation of a question.
+    grpo_cfg: ``grpo.GRPOConfig``.
+    reward_cfg: ``rewards.RewardConfig``.
+    mask_cfg: ``masks.MaskConfig``.
+    batch_cfg: ``batch.BatchConfig`` (image budgets and width bucket of the training batch).
+    loop: ``LoopConfig``.
+    mesh: the device mesh of params and optimiser state.
+    train_stream: a checkpointable iterator of lists of examples (``next``, ``get_state``,
+      ``set_state``; ``data.pipeline``); None entries are skipped records.
+    eval_examples: the held-out questions ``evaluate`` uses by default.
+    checkpoints: an orbax ``CheckpointManager`` (``build.checkpoint_manager``).
+    metrics: where logged records go (``metrics.jsonl``).
+    tensorboard: a TensorBoard ``SummaryWriter``, or None.
+  """
+
+  def __init__(self, *, model, params, rollout: Rollout, eval_rollout: Rollout, prompt: Callable[[dict], Any],
+               grpo_cfg: grpo.GRPOConfig, reward_cfg: rewards.RewardConfig, mask_cfg: masks.MaskConfig,
+               batch_cfg: batch_lib.BatchConfig, loop: LoopConfig, mesh, train_stream,
+               eval_examples: Sequence[dict], checkpoints, metrics: MetricsWriter, tensorboard=None):
+    self.model, self.rollout, self.eval_rollout, self.prompt = model, rollout, eval_rollout, prompt
+    self.grpo_cfg, self.reward_cfg, self.mask_cfg, self.batch_cfg = grpo_cfg, reward_cfg, mask_cfg, batch_cfg
+    self.loop, self.mesh = loop, mesh
+    self.train_stream, self.eval_examples = train_stream, list(eval_examples)
+    self.checkpoints, self.metrics, self.tb = checkpoints, metrics, tensorboard
+    self.step_fn = grpo.sharded_train_step(model, grpo_cfg, mesh)
     self.params = params
-    self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.step_fn.opt_state_shardings)(params)
+    init = jax.jit(optim.make_optimizer(grpo_cfg).init, out_shardings=self.step_fn.opt_state_shardings)
+    self.opt_state = init(params)
     # The update donates params: the frozen reference needs its own copy.
-    self.ref_params = jax.tree_util.tree_map(jnp.copy, params) if self.grpo_cfg.kl_coef > 0 else None
+    self.ref_params = jax.tree_util.tree_map(jnp.copy, params) if grpo_cfg.kl_coef > 0 else None
     self.step = 0
-    self.rng = jax.random.key(config.seed)
-    self.ckpt = build.checkpoint_manager(config, workdir)
-    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    self.tb = build.tensorboard_writer(workdir)
+    self.rng = jax.random.key(loop.seed)
     self._stop = False
     self._saved_step = -1
     self._restore()
@@ -237,11 +124,11 @@ class Trainer:
     """Writes a checkpoint of the current step (params, optimiser, RNG, data state), once."""
     if self._saved_step == self.step:
       return
-    build.save_checkpoint(self.ckpt, self.step, self._state(), self._meta())
+    build.save_checkpoint(self.checkpoints, self.step, self._state(), self._meta())
     self._saved_step = self.step
 
   def _restore(self) -> None:
-    restored = build.restore_checkpoint(self.ckpt, self._state())
+    restored = build.restore_checkpoint(self.checkpoints, self._state())
     if restored is None:
       return
     state, meta = restored
@@ -250,7 +137,7 @@ class Trainer:
     self.step = int(meta["step"])
     self.train_stream.set_state(meta["data"])
     self._saved_step = self.step
-    print(f"Resumed from {self.ckpt.directory} at step {self.step}")
+    print(f"Resumed from {self.checkpoints.directory} at step {self.step}")
 
   @property
   def stopped(self) -> bool:
@@ -263,50 +150,38 @@ class Trainer:
 
   # ------------------------------------------------------------------------------------ steps
 
-  def prompts(self, examples: Sequence[dict]):
-    style = self.config.tools.prompt_style
-    return [protocol.build_prompt_messages(e["question"], len(e["images"]), e.get("options"), tools=self.schemas,
-                                           system_style=style) for e in examples]
-
-  def score(self, trajs, examples, group_size: int) -> dict[str, np.ndarray]:
-    return score_trajectories(trajs, examples, group_size, self.reward_cfg)
-
   def train_step(self) -> dict[str, float]:
     """One RL step; returns its metrics."""
-    c, g = self.config, self.rollout_cfg.group_size
+    loop, g, temperature = self.loop, self.rollout.cfg.group_size, self.rollout.cfg.temperature
     times = {}
     t0 = time.perf_counter()
     examples = [e for e in next(self.train_stream) if e is not None]  # JSONL 'skip' drops bad records
     step_rng = jax.random.fold_in(self.rng, self.step)
-    out, trajs = self.rollout(self.params, self.prompts(examples), [e["images"] for e in examples],
+    out, trajs = self.rollout(self.params, [self.prompt(e) for e in examples], [e["images"] for e in examples],
                               jax.random.fold_in(step_rng, 0))
     times["rollout_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    rew = self.score(trajs, examples, g)
-    malformed = np.array([t.num_malformed_calls for t in trajs], np.int32)
-    loss_mask, mask_metrics = masks.loss_mask(out["action_mask"], out["attention_mask"], out["status"], malformed,
-                                              rew["total"], self.mask_cfg)
-    stats_rows = masks.group_stats_mask(out["status"], malformed, self.mask_cfg)
-    advantages = grpo.compute_advantages(self.grpo_cfg, rew["total"], stats_rows)
-    batch, act = training_batch(c, out, trajs, loss_mask, advantages, self.processor.image_settings)
+    prep = batch_lib.prepare_batch(out, trajs, examples, reward_cfg=self.reward_cfg, mask_cfg=self.mask_cfg,
+                                   grpo_cfg=self.grpo_cfg, batch_cfg=self.batch_cfg)
+    rew, batch, act = prep.rewards, prep.batch, prep.sampled
     pv, grid = batch["pixel_values"], batch["image_grid_thw"]
     metrics: dict[str, float] = {}
-    if c.rl.logprob_gap_every and self.step % c.rl.logprob_gap_every == 0:  # steps 1, 1 + every, ...
+    if loop.logprob_gap_every and self.step % loop.logprob_gap_every == 0:  # steps 1, 1 + every, ...
       fwd = np.asarray(logprobs.sequence_logprobs(self.model, self.params, batch["tokens"], batch["attention_mask"],
-                                                  pv, grid, temperature=self.rollout_cfg.temperature))
+                                                  pv, grid, temperature=temperature))
       metrics["logprob_gap_max"] = float(np.abs(fwd[act] - batch["old_logp"][act]).max()) if act.any() else 0.0
     if self.ref_params is not None:
       batch["ref_logp"] = np.asarray(logprobs.sequence_logprobs(self.model, self.ref_params, batch["tokens"],
                                                                 batch["attention_mask"], pv, grid,
-                                                                temperature=self.rollout_cfg.temperature))
+                                                                temperature=temperature))
     times["prepare_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     self.params, self.opt_state, upd = grpo.update(self.model, self.grpo_cfg, self.params, self.opt_state, batch,
                                                    jax.random.fold_in(step_rng, 1), step_fn=self.step_fn,
-                                                   patch_budget=c.rl.minibatch_patch_budget or None,
-                                                   image_slots=c.rl.minibatch_image_slots or None)
+                                                   patch_budget=loop.minibatch_patch_budget,
+                                                   image_slots=loop.minibatch_image_slots)
     times["update_s"] = time.perf_counter() - t0
     self.step += 1
 
@@ -316,12 +191,12 @@ class Trainer:
     for part in ("tool_gain", "tool_helpful", "used_tool"):
       if part in rew:
         metrics[f"reward/{part}"] = float(rew[part].mean())
-    metrics.update(trajectory_stats(trajs, examples, self.tool_cfg.enabled(), g))
-    metrics.update({k: float(np.asarray(v)) for k, v in mask_metrics.items()})
+    metrics.update(trajectory_stats(trajs, examples, self.rollout.tool_config.enabled()))
+    metrics.update({k: float(np.asarray(v)) for k, v in prep.mask_metrics.items()})
     metrics.update({f"train/{k}": float(v) for k, v in upd.items()})
     metrics["response_tokens"] = sampled / len(trajs)
     metrics["sequence_tokens"] = float(out["attention_mask"].sum()) / len(trajs)
-    metrics["learning_rate"] = float(grpo.learning_rate(self.grpo_cfg, self.step))
+    metrics["learning_rate"] = float(optim.learning_rate(self.grpo_cfg, self.step))
     metrics.update({f"time/{k}": v for k, v in times.items()})
     metrics["sampled_tokens_per_s"] = sampled / max(times["rollout_s"], 1e-9)
     metrics["rollout_inserts"] = int(out["inserts"])  # see rollout.insert_wait
@@ -335,28 +210,26 @@ class Trainer:
     examples = self.eval_examples if examples is None else list(examples)
     if not examples:
       return {}
-    cfg = build.eval_rollout_config(self.config, self.model_config)
-    ro = rl.Rollout(self.model, self.processor, cfg, self.tool_cfg)
     accs, trajs_all, ex_all = [], [], []
-    bs = self.config.rl.batch_size
+    bs = self.loop.eval_batch_size
     for i in range(0, len(examples), bs):
       chunk = examples[i:i + bs]
-      _, trajs = ro(self.params, self.prompts(chunk), [e["images"] for e in chunk], jax.random.key(0))
-      rew = self.score(trajs, chunk, 1)
+      _, trajs = self.eval_rollout(self.params, [self.prompt(e) for e in chunk], [e["images"] for e in chunk],
+                                   jax.random.key(0))
+      rew = batch_lib.score_trajectories(trajs, chunk, 1, self.reward_cfg)
       accs += rew["accuracy"].tolist()
       for t in trajs:
         t.prompt_index += len(ex_all)
       trajs_all += trajs
       ex_all += chunk
     out = {f"{prefix}/accuracy": float(np.mean(accs))}
-    out.update({f"{prefix}/{k}": v for k, v in trajectory_stats(trajs_all, ex_all, self.tool_cfg.enabled(), 1).items()})
+    out.update({f"{prefix}/{k}": v for k, v in trajectory_stats(trajs_all, ex_all,
+                                                                self.eval_rollout.tool_config.enabled()).items()})
     return out
 
   def log(self, metrics: dict[str, float], stage: str = "rl") -> None:
-    record = {"step": self.step, "stage": stage, "time": round(time.time(), 3)}
-    record.update({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()})
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    """Appends ``metrics`` as one record of ``stage`` at the current step (``metrics.jsonl``, TensorBoard)."""
+    self.metrics.write(self.step, stage, **metrics)
     if self.tb is not None:
       for k, v in metrics.items():
         if isinstance(v, (int, float)) and np.isfinite(v):
@@ -364,8 +237,12 @@ class Trainer:
       self.tb.flush()
 
   def train(self, until_step: int | None = None) -> dict[str, float]:
-    """Trains to ``config.rl.steps`` (or ``until_step``); returns the last step's metrics."""
-    r = self.config.rl
+    """Trains to ``loop.steps`` (or ``until_step``); returns the last step's metrics.
+
+    With ``eval_every``, a run that starts at step 0 first evaluates the base policy (logged as
+    stage ``eval`` at step 0). SIGTERM stops it after the current step with a checkpoint.
+    """
+    r = self.loop
     end = r.steps if until_step is None else min(until_step, r.steps)
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     last: dict[str, float] = {}
@@ -393,5 +270,5 @@ class Trainer:
         self.save()
     finally:
       signal.signal(signal.SIGTERM, previous)
-      build.wait_for_checkpoints(self.ckpt)
+      build.wait_for_checkpoints(self.checkpoints)
     return last

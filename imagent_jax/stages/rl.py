@@ -1,15 +1,26 @@
-"""The ``rl`` stage: GRPO from the warmup base (or a checkpoint), with curves in the report."""
+"""The ``rl`` stage: GRPO from the warmup base (or a checkpoint), with curves in the report.
+
+``build_trainer`` builds an ``rl.trainer.Trainer``'s pieces from a run config (with the
+``stages.build`` functions every stage uses); ``run`` trains and reports.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
+from typing import Sequence
 
-from imagent_jax.stages import build
+from imagent_jax import parallel
+from imagent_jax.agent import protocol
+from imagent_jax.agent.rollout import Rollout
 from imagent_jax.analysis import plots
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
+from imagent_jax.rl import batch as batch_lib
+from imagent_jax.rl import trainer as trainer_lib
+from imagent_jax.stages import build
 
 _TEST_KEYS = ("accuracy", "tool_calls_per_trajectory", "image_calls_per_trajectory", "malformed_calls_per_trajectory",
               "confirm_on_target", "confirm_on_target_chance", "confirm_on_image", "confirm_on_image_chance")
@@ -22,11 +33,73 @@ _TABLE_KEYS = ("reward", "accuracy", "format", "tool_calls_per_trajectory", "ima
 _MEAN_OF = 10  # the training table averages the last steps: one batch of 16 trajectories is noisy
 
 
-def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
-  from imagent_jax.rl.trainer import Trainer  # local: keeps `python -m imagent_jax.main --help` fast
+def batch_config(config, image_settings) -> batch_lib.BatchConfig:
+  """``rl.batch.BatchConfig`` of a run: ``config.rl``'s image budgets and length bucket, tool views
+  of ``config.tools.view_max_pixels``, inputs at ``config.processor``'s pixel limits.
 
+  Args:
+    config: the run config.
+    image_settings: the processor's ``image_settings`` (patch geometry, normalisation).
+  """
+  settings = dict(image_settings, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels)
+  return batch_lib.BatchConfig(patch_budget=config.rl.patch_budget, image_slots=config.rl.image_slots,
+                               image_settings=settings, view_max_pixels=config.tools.view_max_pixels,
+                               length_bucket=config.rl.length_bucket)
+
+
+def loop_config(config) -> trainer_lib.LoopConfig:
+  """``rl.trainer.LoopConfig`` from ``config.rl`` and ``config.seed``."""
+  r = config.rl
+  return trainer_lib.LoopConfig(steps=r.steps, seed=config.seed, eval_batch_size=r.batch_size,
+                                eval_every=r.eval_every, checkpoint_every=r.checkpoint_every,
+                                logprob_gap_every=r.logprob_gap_every,
+                                minibatch_patch_budget=r.minibatch_patch_budget or None,
+                                minibatch_image_slots=r.minibatch_image_slots or None, progress_bar=r.progress_bar)
+
+
+def build_trainer(config, workdir: str, *, metrics: MetricsWriter | None = None, train_stream=None,
+                  eval_examples: Sequence[dict] | None = None) -> trainer_lib.Trainer:
+  """An ``rl.trainer.Trainer`` of ``config`` in ``workdir``, resumed from its checkpoints if any.
+
+  Model and processor (``build.load_model_and_processor``) on the mesh of ``config.mesh``, the
+  training and evaluation rollouts, the reward / mask / GRPO configs, the train stream and the
+  validation examples, the checkpoint manager of ``<workdir>/checkpoints``, ``metrics.jsonl``
+  and TensorBoard.
+
+  Args:
+    config: the run config.
+    workdir: the run's folder.
+    metrics: the run's metrics writer (default: a new one for ``<workdir>/metrics.jsonl``).
+    train_stream: replaces the config's train data (``build.example_stream``).
+    eval_examples: replace the config's validation examples (``build.eval_examples``).
+  """
+  mesh = parallel.make_mesh(dict(config.mesh))
+  model_config, params, processor, _ = build.load_model_and_processor(config, workdir, mesh)
+  model = build.build_model(config, model_config, remat=config.rl.remat)
+  tool_cfg = build.tool_config(config, model_config)
+  prompt = functools.partial(_prompt, tools=build.listed_tool_schemas(config), style=config.tools.prompt_style)
+  return trainer_lib.Trainer(
+      model=model, params=params,
+      rollout=Rollout(model, processor, build.rollout_config(config, model_config), tool_cfg),
+      eval_rollout=Rollout(model, processor, build.eval_rollout_config(config, model_config), tool_cfg),
+      prompt=prompt, grpo_cfg=build.grpo_config(config), reward_cfg=build.reward_config(config),
+      mask_cfg=build.mask_config(config), batch_cfg=batch_config(config, processor.image_settings),
+      loop=loop_config(config), mesh=mesh,
+      train_stream=train_stream or build.example_stream(config, workdir, "train", config.rl.batch_size),
+      eval_examples=build.eval_examples(config, workdir) if eval_examples is None else eval_examples,
+      checkpoints=build.checkpoint_manager(config, workdir), metrics=metrics or MetricsWriter(workdir),
+      tensorboard=build.tensorboard_writer(workdir))
+
+
+def _prompt(example: dict, *, tools, style):
+  """The opening conversation of ``example``: its images, question and options, the tools listed."""
+  return protocol.build_prompt_messages(example["question"], len(example["images"]), example.get("options"),
+                                        tools=tools, system_style=style)
+
+
+def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   t0 = time.perf_counter()
-  trainer = Trainer(config, workdir)
+  trainer = build_trainer(config, workdir, metrics=metrics)
   test = (build.eval_examples(config, workdir, "test", config.rl.test_examples)
           if config.rl.test_examples > 0 else [])
   if test and trainer.step == 0:  # the base, before any update (a resumed run logged it already)
@@ -38,7 +111,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   elif test:
     trainer.log(trainer.evaluate(test, prefix="test"), stage="test")
   seconds = time.perf_counter() - t0
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [json.loads(l) for l in open(metrics.path)]
   train = [r for r in records if r["stage"] == "rl"]
   evals = [r for r in records if r["stage"] == "eval"]
   tests = [r for r in records if r["stage"] == "test"]

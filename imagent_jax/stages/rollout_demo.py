@@ -5,7 +5,8 @@ the end status, the reward and whether the masks keep it, and it saves every inp
 every tool view as a PNG under ``<workdir>/rollout/``. Before RL (and without a trained
 checkpoint) the policy's samples are noise; ``config.rollout.scripted_rows`` rows per group then
 follow a scripted demo policy (forced tokens: zoom on the mark, re-show an image, answer) so that
-the tool machinery is visible. Those rows are labelled as scripted.
+the tool machinery is visible. Those rows are labelled as scripted. Rewards and masks come from
+``rl.batch.prepare_batch``, as in training.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from imagent_jax import parallel
 from imagent_jax.stages import build
 from imagent_jax.agent import protocol
-from imagent_jax.rl import masks, rewards
+from imagent_jax.rl import batch, masks
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
@@ -100,15 +101,10 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   out, trajs = ro(params, prompts, images, jax.random.key(config.seed + 1), forced_tokens=forced)
   t_run = time.perf_counter() - t0
 
-  rcfg = build.reward_config(config)
-  rew = rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],
-                                [examples[t.prompt_index]["options"] for t in trajs],
-                                [t.num_successful_image_calls for t in trajs], g, rcfg,
-                                num_malformed_calls=[t.num_malformed_calls for t in trajs])
-  mcfg = build.mask_config(config)
-  loss_mask, mask_metrics = masks.loss_mask(out["action_mask"], out["attention_mask"], out["status"],
-                                            np.array([t.num_malformed_calls for t in trajs]), rew["total"], mcfg)
-  kept = np.asarray(loss_mask).sum(1) > 0
+  prep = batch.prepare_batch(out, trajs, examples, reward_cfg=build.reward_config(config),
+                             mask_cfg=build.mask_config(config), grpo_cfg=build.grpo_config(config))
+  rew, mask_metrics = prep.rewards, prep.mask_metrics
+  kept = prep.loss_mask.sum(1) > 0
 
   view_dir = os.path.join(workdir, "rollout")
   os.makedirs(view_dir, exist_ok=True)

@@ -1,12 +1,12 @@
-"""GRPO: hand-computed loss, advantages and KL; exact zero gradients under the masks; skipped
-non-finite steps; minibatch image splitting; learning on the tiny model; sharded == unsharded.
+"""GRPO: config validation, the train step and the update on the tiny model — masked tokens get
+exactly zero gradient, non-finite steps are skipped, minibatches carry their own images, learning
+happens, sharded == unsharded.
 
 The tiny-model steps compile with LLVM's cheap pipeline (``FAST_COMPILE``): on a 2-core CPU the
 optimised pipeline more than doubles the file's run time, and the programs' semantics are the same.
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -14,136 +14,10 @@ import numpy as np
 import pytest
 
 from imagent_jax import parallel
-from imagent_jax.rl import masks
 from imagent_jax.models import get_preset
 from imagent_jax.models import qwen2_5_vl as qvl
-from imagent_jax.rl import grpo
-from imagent_jax.rl import logprobs
-
-# ------------------------------------------------------------------------- the loss by hand
-
-# 2 groups x 2 rows x 3 tokens. Ratios are chosen so that clipping is active on both sides:
-# row 0 (A=+1):  1.5 -> clipped at 1.28 (high) | 1.0 | 0.5 (A>0: the unclipped branch is the max)
-# row 1 (A=-1):  0.5 -> clipped at 0.8 (low)   | 1.2 | masked (log-prob -1e30 there)
-# row 2 (A=+2):  1.1 | 1.4 -> clipped (high)   | 0.9
-# row 3 (A=-.5): 0.7 -> clipped (low)          | masked | masked
-RATIOS = np.array([[1.5, 1.0, 0.5], [0.5, 1.2, 2.0], [1.1, 1.4, 0.9], [0.7, 1.0, 1.0]])
-MASK = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], np.float32)
-ADV = np.array([1.0, -1.0, 2.0, -0.5], np.float32)
-OLD = np.array([[-1.0, -2.0, -0.5], [-3.0, -0.1, -2.0], [-0.7, -1.3, -2.2], [-0.4, -1.0, -1.0]], np.float32)
-# Per-token clipped surrogate, worked out by hand (max(-A r, -A clip(r, 0.8, 1.28))):
-#   row 0: -1.28, -1.0, -0.5 (sum -2.78) | row 1: 0.8, 1.2 (sum 2.0)
-#   row 2: -2.2, -2.56, -1.8 (sum -6.56) | row 3: 0.4
-TOKEN_MEAN = -6.94 / 9  # 9 loss tokens
-SEQ_MEAN = (-2.78 / 3 + 2.0 / 2 - 6.56 / 3 + 0.4 / 1) / 4
-
-
-def _logp():
-  logp = (OLD + np.log(RATIOS)).astype(np.float32)
-  logp[MASK == 0] = -1e30  # masked positions may hold huge negative log-probs (image placeholders)
-  return jnp.asarray(logp)
-
-
-@pytest.mark.parametrize("agg,expected", [("token_mean", TOKEN_MEAN), ("seq_mean", SEQ_MEAN)])
-def test_policy_loss_by_hand(agg, expected):
-  cfg = grpo.GRPOConfig(group_size=2, loss_agg=agg)
-  loss, m = grpo.policy_loss(_logp(), OLD, ADV, MASK, cfg)
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-  np.testing.assert_allclose(float(m["pg_loss"]), expected, rtol=1e-5)
-  np.testing.assert_allclose(float(m["clip_fraction_high"]), 2 / 9, rtol=1e-6)
-  np.testing.assert_allclose(float(m["clip_fraction_low"]), 2 / 9, rtol=1e-6)
-  np.testing.assert_allclose(float(m["clip_fraction"]), 4 / 9, rtol=1e-6)
-  np.testing.assert_allclose(float(m["ratio_mean"]), 8.8 / 9, rtol=1e-5)
-  np.testing.assert_allclose(float(m["ratio_max"]), 1.5, rtol=1e-5)
-  r = RATIOS[MASK > 0]
-  np.testing.assert_allclose(float(m["approx_kl"]), np.mean(r - 1 - np.log(r)), rtol=1e-4)
-  assert float(m["tokens"]) == 9.0
-
-
-def test_seq_mean_leaves_out_fully_masked_rows():
-  cfg = grpo.GRPOConfig(group_size=2, loss_agg="seq_mean")
-  mask = MASK.copy()
-  mask[3] = 0  # row 3 leaves the loss: the mean runs over the other three rows
-  loss, _ = grpo.policy_loss(_logp(), OLD, ADV, mask, cfg)
-  np.testing.assert_allclose(float(loss), (-2.78 / 3 + 1.0 - 6.56 / 3) / 3, rtol=1e-5)
-
-
-def test_masked_and_clipped_tokens_get_exactly_zero_gradient():
-  cfg = grpo.GRPOConfig(group_size=2)
-  old = OLD.copy()
-  old[3, 1:] = -1e30  # garbage on both sides of masked positions: exp(logp - old) would overflow there
-  grad = np.asarray(jax.grad(lambda lp: grpo.policy_loss(lp, old, ADV, MASK, cfg)[0])(_logp()))
-  assert np.all(grad[MASK == 0] == 0.0)  # exactly zero, and no NaN from the +-1e30 entries
-  assert grad[0, 0] == 0.0 and grad[1, 0] == 0.0 and grad[2, 1] == 0.0 and grad[3, 0] == 0.0  # clipped
-  # Unclipped tokens: d/dlogp (-A r) / 9 = -A r / 9.
-  for (i, j) in [(0, 1), (0, 2), (1, 1), (2, 0), (2, 2)]:
-    np.testing.assert_allclose(grad[i, j], -ADV[i] * RATIOS[i, j] / 9, rtol=1e-5)
-  # A fully masked trajectory, even with a non-finite advantage, contributes nothing.
-  mask = MASK.copy()
-  mask[1] = 0
-  adv = ADV.copy()
-  adv[1] = np.nan
-  loss, g = jax.value_and_grad(lambda lp: grpo.policy_loss(lp, OLD, adv, mask, cfg)[0])(_logp())
-  assert np.isfinite(float(loss)) and np.all(np.asarray(g)[1] == 0.0)
-
-
-def test_k3_kl_and_entropy_by_hand():
-  cfg = grpo.GRPOConfig(group_size=2, kl_coef=0.5, entropy_coef=0.1)
-  logp = jnp.array([[-1.0, -1.0, -1.0, -1e30]])
-  ref = jnp.array([[-1.0, -1.0 + math.log(2), -1.0 - math.log(2), 5.0]])
-  mask = np.array([[1, 1, 1, 0]], np.float32)
-  entropy = jnp.array([[0.3, 0.6, 0.9, 100.0]])
-  # k3 = exp(d) - d - 1 with d = ref - logp = 0, ln 2, -ln 2:  0, 1 - ln 2, ln 2 - 1/2.
-  kl = np.array([0.0, 1 - math.log(2), math.log(2) - 0.5])
-  loss, m = grpo.policy_loss(logp, logp, np.zeros(1), mask, cfg, ref_logp=ref, entropy=entropy)
-  np.testing.assert_allclose(float(m["kl"]), kl.mean(), rtol=1e-5)
-  np.testing.assert_allclose(float(m["entropy"]), 0.6, rtol=1e-6)
-  np.testing.assert_allclose(float(loss), 0.5 * kl.mean() - 0.1 * 0.6, rtol=1e-5)
-  assert float(m["pg_loss"]) == 0.0
-  with pytest.raises(ValueError, match="ref_logp"):
-    grpo.policy_loss(logp, logp, np.zeros(1), mask, cfg)
-
-
-# ---------------------------------------------------------------------------------- advantages
-
-
-def test_group_advantages_by_hand():
-  rewards = np.array([1.0, 0.0, 0.5, 0.5,  # mean 0.5, sample std sqrt(1/6)
-                      0.1, 0.1, 0.1, 0.1,  # zero variance
-                      2.0, 0.0, 1.0, 5.0], np.float32)  # with stats_mask: the 5.0 does not count
-  adv = np.asarray(grpo.group_advantages(rewards, 4))
-  s = math.sqrt(6)  # 0.5 / sqrt(1/6)
-  np.testing.assert_allclose(adv[:4], [0.5 * s, -0.5 * s, 0, 0], rtol=1e-5, atol=1e-7)
-  assert np.all(adv[4:8] == 0.0)
-  flat = np.asarray(grpo.group_advantages(rewards, 4, normalize=False))
-  np.testing.assert_allclose(flat[:4], [0.5, -0.5, 0, 0], atol=1e-7)
-  assert np.all(flat[4:8] == 0.0)
-
-  stats = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0], np.float32)
-  adv = np.asarray(grpo.group_advantages(rewards, 4, stats_mask=stats))
-  np.testing.assert_allclose(adv[8:], [1.0, -1.0, 0.0, 0.0], rtol=1e-5, atol=1e-7)  # mean 1, std 1
-  assert np.all(np.isfinite(adv))
-  # A group with one counted row has no baseline: zeros, not NaN.
-  one = np.asarray(grpo.group_advantages(np.array([3.0, 1.0]), 2, stats_mask=np.array([1, 0])))
-  assert np.all(one == 0.0)
-
-
-def test_advantages_use_the_zero_variance_population_of_the_masks():
-  rewards = np.array([1.0, 1.0, 0.0, 0.3, 0.3, 0.7, 0.2, 0.2, 0.2, 0.9, 0.9, 0.0], np.float32)
-  status = np.array([0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2], np.int32)  # rows 2 and 11 get masked
-  malformed = np.zeros(12, np.int32)
-  for include in (True, False):
-    mcfg = masks.MaskConfig(group_size=3, group_stats_include_masked=include)
-    gcfg = grpo.GRPOConfig(group_size=3)
-    stats = masks.group_stats_mask(status, malformed, mcfg)
-    keep, _ = masks.zero_variance_groups(rewards, 3, stats, mcfg.zero_variance_tol)
-    adv = np.asarray(grpo.compute_advantages(gcfg, rewards, stats))
-    no_signal = np.asarray(keep) == 0
-    assert np.all(adv[no_signal] == 0.0)
-    assert np.all(np.abs(adv[~no_signal & (np.asarray(stats) > 0)]) > 0)
-  # With masked rows out of the statistics, groups 0 and 3 are zero-variance.
-  assert np.all(adv[[0, 1, 2, 9, 10, 11]] == 0.0)
-
+from imagent_jax.rl import advantages, grpo, logprobs, losses, masks, optim
+from imagent_jax.rl import batch as batch_lib
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(group_size=1), "group_size=1"),
@@ -160,26 +34,6 @@ def test_config_rejects_impossible_settings(kw, msg):
     grpo.GRPOConfig(**kw)
 
 
-# ---------------------------------------------------------------------------------- optimiser
-
-
-def test_schedule_warmup_then_cosine():
-  cfg = grpo.GRPOConfig(group_size=2, learning_rate=1.0, warmup_steps=4, total_steps=12, end_lr_ratio=0.1,
-                        max_grad_norm=None)
-  expected = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 8: 0.1 + 0.9 * 0.5, 6: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)),
-              12: 0.1, 30: 0.1}
-  for step, lr in expected.items():
-    np.testing.assert_allclose(grpo.learning_rate(cfg, step), lr, rtol=1e-6)
-  # The optimiser follows the schedule: Adam's first steps move a parameter by about lr * sign(grad).
-  tx = grpo.make_optimizer(cfg)
-  p = {"w": jnp.zeros(())}
-  state = tx.init(p)
-  moves = []
-  for _ in range(3):
-    upd, state = tx.update({"w": jnp.ones(())}, state, p)
-    moves.append(float(upd["w"]))
-  np.testing.assert_allclose(moves, [-0.25, -0.5, -0.75], rtol=1e-4)
-  assert int(grpo.optimizer_step(state)) == 3
 
 
 # ------------------------------------------------------------------- the tiny model, end to end
@@ -221,8 +75,9 @@ def _synthetic_batch(config):
   mcfg = masks.MaskConfig(group_size=GROUP)
   loss_mask, _ = masks.loss_mask(action, attn, status, np.zeros(ROWS, np.int32), rewards, mcfg)
   stats = masks.group_stats_mask(status, np.zeros(ROWS, np.int32), mcfg)
+  per_row = np.array([len(imgs) for imgs in ROW_IMAGES], np.int32)
   return dict(tokens=tokens, attention_mask=attn, loss_mask=np.asarray(loss_mask), pixel_values=pv,
-              image_grid_thw=grid), rewards, stats
+              image_grid_thw=grid, images_per_row=per_row), rewards, stats
 
 
 @pytest.fixture(scope="module")
@@ -235,15 +90,15 @@ def env():
   cfg = grpo.GRPOConfig(group_size=GROUP, learning_rate=3e-3, warmup_steps=0, total_steps=100, num_minibatches=2,
                         ppo_epochs=2, adam_eps=1e-5)
   batch, rewards, stats = _synthetic_batch(config)
-  batch["advantages"] = np.asarray(grpo.compute_advantages(cfg, rewards, stats))
+  batch["advantages"] = np.asarray(advantages.compute_advantages(cfg, rewards, stats))
   forward = lambda p: np.asarray(logprobs.sequence_logprobs(model, p, batch["tokens"], batch["attention_mask"],
                                                             batch["pixel_values"], batch["image_grid_thw"]))
   batch["old_logp"] = forward(params)  # on-policy: the "rollout" sampled with these params
-  split = lambda b, perm=None: grpo.split_minibatches(b, 2, image_token_id=config.image_token_id,
-                                                      merge_unit=config.vision.merge_unit, perm=perm)
+  split = lambda b, perm=None: batch_lib.split_minibatches(b, 2, image_token_id=config.image_token_id,
+                                                           merge_unit=config.vision.merge_unit, perm=perm)
   step = grpo.jit_train_step(model, cfg, jit_kwargs=FAST_COMPILE)
   return dict(config=config, model=model, params=params, cfg=cfg, batch=batch, forward=forward, split=split,
-              step=step, opt_state=grpo.make_optimizer(cfg).init(params))
+              step=step, opt_state=optim.make_optimizer(cfg).init(params))
 
 
 def _equal_trees(a, b):
@@ -266,27 +121,13 @@ def test_minibatches_carry_their_own_images(env):
     np.testing.assert_allclose(float(m["ratio_max"]), 1.0, atol=1e-4)
     assert float(m["approx_kl"]) < 1e-8 and float(m["skipped"]) == 0.0
     assert float(m["learning_rate"]) == pytest.approx(env["cfg"].learning_rate)
-  with pytest.raises(ValueError, match="image placeholder"):
-    bad = dict(env["batch"], image_grid_thw=env["batch"]["image_grid_thw"][1:])
-    env["split"](bad)
+  with pytest.raises(ValueError, match="images_per_row counts 8 images but image_grid_thw holds 7"):
+    env["split"](dict(env["batch"], image_grid_thw=env["batch"]["image_grid_thw"][1:]))
+  with pytest.raises(ValueError, match="row 0 has 4 image placeholder tokens but its 2 image"):
+    env["split"](dict(env["batch"], images_per_row=np.array([2, 0, 2, 2, 0, 0, 1, 1])))
   with pytest.raises(ValueError, match="budgets"):
-    grpo.split_minibatches(env["batch"], 2, image_token_id=env["config"].image_token_id, merge_unit=4,
-                           patch_budget=16)
-
-
-def test_split_text_only_batch_and_bad_inputs():
-  tokens = np.arange(24, dtype=np.int32).reshape(6, 4)
-  batch = dict(tokens=tokens, attention_mask=np.ones_like(tokens), loss_mask=np.ones((6, 4), np.float32),
-               advantages=np.arange(6, dtype=np.float32), old_logp=np.zeros((6, 4), np.float32))
-  mbs = grpo.split_minibatches(batch, 3, image_token_id=999, merge_unit=4, perm=[5, 4, 3, 2, 1, 0])
-  assert [mb["advantages"].tolist() for mb in mbs] == [[5, 4], [3, 2], [1, 0]]
-  assert "pixel_values" not in mbs[0]
-  with pytest.raises(ValueError, match="do not split"):
-    grpo.split_minibatches(batch, 4, image_token_id=999, merge_unit=4)
-  with pytest.raises(ValueError, match="permutation"):
-    grpo.split_minibatches(batch, 2, image_token_id=999, merge_unit=4, perm=[0, 0, 1, 2, 3, 4])
-  with pytest.raises(ValueError, match="no pixel_values"):
-    grpo.split_minibatches(batch, 2, image_token_id=5, merge_unit=4)
+    batch_lib.split_minibatches(env["batch"], 2, image_token_id=env["config"].image_token_id, merge_unit=4,
+                                patch_budget=16)
 
 
 def test_non_finite_loss_skips_the_update(env):
@@ -297,7 +138,7 @@ def test_non_finite_loss_skips_the_update(env):
   params, opt_state, m = env["step"](env["params"], env["opt_state"], mb)
   assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
   assert _equal_trees(params, env["params"]) and _equal_trees(opt_state, env["opt_state"])
-  assert int(grpo.optimizer_step(opt_state)) == 0
+  assert int(optim.optimizer_step(opt_state)) == 0
   assert "grad_norm" in m
 
 
@@ -333,15 +174,15 @@ def test_masked_tokens_and_trajectories_do_not_touch_the_param_gradient(env):
 def test_update_steps_raise_positive_advantage_tokens(env):
   cfg, batch = env["cfg"], env["batch"]
   params = jax.tree_util.tree_map(jnp.array, env["params"])  # a copy
-  opt_state = grpo.make_optimizer(cfg).init(params)
-  loss0, _ = grpo.policy_loss(batch["old_logp"], batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg)
+  opt_state = optim.make_optimizer(cfg).init(params)
+  loss0, _ = losses.policy_loss(batch["old_logp"], batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg)
   for i in range(3):
     params, opt_state, m = grpo.update(env["model"], cfg, params, opt_state, batch, jax.random.key(i),
                                        step_fn=env["step"])
     assert m["steps"] == cfg.num_minibatches * cfg.ppo_epochs and m["skipped"] == 0
-  assert int(grpo.optimizer_step(opt_state)) == 12
+  assert int(optim.optimizer_step(opt_state)) == 12
   logp = env["forward"](params)
-  loss1, m1 = grpo.policy_loss(logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg)
+  loss1, m1 = losses.policy_loss(logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg)
   assert float(loss1) < float(loss0) - 0.05
   mask = batch["loss_mask"] > 0
   delta = (logp - batch["old_logp"])
@@ -376,7 +217,7 @@ def test_sharded_step_equals_unsharded(env):
   np.testing.assert_allclose(float(sm["loss"]), float(m["loss"]), rtol=1e-5, atol=1e-7)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0),
                          s_params, params)
-  assert int(grpo.optimizer_step(s_opt)) == 2
+  assert int(optim.optimizer_step(s_opt)) == 2
 
 
 def test_trimming_all_padding_columns_keeps_the_logprobs(env):
@@ -386,7 +227,7 @@ def test_trimming_all_padding_columns_keeps_the_logprobs(env):
               if k in ("tokens", "attention_mask", "loss_mask", "old_logp") else v) for k, v in b.items()}
   used = b["attention_mask"].astype(bool).any(0)
   span = int(np.nonzero(used)[0][-1] - np.nonzero(used)[0][0] + 1)
-  trimmed = grpo.trim_padding_columns(wide, multiple=16)
+  trimmed = batch_lib.trim_padding_columns(wide, multiple=16)
   assert trimmed["tokens"].shape == (b["tokens"].shape[0], -(-span // 16) * 16)
   assert trimmed["pixel_values"] is wide["pixel_values"] or np.array_equal(trimmed["pixel_values"], b["pixel_values"])
   for k in ("tokens", "attention_mask", "loss_mask", "old_logp"):  # nothing used is cut
@@ -395,9 +236,9 @@ def test_trimming_all_padding_columns_keeps_the_logprobs(env):
                                                trimmed["attention_mask"], b["pixel_values"], b["image_grid_thw"]))
   # Every real token after the first of its row (the first has no prefix; it is never trained on).
   after_first = lambda m: m.astype(bool) & (np.cumsum(m, axis=1) > 1)
-  np.testing.assert_allclose(logp[after_first(trimmed["attention_mask"])], b["old_logp"][after_first(b["attention_mask"])],
-                             atol=1e-5)
-  assert grpo.trim_padding_columns(wide, multiple=0)["tokens"].shape == wide["tokens"].shape
+  np.testing.assert_allclose(logp[after_first(trimmed["attention_mask"])],
+                             b["old_logp"][after_first(b["attention_mask"])], atol=1e-5)
+  assert batch_lib.trim_padding_columns(wide, multiple=0)["tokens"].shape == wide["tokens"].shape
 
 
 def test_equal_settings_share_one_sharded_step(env):

@@ -74,6 +74,23 @@ def test_zero_variance_groups_drops_equal_keeps_tiny_variance():
   assert int(dropped) == 2
 
 
+def test_zero_variance_groups_tolerance_is_the_configs():
+  rewards = np.array([0.5, 0.52, 0.5, 0.5, 0.0, 1.0, 0.0, 0.0], np.float32)  # spreads 0.02 and 1.0
+  np.testing.assert_array_equal(masks.zero_variance_groups(rewards, 4)[0], [1] * 8)  # default ZERO_VARIANCE_TOL
+  keep, dropped = masks.zero_variance_groups(rewards, 4, None, 0.05)
+  np.testing.assert_array_equal(keep, [0] * 4 + [1] * 4)
+  assert int(dropped) == 1
+  cfg = masks.MaskConfig(group_size=4, zero_variance_tol=0.05, **ALL_OFF)
+  mask, metrics = masks.loss_mask(np.ones((8, 2), bool), None, np.zeros(8, np.int32), np.zeros(8, np.int32), rewards,
+                                  cfg)
+  np.testing.assert_array_equal(np.asarray(mask).sum(1), [0] * 4 + [2] * 4)  # the config's tolerance reaches the test
+  assert masks.MaskConfig(group_size=4).zero_variance_tol == masks.ZERO_VARIANCE_TOL
+  with pytest.raises(ValueError, match=">= 0"):
+    masks.zero_variance_groups(rewards, 4, None, -1.0)
+  with pytest.raises(ValueError, match="zero_variance_tol"):
+    masks.MaskConfig(group_size=4, zero_variance_tol=-1.0)
+
+
 def test_zero_variance_groups_with_valid_rows():
   rewards = np.array([1.0, 1.0, 0.0, 0.0,  # valid rows equal (1, 1): dropped
                       1.0, 0.0, 0.0, 0.0,  # one valid row only: nothing to compare, dropped

@@ -11,6 +11,7 @@ import pytest
 from imagent_jax.config import schema
 from imagent_jax.rl import masks, rewards
 from imagent_jax.rl.trainer import Trainer
+from imagent_jax.stages.rl import build_trainer
 
 # An untrained policy never answers right, so every group would have zero reward variance and no
 # gradient. This test reward (characters written) varies within groups: the update really runs.
@@ -41,18 +42,18 @@ def _flat(params):
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
-  full = Trainer(_config(), str(tmp_path / "full"))
+  full = build_trainer(_config(), str(tmp_path / "full"))
   start = _flat(full.params)
   full.train()
   assert full.step == 3
   assert not np.allclose(_flat(full.params), start)  # training moved the params
 
-  part = Trainer(_config(), str(tmp_path / "resumed"))
+  part = build_trainer(_config(), str(tmp_path / "resumed"))
   part.train(until_step=2)  # "killed" after step 2: a checkpoint is written on the way out
   assert part.step == 2
   assert os.path.isdir(tmp_path / "resumed" / "checkpoints" / "2")
   del part
-  resumed = Trainer(_config(), str(tmp_path / "resumed"))
+  resumed = build_trainer(_config(), str(tmp_path / "resumed"))
   assert resumed.step == 2  # restored: params, optimiser, RNG and data position
   resumed.train()
   np.testing.assert_allclose(_flat(resumed.params), _flat(full.params), rtol=1e-5, atol=1e-6)
@@ -74,7 +75,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-  trainer = Trainer(_config(steps=3), str(tmp_path))
+  trainer = build_trainer(_config(steps=3), str(tmp_path))
   original = trainer.train_step
 
   def step_then_sigterm():
@@ -118,33 +119,3 @@ def test_invalid_rl_config_is_refused_before_compiling():
     c.rollout.group_size = 1  # std-normalised advantages need groups of at least 2
   with pytest.raises(ValueError, match="config.rl"):
     schema.validate(c)
-
-
-def test_confirm_hits_and_their_chance_baseline():
-  from types import SimpleNamespace as NS
-
-  from PIL import Image
-
-  from imagent_jax.rl.trainer import confirm_hits
-  example = {"images": [Image.new("RGB", (100, 80)), Image.new("RGB", (100, 80))], "target_image": 1,
-             "target_box": [40, 40, 50, 50]}
-  refs = [NS(root=1, root_box=(0, 0, 100, 80)), NS(root=2, root_box=(0, 0, 100, 80)),  # the two inputs
-          NS(root=2, root_box=(35, 35, 60, 60)),  # view 3: on the target
-          NS(root=2, root_box=(0, 0, 30, 30)),  # view 4: right image, wrong place
-          NS(root=1, root_box=(35, 35, 60, 60)),  # view 5: wrong image
-          NS(root=2, root_box=(0, 0, 100, 80))]  # view 6: the whole target image
-  call = lambda view, name="confirm", ok=True: NS(name=name, ok=ok, view_index=view)
-  traj = NS(calls=[call(3), call(4), call(5), call(6), call(3, ok=False), call(3, name="reflect")],
-            context=NS(refs=refs))
-  hits, total, chance, on_image, on_image_chance = confirm_hits(traj, example)
-  assert (hits, total) == (2, 4)
-  assert on_image == 3 and on_image_chance == pytest.approx(4 / 2)  # views 3, 4, 6; two images per call
-  # A whole-image box covers the target wherever it goes: chance 1/2 (two images); the
-  # 30x30 box misses the 10x10 target in most placements; 25x25 boxes in some.
-  single = lambda view: confirm_hits(NS(calls=[call(view)], context=NS(refs=refs)), example)[2]
-  assert single(6) == pytest.approx(0.5)
-  assert 0 < single(3) < 0.5 and single(3) == pytest.approx(single(5))
-  assert chance == pytest.approx(single(3) + single(4) + single(5) + single(6))
-  assert confirm_hits(traj, dict(example, target_box=None)) == (0, 0, 0.0, 0, 0.0)
-  three = dict(example, images=example["images"] + [Image.new("RGB", (100, 80))])
-  assert confirm_hits(traj, three).on_image_chance == pytest.approx(4 / 3)

@@ -1,0 +1,288 @@
+"""From one rollout to the GRPO update's batch, and from that batch to its minibatches (host side).
+
+* ``prepare_batch`` — the one pipeline from a rollout to training: rewards
+  (``score_trajectories``), the two-layer loss mask and the zero-variance groups (``masks``),
+  group advantages over the same rows as the zero-variance test (``advantages``), and the
+  training batch: every image the trajectories saw re-rendered from its provenance
+  (``agent.trajectory.training_images``), only the token columns some row uses
+  (``trim_padding_columns``). The trainer, the ``rollout`` stage and the agent-loop notebook all
+  call it.
+* ``split_minibatches`` — whole rows per minibatch, each minibatch with its own images.
+
+Images. A batch keeps the patches of all its images in one ``pixel_values [P, D]`` array, row by
+row (each row's prompt images, then its tool views), with ``image_grid_thw [N, 3]`` in the same
+order and ``images_per_row [R]`` saying how many of them each row owns (from
+``training_images``). Slicing rows therefore means slicing a data-dependent, contiguous patch
+range per row, which is host work: ``split_minibatches`` rebuilds each minibatch's own
+``pixel_values`` / ``image_grid_thw``, padded to static budgets so one compiled step serves every
+minibatch. The rows' image placeholder counts are checked against ``images_per_row``: a mismatch
+is a clear error before anything is compiled.
+
+Shapes: ``R`` rows (trajectories), ``T`` tokens per row; groups are contiguous rows
+(row ``r`` is in group ``r // group_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from imagent_jax.agent import trajectory as trajectory_lib
+from imagent_jax.rl import masks, rewards
+from imagent_jax.rl.advantages import compute_advantages
+
+Batch = Mapping[str, Any]
+
+
+# ------------------------------------------------------------------------ rollout -> batch
+
+
+def score_trajectories(trajs: Sequence[trajectory_lib.Trajectory], examples: Sequence[dict], group_size: int,
+                       reward_config: rewards.RewardConfig) -> dict[str, np.ndarray]:
+  """``rewards.compute_rewards`` of rollout trajectories against their questions' answers.
+
+  Args:
+    trajs: ``[R]`` trajectories, ``group_size`` consecutive ones per question.
+    examples: the questions (``answer``, optional ``options``), indexed by ``Trajectory.prompt_index``.
+    group_size: trajectories per question.
+    reward_config: the reward.
+
+  Returns:
+    ``compute_rewards``' dict of ``[R]`` arrays (``total``, ``accuracy``, ``format``, ...).
+  """
+  return rewards.compute_rewards([t.turns for t in trajs], [examples[t.prompt_index]["answer"] for t in trajs],
+                                 [examples[t.prompt_index].get("options") for t in trajs],
+                                 [t.num_successful_image_calls for t in trajs], group_size, reward_config,
+                                 num_malformed_calls=[t.num_malformed_calls for t in trajs])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+  """How a rollout's trajectories become a training batch.
+
+  Attributes:
+    patch_budget: static ``pixel_values`` length of the batch (all rows' images).
+    image_slots: static ``image_grid_thw`` length.
+    image_settings: ``Processor.image_settings`` (input pixel limits, patch geometry).
+    view_max_pixels: the pixel budget of a tool view (``ToolConfig.view_max_pixels``).
+    length_bucket: the used token span is rounded up to a multiple of this; 0 keeps the
+      rollout's static width (``trim_padding_columns``).
+  """
+  patch_budget: int
+  image_slots: int
+  image_settings: Mapping[str, Any] = dataclasses.field(hash=False)
+  view_max_pixels: int
+  length_bucket: int = 256
+
+
+class Prepared(NamedTuple):
+  """What ``prepare_batch`` makes of one rollout (numpy, on the host)."""
+  rewards: dict[str, np.ndarray]  # compute_rewards' [R] arrays: total, accuracy, format, ...
+  loss_mask: np.ndarray  # [R, T] float32: token x trajectory x zero-variance masks (rollout width)
+  mask_metrics: dict[str, np.ndarray]  # masks.loss_mask's counts, scalars
+  advantages: np.ndarray  # [R] float32
+  batch: dict[str, np.ndarray] | None  # grpo.update's batch ([R, T'] fields), None without a BatchConfig
+  sampled: np.ndarray | None  # [R, T'] bool: the tokens the policy sampled (the batch's columns)
+
+
+def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Trajectory], examples: Sequence[dict], *,
+                  reward_cfg: rewards.RewardConfig, mask_cfg: masks.MaskConfig, grpo_cfg,
+                  batch_cfg: BatchConfig | None = None) -> Prepared:
+  """Rewards, masks, advantages and the GRPO batch of one rollout: the one rollout-to-training pipeline.
+
+  1. rewards of each trajectory against its question (``score_trajectories``);
+  2. the loss mask, layer 1 (sampled tokens) x layer 2 (whole trajectories) x zero-variance
+     groups (``masks.loss_mask``);
+  3. advantages by ``grpo_cfg.advantage`` over the rows ``masks.group_stats_mask`` counts, with
+     the masks' zero-variance tolerance (``advantages.compute_advantages``);
+  4. with ``batch_cfg``: the training batch, every image the trajectories saw re-rendered from
+     its provenance into the budgets, and only the token columns some row uses.
+
+  Args:
+    out: the rollout's arrays: ``tokens``, ``attention_mask``, ``action_mask``, ``logprobs``
+      ``[R, T]`` and ``status [R]``.
+    trajs: its ``[R]`` trajectories, ``group_size`` consecutive ones per question.
+    examples: the questions, indexed by ``Trajectory.prompt_index``.
+    reward_cfg: the reward.
+    mask_cfg: the masks (its ``group_size`` is the rollout's G).
+    grpo_cfg: a ``grpo.GRPOConfig`` with the same ``group_size`` (the advantage estimator).
+    batch_cfg: budgets of the training batch; None stops after the advantages (``batch`` and
+      ``sampled`` are None), for callers that only look.
+
+  Returns:
+    ``Prepared``. Its ``batch`` holds ``tokens``, ``attention_mask``, ``loss_mask``, ``old_logp``
+    ``[R, T']``, ``advantages [R]``, ``pixel_values [patch_budget, D]``,
+    ``image_grid_thw [image_slots, 3]`` and ``images_per_row [R]``: what ``grpo.update`` takes
+    (add ``ref_logp`` for a KL term).
+  """
+  g = mask_cfg.group_size
+  if grpo_cfg.group_size != g:
+    raise ValueError(f"the masks' group_size={g} and GRPO's group_size={grpo_cfg.group_size} differ")
+  rew = score_trajectories(trajs, examples, g, reward_cfg)
+  malformed = np.array([t.num_malformed_calls for t in trajs], np.int32)
+  loss_mask, mask_metrics = masks.loss_mask(out["action_mask"], out["attention_mask"], out["status"], malformed,
+                                            rew["total"], mask_cfg)
+  stats_rows = masks.group_stats_mask(out["status"], malformed, mask_cfg)
+  advantages = compute_advantages(grpo_cfg, rew["total"], stats_rows, mask_cfg.zero_variance_tol)
+  loss_mask, advantages, mask_metrics = jax.device_get((loss_mask, advantages, mask_metrics))
+  batch = sampled = None
+  if batch_cfg is not None:
+    pv, grid, per_row = trajectory_lib.training_images(
+        trajs, patch_budget=batch_cfg.patch_budget, image_slots=batch_cfg.image_slots,
+        image_settings=batch_cfg.image_settings, view_max_pixels=batch_cfg.view_max_pixels)
+    batch = dict(tokens=out["tokens"], attention_mask=out["attention_mask"], loss_mask=loss_mask,
+                 advantages=advantages, old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid,
+                 images_per_row=per_row, action_mask=out["action_mask"])
+    batch = trim_padding_columns(batch, batch_cfg.length_bucket)  # the used span only: less attention
+    sampled = batch.pop("action_mask").astype(bool)
+  return Prepared(rew, loss_mask, mask_metrics, advantages, batch, sampled)
+
+
+# --------------------------------------------------------------------------- batch -> minibatches
+
+
+def row_image_spans(tokens, attention_mask, image_grid_thw, images_per_row, *, image_token_id: int,
+                    merge_unit: int) -> list[tuple[int, int, int, int]]:
+  """Which images (and patches) each row owns, from ``images_per_row``, checked against the tokens.
+
+  Images are laid out row by row (``agent.trajectory.training_images``): row ``r`` owns the next
+  ``images_per_row[r]`` images of ``image_grid_thw``. Their merged features must add up to the
+  row's image placeholder count.
+
+  Args:
+    tokens: ``[R, T]`` int (numpy).
+    attention_mask: ``[R, T]``.
+    image_grid_thw: ``[N, 3]``; all-zero rows are unused slots (at the end).
+    images_per_row: ``[R]`` int, the images of each row, in row order.
+    image_token_id: the placeholder id.
+    merge_unit: patches per merged feature (``vision.merge_unit``).
+
+  Returns:
+    ``[(first_image, end_image, first_patch, end_patch)]``, one per row.
+
+  Raises:
+    ValueError: ``images_per_row`` does not match the grids, or a row's placeholders do not
+      match its images.
+  """
+  tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask).astype(bool)
+  grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+  patches = grid.prod(-1)
+  per_row = np.asarray(images_per_row, np.int64).reshape(-1)
+  if len(per_row) != len(tokens) or np.any(per_row < 0):
+    raise ValueError(f"images_per_row must give a count >= 0 for each of the {len(tokens)} rows, "
+                     f"got {per_row.tolist()}")
+  ends = np.cumsum(per_row)
+  starts = ends - per_row
+  count = int(ends[-1]) if len(ends) else 0
+  real = int(np.sum(patches > 0))
+  if count > len(grid) or np.any(patches[:count] <= 0) or np.any(patches[count:] > 0):
+    raise ValueError(f"images_per_row counts {count} images but image_grid_thw holds {real} (in {len(grid)} slots, "
+                     "the used ones first): the images must be the rows' images, contiguously, in row order")
+  patch_ends = np.concatenate([[0], np.cumsum(patches[:count])])
+  need = ((tokens == image_token_id) & attention_mask).sum(1)
+  spans = []
+  for r, n_feat in enumerate(need):
+    got = int(np.sum(patches[starts[r]:ends[r]] // merge_unit))
+    if got != n_feat:
+      raise ValueError(f"row {r} has {n_feat} image placeholder tokens but its {per_row[r]} image(s) give {got} "
+                       "merged features: pixel_values/image_grid_thw/images_per_row must hold each row's images "
+                       "contiguously, in row order")
+    spans.append((int(starts[r]), int(ends[r]), int(patch_ends[starts[r]]), int(patch_ends[ends[r]])))
+  return spans
+
+
+def trim_padding_columns(batch: Batch, multiple: int = 256) -> dict[str, np.ndarray]:
+  """Host-side: drops the leading and trailing columns that are padding in every row.
+
+  A rollout batch is laid out at its static budget (left-padded prompt, right-padded response);
+  most of it is padding early in training. Keeping only the used span, rounded up to a multiple
+  of ``multiple`` (so a run compiles a few widths, not one per step), cuts the training pass's
+  attention cost. Log-probs and M-RoPE positions do not change: positions come from the
+  attention mask, and only all-padding columns go.
+
+  Args:
+    batch: ``train_step`` fields (and any other per-token ``[R, T]`` arrays, such as an action
+      mask); every 2-D field except ``pixel_values`` / ``image_grid_thw`` is cut the same way,
+      per-row fields (``advantages``, ``images_per_row``) stay as they are.
+    multiple: width granularity; 0 keeps the batch as it is.
+
+  Returns:
+    the batch with ``[R, T']`` fields, ``T' <= T``.
+  """
+  host = {k: (None if v is None else np.asarray(v)) for k, v in batch.items()}
+  width_all = host["tokens"].shape[1]
+  used = host["attention_mask"].astype(bool).any(axis=0)
+  if multiple <= 0 or not used.any():
+    return host
+  first = int(np.argmax(used))
+  last = width_all - 1 - int(np.argmax(used[::-1]))
+  width = min(width_all, -(-(last - first + 1) // multiple) * multiple)
+  start = min(first, width_all - width)
+  cut = lambda v: v[:, start:start + width]
+  per_token = lambda k, v: v is not None and k not in ("pixel_values", "image_grid_thw") and v.ndim == 2
+  return {k: (cut(v) if per_token(k, v) else v) for k, v in host.items()}
+
+
+def split_minibatches(batch: Batch, num_minibatches: int, *, image_token_id: int, merge_unit: int, perm=None,
+                      patch_budget: int | None = None, image_slots: int | None = None) -> list[dict[str, np.ndarray]]:
+  """Host-side: splits a rollout batch into minibatches of whole rows, each with its own images.
+
+  Args:
+    batch: the ``train_step`` fields for all ``R`` rows (numpy or jax) and ``images_per_row [R]``,
+      images laid out row by row (``pixel_values`` absent or None for a text-only batch).
+    num_minibatches: must divide ``R``.
+    image_token_id: the model's image placeholder id (the consistency check).
+    merge_unit: patches per merged image feature.
+    perm: ``[R]`` row order (a shuffle); minibatch ``k`` takes ``perm[k*R/M:(k+1)*R/M]``.
+    patch_budget: static ``pixel_values`` length of every minibatch (default: the batch's own
+      ``pixel_values`` length, which always fits). Pass about ``P / num_minibatches`` plus slack
+      to save vision compute.
+    image_slots: static ``image_grid_thw`` length (default: the batch's).
+
+  Returns:
+    ``num_minibatches`` dicts of numpy arrays: the ``train_step`` fields of the batch, the
+    images those rows own re-laid out from slot 0 (``images_per_row`` is used up here).
+
+  Raises:
+    ValueError: rows do not divide, the images and their placeholders disagree, or a
+      minibatch's images do not fit the budgets.
+  """
+  host = {k: np.asarray(v) for k, v in batch.items() if v is not None}
+  per_row = host.pop("images_per_row", None)
+  rows = host["tokens"].shape[0]
+  if num_minibatches < 1 or rows % num_minibatches:
+    raise ValueError(f"{rows} rows do not split into {num_minibatches} minibatches")
+  perm = np.arange(rows) if perm is None else np.asarray(perm)
+  if sorted(perm.tolist()) != list(range(rows)):
+    raise ValueError(f"perm must be a permutation of the {rows} rows")
+  size = rows // num_minibatches
+  chunks = [perm[k * size:(k + 1) * size] for k in range(num_minibatches)]
+  if "pixel_values" not in host:  # a text-only batch
+    if np.any((host["tokens"] == image_token_id) & host["attention_mask"].astype(bool)):
+      raise ValueError("the batch has image placeholder tokens but no pixel_values")
+    return [{key: v[idx] for key, v in host.items()} for idx in chunks]
+  if per_row is None:
+    raise ValueError("a batch with pixel_values needs images_per_row (which images are whose; "
+                     "agent.trajectory.training_images returns it)")
+  pv, grid = host["pixel_values"], host["image_grid_thw"].reshape(-1, 3)
+  patch_budget = pv.shape[0] if patch_budget is None else int(patch_budget)
+  image_slots = grid.shape[0] if image_slots is None else int(image_slots)
+  if patch_budget % merge_unit:
+    raise ValueError(f"patch_budget={patch_budget} must be a multiple of merge_unit={merge_unit}")
+  spans = row_image_spans(host["tokens"], host["attention_mask"], grid, per_row, image_token_id=image_token_id,
+                          merge_unit=merge_unit)
+  out = []
+  for k, idx in enumerate(chunks):
+    mb = {key: v[idx] for key, v in host.items() if key not in ("pixel_values", "image_grid_thw")}
+    mb_pv = np.concatenate([pv[:0]] + [pv[spans[r][2]:spans[r][3]] for r in idx])
+    mb_grid = np.concatenate([grid[:0]] + [grid[spans[r][0]:spans[r][1]] for r in idx])
+    if len(mb_pv) > patch_budget or len(mb_grid) > image_slots:
+      raise ValueError(f"minibatch {k} needs {len(mb_pv)} patches in {len(mb_grid)} images; the budgets are "
+                       f"patch_budget={patch_budget}, image_slots={image_slots}")
+    mb["pixel_values"] = np.concatenate([mb_pv, np.zeros((patch_budget - len(mb_pv), pv.shape[1]), pv.dtype)])
+    mb["image_grid_thw"] = np.concatenate([mb_grid, np.zeros((image_slots - len(mb_grid), 3), grid.dtype)])
+    out.append(mb)
+  return out
