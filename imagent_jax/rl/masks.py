@@ -40,6 +40,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from imagent_jax.registry import Registry
+
 # Per-trajectory end status, written by the rollout and read by masks, rewards and logging.
 STATUS_ANSWERED = 0  # ended with an answer
 STATUS_TRUNCATED = 1  # length limit reached before answering
@@ -89,11 +91,10 @@ class TrajectoryRule(NamedTuple):
 
 
 # Name -> rule. The name is the key of the rule's count in the logged metrics.
-TRAJECTORY_RULES: dict[str, TrajectoryRule] = {
-    "turn_limit": TrajectoryRule("mask_turn_limit", lambda status, malformed: status == STATUS_TURN_LIMIT),
-    "truncated": TrajectoryRule("mask_truncated", lambda status, malformed: status == STATUS_TRUNCATED),
-    "malformed": TrajectoryRule("mask_malformed", lambda status, malformed: malformed > 0),
-}
+TRAJECTORY_RULES: Registry[TrajectoryRule] = Registry("trajectory rule")
+TRAJECTORY_RULES.add("turn_limit", TrajectoryRule("mask_turn_limit", lambda status, _: status == STATUS_TURN_LIMIT))
+TRAJECTORY_RULES.add("truncated", TrajectoryRule("mask_truncated", lambda status, _: status == STATUS_TRUNCATED))
+TRAJECTORY_RULES.add("malformed", TrajectoryRule("mask_malformed", lambda _, malformed: malformed > 0))
 
 
 def _num_groups(num_rows: int, group_size: int) -> int:

@@ -98,6 +98,9 @@ def _prompt(example: dict, *, tools, style):
 
 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
+  """Trains (or resumes) to ``config.rl.steps``, tests the base and the result on the test split,
+  and adds the tables and curves to the report; returns the summary (``steps``, ``seconds``,
+  ``stopped``, the last step's float metrics)."""
   t0 = time.perf_counter()
   trainer = build_trainer(config, workdir, metrics=metrics)
   test = (build.eval_examples(config, workdir, "test", config.rl.test_examples)

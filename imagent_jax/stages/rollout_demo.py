@@ -64,6 +64,8 @@ def _print_trajectory(row: int, traj: rl.Trajectory, reward: dict, kept: float, 
 
 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
+  """Rolls out ``config.rollout.num_prompts`` validation questions (G trajectories each), prints and
+  saves them, and logs their rewards and masks (stage ``rollout``); returns that summary."""
   mesh = parallel.make_mesh(dict(config.mesh))
   model_config, params, processor, _ = build.load_model_and_processor(config, workdir, mesh)
   model = build.build_model(config, model_config)

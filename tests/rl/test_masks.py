@@ -59,6 +59,7 @@ def test_trajectory_mask_rules(flags, keep, counts):
 
 def test_trajectory_rules_registry_matches_config_flags():
   fields = {f.name for f in dataclasses.fields(masks.MaskConfig)}
+  assert masks.TRAJECTORY_RULES.names() == ("turn_limit", "truncated", "malformed")  # the metrics' order
   for name, rule in masks.TRAJECTORY_RULES.items():
     assert rule.flag in fields, name
 
