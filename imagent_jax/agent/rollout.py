@@ -260,8 +260,8 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
       f = jnp.take_along_axis(forced, jnp.minimum(c.num_sampled, forced.shape[1] - 1)[:, None], axis=1)[:, 0]
       f = jnp.where(c.num_sampled < forced.shape[1], f, -1)
       tok = jnp.where(f >= 0, f, tok)
-      t = 1.0 if cfg.temperature == 0.0 else cfg.temperature
-      logp = jnp.take_along_axis(jax.nn.log_softmax(logits / t, axis=-1), tok[:, None], axis=1)[:, 0]
+      from imagent_jax.rl.logprobs import logprobs_of  # pylint: disable=import-outside-toplevel
+      logp = logprobs_of(logits, tok, cfg.temperature)  # logits already suppressed
     active = ~c.done & ~c.pending
     here = (jnp.arange(c.tokens.shape[1])[None, :] == c.dec.index[:, None]) & active[:, None]
     tokens = jnp.where(here, tok[:, None], c.tokens)

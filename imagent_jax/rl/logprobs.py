@@ -1,9 +1,15 @@
-"""The training-side log-prob pass: the only way training computes log-probs of trajectories.
+"""Log-probs of tokens under the sampling distribution, and the training-side log-prob pass.
 
-One full forward pass over finished trajectories — prompt images and tool views included, with
-positions from the family's ``positions`` over the whole sequence — under the same distribution
-the rollout sampled from (temperature, suppressed placeholder tokens). The rollout's log-probs
-must equal these (tests/test_rollout.py); the trainer logs the gap every step.
+``logprobs_of`` is the one definition of a token's log-prob: ``log softmax(logits / t)`` with the
+suppressed tokens made impossible, ``t = 0`` (greedy) read as 1. The rollout's forced tokens, the
+host turn loop, the training pass below and the supervised warmup loss (``t = 1``, nothing
+suppressed) all call it.
+
+``token_logprobs`` is the only way training computes log-probs of trajectories: one full forward
+pass over finished trajectories — prompt images and tool views included, with positions from the
+family's ``positions`` over the whole sequence — under the same distribution the rollout sampled
+from. The rollout's log-probs must equal these (tests/agent/test_rollout.py); the trainer logs the
+gap every step.
 """
 
 from __future__ import annotations
@@ -15,6 +21,31 @@ import jax.numpy as jnp
 
 from imagent_jax.models.registry import family_of
 from imagent_jax.sampling import sampler
+
+
+def logprobs_of(logits, tokens, temperature: float = 1.0, banned: tuple[int, ...] = (), *,
+                with_entropy: bool = False):
+  """Log-probs of ``tokens`` under ``softmax(logits / t)`` with ``banned`` tokens impossible.
+
+  Args:
+    logits: ``[..., V]`` float32 (the row of the next-token logits each token was drawn from).
+    tokens: ``[...]`` int, the drawn tokens.
+    temperature: the sampling temperature ``t``; 0 (greedy) is read as 1, and at 1 the logits are
+      used as they are.
+    banned: tokens that could not be drawn (``sampler.suppress_tokens``).
+    with_entropy: also return the entropy of each distribution.
+
+  Returns:
+    ``logp [...]`` float32; with ``with_entropy``, ``(logp, entropy [...])``.
+  """
+  t = 1.0 if temperature == 0.0 else temperature
+  scaled = logits if t == 1.0 else logits / t
+  logp_all = jax.nn.log_softmax(sampler.suppress_tokens(scaled, banned), axis=-1)  # [..., V]
+  logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
+  if not with_entropy:
+    return logp
+  probs = jnp.exp(logp_all)
+  return logp, -jnp.sum(jnp.where(probs > 0, probs * logp_all, 0.0), axis=-1)
 
 
 def token_logprobs(model, params, tokens, attention_mask, pixel_values, image_grid_thw, *,
@@ -36,19 +67,14 @@ def token_logprobs(model, params, tokens, attention_mask, pixel_values, image_gr
     way (the entropy of the distribution token ``t`` was drawn from).
   """
   logits = model.apply({"params": params}, input_ids=tokens, attention_mask=attention_mask, pixel_values=pixel_values,
-                       image_grid_thw=image_grid_thw)
-  t = 1.0 if temperature == 0.0 else temperature
-  logits = sampler.suppress_tokens(logits[:, :-1] / t, family_of(model.config).banned_token_ids(model.config) if banned is None else banned)
-  logp_all = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
+                       image_grid_thw=image_grid_thw)  # [R, S, V]
+  banned = family_of(model.config).banned_token_ids(model.config) if banned is None else banned
+  out = logprobs_of(logits[:, :-1], tokens[:, 1:], temperature, banned, with_entropy=with_entropy)
   valid = attention_mask.astype(bool)
   pad = lambda x: jnp.where(valid, jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1), 0.0)
-  logp = pad(picked)
   if not with_entropy:
-    return logp
-  probs = jnp.exp(logp_all)
-  entropy = -jnp.sum(jnp.where(probs > 0, probs * logp_all, 0.0), axis=-1)
-  return logp, pad(entropy)
+    return pad(out)
+  return pad(out[0]), pad(out[1])
 
 
 @functools.partial(jax.jit, static_argnames=("model", "temperature", "banned"))

@@ -1,0 +1,123 @@
+"""Probes of a base model before RL: can it read a handed zoom, and which image does its zoom name?
+
+Both measure what RL can build on (the warmup stage runs them on held-out questions and logs
+them as ``warmup_probe``): ``read_zoom_probe`` is the accuracy ceiling of RL with the ``confirm``
+tool, ``image_choice_probe`` whether RL must learn *which* image to zoom on or only *whether* to.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from imagent_jax.agent import answers, protocol, tools
+from imagent_jax.rl import sft, warmup_tasks
+from imagent_jax.sampling import sampler
+
+
+def read_zoom_probe(model_config, params, processor, examples, tool_config: tools.ToolConfig, system: str, *,
+                    batch_size: int = 8, max_new_tokens: int = 48) -> dict[str, float]:
+  """How well a model reads the answer when handed the zoom of its region (greedy).
+
+  Each question is a trajectory cut after its first tool call, in the ``read_zoom`` warmup task's
+  layout (the rollout's): the RL prompt, a ``confirm`` call on the target region, and the tool
+  response with the zoom. The accuracy is the ceiling that RL with the ``confirm`` tool can reach
+  from this base: if the model cannot read a perfect zoom, it gains nothing by learning to zoom.
+
+  Args:
+    model_config, params: the model.
+    processor: its ``Processor``.
+    examples: synthetic examples with ``target_image`` / ``target_box`` (``data.synthetic``).
+    tool_config: the tools (the zoom is made by ``confirm``).
+    system: the system prompt.
+    batch_size: questions per ``generate`` call.
+    max_new_tokens: response budget.
+
+  Returns:
+    ``{"read_zoom_accuracy", "read_zoom_format"}``: the share answered right, and the share
+    with an ``<answer>`` block.
+  """
+  read_zoom = warmup_tasks.TASKS["read_zoom"]
+  right = answered = 0
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    messages, images = [], []
+    for e in chunk:
+      imgs, turns, _ = read_zoom(e, tools.ToolContext(e["images"], tool_config), None, warmup_tasks.TaskOptions())
+      messages.append([{"role": "system", "content": system}] + turns)
+      images.append(imgs)
+    out = sampler.generate(model_config, params, processor(messages, images), max_new_tokens=max_new_tokens,
+                           stop_token_ids=[model_config.eos_token_id])
+    for e, toks, n in zip(chunk, np.asarray(out["tokens"]), np.asarray(out["lengths"])):
+      answer = answers.extract_answer(processor.tokenizer.decode(toks[:n], skip_special_tokens=True))
+      answered += answer is not None
+      right += answer is not None and answers.match_answer(answer, e["answer"], e.get("options"))
+  n = max(len(examples), 1)
+  return {"read_zoom_accuracy": right / n, "read_zoom_format": answered / n}
+
+
+def image_choice_probe(model, params, processor, examples, tool_config: tools.ToolConfig,
+                       system: str, *, max_len: int, batch_size: int = 16) -> dict[str, float]:
+  """Which image a model's zoom names, given that it zooms (teacher forced).
+
+  For each question with two or more images: the RL prompt, then the base's call of the
+  ``direct`` warmup task (``confirm`` on the answer's zoom box) with every possible image number
+  k. The softmax over k of the response log-probs is how the model splits the call's image over
+  the images. Where the share on the asked image is at chance, RL must learn *which* image to
+  zoom on (the place is the category's); where it is high, the base already knows and RL learns
+  *whether*.
+
+  Args:
+    model, params: the model (the family's module) and its parameters.
+    processor: its ``Processor``.
+    examples: synthetic examples with ``target_image`` / ``target_box``; single-image ones are skipped.
+    tool_config: the tools (the box is in the pixels the model sees the image at).
+    system: the system prompt.
+    max_len: static sequence length of a row (tokens).
+    batch_size: rows (question x image number) per forward pass.
+
+  Returns:
+    ``{"call_on_asked_image", "call_on_asked_image_chance", "call_on_asked_image_argmax"}``: the mean
+    probability of the asked image, the mean of 1/number of images, and the share of questions
+    where the asked image is the most likely; ``{}`` when no question has two images.
+  """
+  rows, owner = [], []
+  for q, e in enumerate(examples):
+    n = len(e["images"])
+    if n < 2:
+      continue
+    _, box = warmup_tasks.shown_box(e, tools.ToolContext(e["images"], tool_config))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": warmup_tasks.user_content(e, n)}]
+    for k in range(n):
+      call = protocol.ToolCall("confirm", {"image": k + 1, "bbox_2d": box})
+      rows.append((messages, list(e["images"]), warmup_tasks.ANSWER_THOUGHT + protocol.render_tool_call(call),
+                   "probe"))
+      owner.append(q)
+  if not rows:
+    return {}
+  most = max(len(r[1]) for r in rows)
+  settings = processor.image_settings  # an image is resized to at most max_pixels: its patch count's bound
+  patches = most * settings["max_pixels"] // settings["patch_size"] ** 2
+  cfg = model.config
+  pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  score = jax.jit(lambda p, b: sft.sft_loss(model, p, b)[1]["row_loss"])
+  logp = []
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # static shapes: one compile
+    batch = sft.encode_batch(processor, chunk, max_len, batch_size * patches, batch_size * most, pad,
+                             cfg.eos_token_id)
+    tokens = batch["loss_mask"][:, 1:].sum(-1)
+    logp += (-np.asarray(score(params, batch)) * tokens).tolist()
+  logp, owner = np.asarray(logp[:len(rows)]), np.asarray(owner)
+  p_asked, chance, argmax = [], [], []
+  for q in np.unique(owner):
+    lp = logp[owner == q]
+    p = np.exp(lp - lp.max())
+    p /= p.sum()
+    k = examples[q]["target_image"]
+    p_asked.append(p[k])
+    chance.append(1 / len(lp))
+    argmax.append(float(lp.argmax() == k))
+  return {"call_on_asked_image": float(np.mean(p_asked)), "call_on_asked_image_chance": float(np.mean(chance)),
+          "call_on_asked_image_argmax": float(np.mean(argmax))}
