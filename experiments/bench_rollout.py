@@ -14,15 +14,16 @@ Two comparisons, both on the same random Qwen2.5-VL weights (created once in JAX
 
 (b) Multi-turn rollout with image tools. ``Rollout.__call__`` (the whole agent loop as one
     jitted program, tool calls through ``io_callback``, observations prefilled into the KV
-    cache) against a host turn loop built from the same jitted pieces, the way host-driven
-    stacks do it without cache surgery: a jitted prefill of the whole sequence so far (prompt,
-    earlier turns and observations, every image re-encoded), a jitted ``while_loop`` that decodes
-    until every row closed a tool call or ended, the tools on the host (``tools.run_tool_call``,
-    restating what the jitted rollout's callback does), and again until every row answered.
-    Both are driven by the same scripted policy (forced tokens: two tool calls, then an answer),
-    so they produce the same trajectories; the script checks the token sequences and log-probs
-    agree. The host loop pads sequence lengths and patch counts to buckets; the distinct shapes it
-    compiled are reported.
+    cache) against ``agent.turn_loop.HostTurnLoop``, the host turn loop built from the same
+    jitted pieces the way host-driven stacks do it without cache surgery: a jitted prefill of the
+    whole sequence so far (prompt, earlier turns and observations, every image re-encoded), a
+    jitted ``while_loop`` that decodes until every row closed a tool call or ended, the tools on
+    the host (the rollout's own host step), and again until every row answered. Both are driven
+    by the same scripted policy (forced tokens: two tool calls, then an answer), so they produce
+    the same trajectories; the script checks the token sequences agree and compares both loops'
+    log-probs with one training forward pass (``rl.logprobs.sequence_logprobs``). The host loop
+    pads sequence lengths and patch counts to buckets; the distinct shapes it compiled are
+    reported.
 
 Compile time is what JAX reports (``jax.monitoring``) for tracing, lowering and XLA compilation
 during the first call; timed calls must compile nothing.
@@ -43,7 +44,6 @@ transformers' tokens/s) and ``rollout_speedup_vs_host_loop=<y>`` (host loop wall
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch too
@@ -58,17 +58,19 @@ import numpy as np
 
 import bench_models  # experiments/bench_models.py (the script's folder is on sys.path)
 
-from imagent_jax.rl import masks as masks_lib
 from imagent_jax.agent import protocol
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools as tools_lib
+from imagent_jax.agent import trajectory
+from imagent_jax.agent.turn_loop import HostTurnLoop
 from imagent_jax.data import synthetic
 from imagent_jax.models import get_preset
 from imagent_jax.models import hf_io
 from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.models.registry import family_of
 from imagent_jax.processing import Processor, build_tiny_tokenizer
-from imagent_jax.processing import chat
-from imagent_jax.processing import images as images_lib
+from imagent_jax.rl import logprobs
+from imagent_jax.rl import masks as masks_lib
 from imagent_jax.sampling import sampler
 
 
@@ -171,7 +173,7 @@ def _timed_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int,
 
 def make_checkpoint(config, folder: str):
   """Random weights, written as a Hugging Face folder; returns our params loaded back from it."""
-  params = qvl.init_params(config, jax.random.key(0))
+  params = family_of(config).init_params(config, jax.random.key(0))
   # normal(0.02) everywhere gives near-uniform logits; widen the head a little so greedy decoding
   # is not decided by float noise between near-ties.
   params = jax.tree_util.tree_map(lambda x: x, params)  # a copy we may edit
@@ -315,7 +317,8 @@ def scripted_policy(processor, config, prompts, images) -> tuple[np.ndarray, lis
   for r, imgs in enumerate(images):
     grid = processor(prompts[r:r + 1], [imgs])["image_grid_thw"]
     k = 1 + r % len(imgs)
-    h, w = int(grid[k - 1][1]) * 14, int(grid[k - 1][2]) * 14  # image k as the model was shown it
+    side = processor.image_settings["patch_size"]
+    h, w = int(grid[k - 1][1]) * side, int(grid[k - 1][2]) * side  # image k as the model was shown it
     box = [int(w * 0.1), int(h * 0.15), int(w * 0.6), int(h * 0.7)]
     filler = " let me look" * (r % 4)
     second = (_call("confirm", image=len(imgs) + 1, bbox_2d=[0, 0, 60, 60]) if r % 2 == 0
@@ -333,199 +336,6 @@ def scripted_policy(processor, config, prompts, images) -> tuple[np.ndarray, lis
   return forced, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cache_len"))
-def _host_prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, *, cache_len):
-  return sampler.prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, cache_len,
-                         num_image_features=qvl.num_real_features(image_grid_thw, model.config))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "budget", "temperature", "special"))
-def _host_decode_turn(model, params, state, forced, num_sampled, done, rng, *, budget, temperature, special):
-  """Decodes until every row closed a tool call, ended its turn or spent ``budget`` tokens.
-
-  Mirrors the body of ``rollout._rollout_program`` (banned tokens, forced tokens, log-probs of
-  ``softmax(logits / temperature)``) without the in-graph observation insert.
-  """
-  eos_id, call_end_id, pad_id = special[:3]
-  banned = special[3:]
-  r = done.shape[0]
-
-  def cond(c):
-    i, _, _, _, _, paused, _, _, _ = c
-    return (i < budget) & ~jnp.all(paused)
-
-  def body(c):
-    i, state, out, logps, n, paused, ended, called, rng = c
-    rng, sub = jax.random.split(rng)
-    logits = sampler.suppress_tokens(state.logits, banned)
-    tok, _ = sampler.sample_logits(logits, sub, temperature)
-    k = num_sampled + n
-    f = jnp.take_along_axis(forced, jnp.minimum(k, forced.shape[1] - 1)[:, None], axis=1)[:, 0]
-    tok = jnp.where((k < forced.shape[1]) & (f >= 0), f, tok)
-    t = 1.0 if temperature == 0.0 else temperature
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits / t, axis=-1), tok[:, None], axis=1)[:, 0]
-    active = ~paused
-    tok = jnp.where(active, tok, pad_id)
-    out = out.at[:, i].set(tok)
-    logps = logps.at[:, i].set(jnp.where(active, logp, 0.0))
-    state = sampler.decode_step(model, params, state, tok, active)
-    is_end, is_call = active & (tok == eos_id), active & (tok == call_end_id)
-    return (i + 1, state, out, logps, n + active.astype(jnp.int32), paused | is_end | is_call, ended | is_end,
-            called | is_call, rng)
-
-  init = (jnp.int32(0), state, jnp.full((r, budget), pad_id, jnp.int32), jnp.zeros((r, budget), jnp.float32),
-          jnp.zeros((r,), jnp.int32), done, jnp.zeros((r,), bool), jnp.zeros((r,), bool), rng)
-  _, _, out, logps, n, _, ended, called, _ = jax.lax.while_loop(cond, body, init)
-  return out, logps, n, ended, called
-
-
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "banned"))
-def _teacher_forced_logprobs(model, params, ids, mask, pixel_values, image_grid_thw, *, temperature, banned):
-  """``[R, L]``: ``log p(ids[:, t] | ids[:, <t])`` from one full forward pass (the training view)."""
-  logits = model.apply({"params": params}, input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
-                       image_grid_thw=image_grid_thw)
-  t = 1.0 if temperature == 0.0 else temperature
-  logp = jax.nn.log_softmax(sampler.suppress_tokens(logits[:, :-1], banned) / t, axis=-1)
-  picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-  return jnp.concatenate([jnp.zeros_like(picked[:, :1]), picked], axis=1)
-
-
-class HostTurnLoop:
-  """A host-driven agent loop from jitted pieces: re-prefill everything every turn.
-
-  Args:
-    ro: the ``Rollout`` whose model, processor, configs and special tokens to share.
-    turn_budget: static decode budget of one turn.
-    token_bucket: sequence lengths are left-padded up to a multiple of this.
-    patch_bucket: pixel patches are zero-padded up to a multiple of this.
-    image_slots: static number of ``image_grid_thw`` rows.
-  """
-
-  def __init__(self, ro: rl.Rollout, turn_budget: int, token_bucket: int, patch_bucket: int, image_slots: int):
-    self.ro, self.turn_budget, self.token_bucket, self.patch_bucket = ro, turn_budget, token_bucket, patch_bucket
-    self.image_slots = image_slots
-    self.shapes: set[tuple[str, tuple[int, ...]]] = set()  # distinct (function, shape) compiled
-    self.turns = 0
-
-  def observation(self, ctx, calls: list, turn_text: str, cursor: int):
-    """One row's tool call on the host: ``(ids, patches, grid, stop_status)`` (ids None to stop).
-
-    The host work of the jitted rollout's callback (``rollout._observation``), restated with the
-    public pieces: parse the turn, run the tool, preprocess the view, tokenize the observation.
-    """
-    ro, cfg = self.ro, self.ro.cfg
-    tok, merge, pad = ro.processor.tokenizer, ro.model.config.vision.spatial_merge_size, ro.model.config.image_token_id
-    turn = protocol.parse_turn(turn_text)
-    if len(calls) >= cfg.max_tool_calls:
-      calls.append("turn_limit")
-      return None, None, None, masks_lib.STATUS_TURN_LIMIT
-    result = tools_lib.run_tool_call(ctx, turn)
-    patches, grid = None, None
-    if result.image is not None:
-      patches, grid = images_lib.preprocess_image(result.image, min_pixels=ro.tool_config.view_min_pixels,
-                                                  max_pixels=cfg.view_max_patches * 14 * 14)
-      grid = np.asarray(grid, np.int64)
-
-    def encode(text):
-      ids = tok.encode(protocol.observation_suffix(text, result.image is not None))
-      if grid is not None:
-        ids = chat.expand_image_placeholders(ids, grid[None], merge_size=merge, image_pad_id=pad)
-      return ids
-
-    ids = encode(result.text)
-    if len(ids) > cfg.obs_max_tokens:
-      ids = encode(result.text[:80])
-    calls.append(result.error_kind or "ok")
-    if len(ids) > cfg.obs_max_tokens or cursor + len(ids) + 1 > cfg.max_prompt_len + cfg.max_new_tokens:
-      return None, None, None, masks_lib.STATUS_TRUNCATED
-    return list(ids), patches, grid, None
-
-  def __call__(self, params, prompts, images, rng, forced) -> dict[str, Any]:
-    """Runs the batch turn by turn until every row answered (or stopped).
-
-    Returns:
-      dict with per-row ``seqs`` (token ids after the left padding), ``action`` and ``logprobs``
-      (aligned with ``seqs``), ``status``, ``calls`` and ``batch``: the final sequences packed as
-      a training batch ``(ids, mask, pixel_values, image_grid_thw)``.
-    """
-    ro, cfg, model = self.ro, self.ro.cfg, self.ro.model
-    inputs = ro.processor(list(prompts), [list(x) for x in images])
-    r = len(prompts)
-    seqs = [list(ids[m.astype(bool)]) for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
-    prompt_len = [len(s) for s in seqs]
-    action = [[False] * n for n in prompt_len]
-    logprobs = [[0.0] * n for n in prompt_len]
-    # Each row's images (patch arrays, grids) in placeholder order.
-    grids = np.asarray(inputs["image_grid_thw"])
-    sizes = grids.prod(-1)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    row_pix, row_grid, g = [], [], 0
-    for imgs in images:
-      row_pix.append([inputs["pixel_values"][starts[g + k]:starts[g + k + 1]] for k in range(len(imgs))])
-      row_grid.append([grids[g + k] for k in range(len(imgs))])
-      g += len(imgs)
-    contexts = [tools_lib.ToolContext(images[i], ro.tool_config) for i in range(r)]
-    calls = [[] for _ in range(r)]
-    done = np.zeros((r,), bool)
-    status = np.full((r,), rl.RUNNING, np.int32)
-    num_sampled = np.zeros((r,), np.int32)
-    forced = jnp.asarray(forced, jnp.int32)
-    special = (int(ro.eos_id), int(ro.call_end_id), int(ro.pad_id)) + ro.banned_token_ids
-    while not done.all():
-      self.turns += 1
-      ids, mask, pv, grid = self.pack(seqs, row_pix, row_grid)
-      length = ids.shape[1]
-      cache_len = length + self.turn_budget
-      self.shapes.add(("prefill", (length, len(pv), cache_len)))
-      self.shapes.add(("decode", (cache_len,)))
-      state = _host_prefill(model, params, ids, mask, pv, grid, cache_len=cache_len)
-      rng, sub = jax.random.split(rng)
-      out, lps, n, ended, called = (np.asarray(x) for x in _host_decode_turn(
-          model, params, state, forced, jnp.asarray(num_sampled), jnp.asarray(done), sub, budget=self.turn_budget,
-          temperature=float(cfg.temperature), special=special))
-      for i in np.flatnonzero(~done):
-        turn = out[i, :n[i]].tolist()
-        seqs[i] += turn
-        action[i] += [True] * len(turn)
-        logprobs[i] += lps[i, :n[i]].tolist()
-        num_sampled[i] += n[i]
-        cursor = cfg.max_prompt_len + len(seqs[i]) - prompt_len[i]  # the jitted rollout's cache slot
-        if ended[i]:
-          done[i], status[i] = True, masks_lib.STATUS_ANSWERED
-        elif called[i]:
-          text = ro.processor.tokenizer.decode(turn)
-          obs, patches, view_grid, stop = self.observation(contexts[i], calls[i], text, cursor)
-          if obs is None:
-            done[i], status[i] = True, stop
-            continue
-          seqs[i] += obs
-          action[i] += [False] * len(obs)
-          logprobs[i] += [0.0] * len(obs)
-          if patches is not None:
-            row_pix[i].append(patches)
-            row_grid[i].append(np.asarray(view_grid, np.int32))
-        else:
-          done[i], status[i] = True, masks_lib.STATUS_TRUNCATED
-    return dict(seqs=seqs, action=action, logprobs=logprobs, status=status, calls=calls,
-                batch=self.pack(seqs, row_pix, row_grid))
-
-  def pack(self, seqs, row_pix, row_grid):
-    """Left-padded ``ids, mask [R, L]``, patches ``[P, D]`` and grids ``[image_slots, 3]``, bucketed."""
-    r = len(seqs)
-    length = _round_up(max(len(s) for s in seqs), self.token_bucket)
-    ids = np.full((r, length), self.ro.pad_id, np.int32)
-    mask = np.zeros((r, length), np.int32)
-    for i, s in enumerate(seqs):
-      ids[i, length - len(s):] = s
-      mask[i, length - len(s):] = 1
-    pv = np.concatenate([p for row in row_pix for p in row])
-    pv = np.concatenate([pv, np.zeros((_round_up(len(pv), self.patch_bucket) - len(pv), pv.shape[1]), pv.dtype)])
-    grid = np.zeros((self.image_slots, 3), np.int32)
-    flat_grid = [x for row in row_grid for x in row]
-    grid[:len(flat_grid)] = np.stack(flat_grid)
-    return ids, mask, pv, grid
-
-
 def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats: int,
                   insert_wait: int = 0) -> dict[str, Any]:
   """Part (b): the jitted rollout against the host turn loop, same prompts, script and weights."""
@@ -541,9 +351,11 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
                          max_prompt_images=len(probe["image_grid_thw"]), max_new_tokens=s["max_new_tokens"],
                          max_tool_calls=3, obs_max_tokens=s["obs_max_tokens"], view_max_patches=s["view_max_patches"],
                          temperature=1.0, insert_wait=insert_wait)
+  family = family_of(config)
+  pixels_per_patch = family.geometry(config).pixels_per_patch
   tool_config = tools_lib.ToolConfig(input_min_pixels=pix["min_pixels"], input_max_pixels=pix["max_pixels"],
-                                     view_max_pixels=s["view_max_patches"] * 14 * 14)
-  ro = rl.Rollout(qvl.Qwen25VL(config), processor, cfg, tool_config)
+                                     view_max_pixels=s["view_max_patches"] * pixels_per_patch)
+  ro = rl.Rollout(family.module(config), processor, cfg, tool_config)
   forced, turn_lengths = scripted_policy(processor, config, prompts, images)
   # Decode steps at which some row closes a tool call: with insert_wait=0 each distinct step is
   # one in-graph observation insert (host callback + vision + a [R, obs_max_tokens] prefill).
@@ -552,32 +364,32 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
   def ours():
     return ro(params, prompts, images, jax.random.key(1), forced_tokens=forced)
 
-  host = HostTurnLoop(ro, turn_budget=s["turn_budget"], token_bucket=64, patch_bucket=512,
-                      image_slots=len(probe["image_grid_thw"]) + 3 * s["batch"])
+  host = HostTurnLoop(ro, turn_budget=s["turn_budget"], token_bucket=64, patch_bucket=512)
 
   def theirs():
-    return host(params, prompts, images, jax.random.key(1), forced)
+    return host(params, prompts, images, jax.random.key(1), forced_tokens=forced)
 
   res = _timed_pair(ours, theirs, repeats)
-  (out, trajs), ours_walls, hres, host_walls = res["out_a"], res["walls_a"], res["out_b"], res["walls_b"]
-  host_turns = host.turns // (repeats + 1)
+  (out, trajs), ours_walls, (hout, _), host_walls = res["out_a"], res["walls_a"], res["out_b"], res["walls_b"]
+  host_rounds = host.rounds // (repeats + 1)
 
-  # The two loops must have produced the same trajectories, with the log-probs of one forward pass
-  # over the finished sequences (the training view).
-  ids, mask, pv, grid = hres["batch"]
-  ref = np.asarray(_teacher_forced_logprobs(ro.model, params, ids, mask, pv, grid, temperature=float(cfg.temperature),
-                                            banned=ro.banned_token_ids))
-  same_tokens, ours_gap, host_gap = True, [], []
+  # The two loops must have produced the same trajectories; both are compared with the log-probs
+  # of one forward pass over the finished sequences (the training view).
+  per_row = [trajectory.trajectory_images(t, processor.image_settings, tool_config.view_max_pixels) for t in trajs]
+  pv, grid, _ = trajectory.training_images(trajs, patch_budget=sum(len(p) for ps, _ in per_row for p in ps),
+                                           image_slots=sum(len(g) for _, g in per_row),
+                                           image_settings=processor.image_settings,
+                                           view_max_pixels=tool_config.view_max_pixels)
+  ref = np.asarray(logprobs.sequence_logprobs(ro.model, params, out["tokens"], out["attention_mask"], pv, grid,
+                                              temperature=float(cfg.temperature)))
+  same_tokens = all(np.array_equal(out[k], hout[k]) for k in ("tokens", "attention_mask", "action_mask"))
+  ours_gap, host_gap = [], []
   for i in range(s["batch"]):
-    valid = out["attention_mask"][i].astype(bool)
-    ours_seq = out["tokens"][i][valid].tolist()
-    host_seq = [int(x) for x in hres["seqs"][i]]
-    same_tokens &= ours_seq == host_seq
-    act = np.asarray(hres["action"][i])
-    ref_i = ref[i][mask[i].astype(bool)][act]
-    host_gap.append(float(np.abs(np.asarray(hres["logprobs"][i])[act] - ref_i).max()))
-    if ours_seq == host_seq:
-      ours_gap.append(float(np.abs(out["logprobs"][i][valid][act] - ref_i).max()))
+    act = out["action_mask"][i].astype(bool)
+    ours_gap.append(float(np.abs(out["logprobs"][i][act] - ref[i][act]).max()))
+    host_act = hout["action_mask"][i].astype(bool)
+    if np.array_equal(act, host_act):
+      host_gap.append(float(np.abs(hout["logprobs"][i][act] - ref[i][act]).max()))
   answered = sum(t.status == masks_lib.STATUS_ANSWERED for t in trajs)
   image_calls = [t.num_successful_image_calls for t in trajs]
   action_tokens = int(out["action_mask"].sum())
@@ -587,8 +399,9 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
               host_wall=host_wall, host_walls=host_walls, host_compile=res["compile_b"], host_first=res["first_b"],
               action_tokens=action_tokens, total_tokens=total_tokens, same_tokens=same_tokens, ours_gap=ours_gap,
               host_gap=host_gap, answered=answered, rows=s["batch"], image_calls=image_calls,
-              insert_events=int(out["inserts"]), call_steps=len(call_steps), host_turns=host_turns, host_shapes=sorted(host.shapes), cfg=cfg,
-              prompt_tokens=probe["attention_mask"].sum(1).tolist(), prompt_patches=len(probe["pixel_values"]))
+              insert_events=int(out["inserts"]), call_steps=len(call_steps), host_rounds=host_rounds,
+              host_shapes=sorted(host.shapes), cfg=cfg, prompt_tokens=probe["attention_mask"].sum(1).tolist(),
+              prompt_patches=len(probe["pixel_values"]))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -617,7 +430,7 @@ def _print_rollout(rol: dict[str, Any]) -> None:
         f"{[float(f'{x:.1e}') for x in rol['ours_gap']]}, host loop {[float(f'{x:.1e}') for x in rol['host_gap']]}")
   print(f"(b) ours: {rol['insert_events']} in-graph observation inserts (calls close on {rol['call_steps']} "
         f"distinct steps; insert_wait {cfg.insert_wait}); host loop: "
-        f"{rol['host_turns']} turns, compiled shapes {rol['host_shapes']}")
+        f"{rol['host_rounds']} rounds, compiled shapes {rol['host_shapes']}")
   print(f"(b) timed walls ours {[round(x, 3) for x in rol['ours_walls']]}, "
         f"host loop {[round(x, 3) for x in rol['host_walls']]}; first calls ours {rol['ours_first']:.1f} s, "
         f"host loop {rol['host_first']:.1f} s")
