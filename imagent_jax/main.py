@@ -85,6 +85,8 @@ def main(argv):
     raise app.UsageError("--workdir is required (where metrics, report and checkpoints go)")
   absl_logging.set_verbosity(absl_logging.ERROR)  # keep jax's backend probing out of the user's way
   logging.getLogger("imagent_jax").setLevel(logging.INFO)
+  from imagent_jax import parallel  # pylint: disable=import-outside-toplevel
+  parallel.initialize_distributed()  # multi-host (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); nothing on one host
   try:
     results = run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
   except ValueError as e:

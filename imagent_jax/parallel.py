@@ -205,7 +205,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   """
   if coordinator_address is None and num_processes in (None, 1):
     import os
-    if not any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS")):
+    multi_slurm = os.environ.get("SLURM_NTASKS", "1").isdigit() and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if not (multi_slurm or any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"))):
       return
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)

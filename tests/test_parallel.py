@@ -130,3 +130,19 @@ def test_cached_by_settings_shares_equal_hashable_settings_only():
   with pytest.raises(ValueError, match="bad settings"):
     build("bad", [1])
   assert calls[-1] == ("bad", [1]) and len(calls) == 5  # an error inside the build runs it once
+
+
+def test_initialize_distributed_only_when_several_processes_are_expected(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  for key in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(key, raising=False)
+  parallel.initialize_distributed()  # a laptop: nothing
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  parallel.initialize_distributed()  # one SLURM task: nothing
+  assert calls == []
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  parallel.initialize_distributed()
+  parallel.initialize_distributed(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+  assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None),
+                   dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)]

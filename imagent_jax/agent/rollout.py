@@ -31,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from imagent_jax.rl import masks as masks_lib
 from imagent_jax.agent import protocol
+from imagent_jax.agent import trajectory as trajectory_lib
 from imagent_jax.agent import tools as tools_lib
 from imagent_jax.agent.trajectory import Call, Trajectory
 from imagent_jax.models.registry import family_of
 from imagent_jax.processing import chat
 from imagent_jax.processing import images as images_lib
+from imagent_jax.rl.logprobs import logprobs_of
 from imagent_jax.sampling import sampler
 
 RUNNING = -1  # in-graph status of a row still going
@@ -139,7 +140,7 @@ def _observation(ep: _Episode, row: int, turn_text: str, cursor: int):
   if len(ep.calls[row]) >= ep.cfg.max_tool_calls:
     ep.calls[row].append(Call(name, False, "turn_limit", None, False))
     ep.host_stopped[row] = True
-    return None, None, None, masks_lib.STATUS_TURN_LIMIT
+    return None, None, None, trajectory_lib.STATUS_TURN_LIMIT
   result = tools_lib.run_tool_call(ctx, turn)
   patches, grid = None, None
   if result.image is not None:
@@ -159,7 +160,7 @@ def _observation(ep: _Episode, row: int, turn_text: str, cursor: int):
                             fits and result.image is not None))
   if not fits:
     ep.host_stopped[row] = True
-    return None, None, None, masks_lib.STATUS_TRUNCATED
+    return None, None, None, trajectory_lib.STATUS_TRUNCATED
   return list(ids), patches, grid, None
 
 
@@ -260,7 +261,6 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
       f = jnp.take_along_axis(forced, jnp.minimum(c.num_sampled, forced.shape[1] - 1)[:, None], axis=1)[:, 0]
       f = jnp.where(c.num_sampled < forced.shape[1], f, -1)
       tok = jnp.where(f >= 0, f, tok)
-      from imagent_jax.rl.logprobs import logprobs_of  # pylint: disable=import-outside-toplevel
       logp = logprobs_of(logits, tok, cfg.temperature)  # logits already suppressed
     active = ~c.done & ~c.pending
     here = (jnp.arange(c.tokens.shape[1])[None, :] == c.dec.index[:, None]) & active[:, None]
@@ -271,7 +271,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
     ended = active & (tok == eos_id)
     calls = active & (tok == call_end_id)
     full = active & ~ended & (dec.index >= seq_len)
-    status = jnp.where(ended, _ENDED, jnp.where(full, masks_lib.STATUS_TRUNCATED, c.status))
+    status = jnp.where(ended, _ENDED, jnp.where(full, trajectory_lib.STATUS_TRUNCATED, c.status))
     c = c.replace(dec=dec, tokens=tokens, action=action, logprobs=logprobs, num_sampled=c.num_sampled + active,
                   done=c.done | ended | full, status=status, step=c.step + 1, rng=rng)
     pending = c.pending | (calls & ~full)
@@ -283,7 +283,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
                         lambda cc: cc, c)
 
   c = jax.lax.while_loop(cond, body, carry)
-  status = jnp.where(c.status == RUNNING, masks_lib.STATUS_TRUNCATED, c.status)
+  status = jnp.where(c.status == RUNNING, trajectory_lib.STATUS_TRUNCATED, c.status)
   key_mask = c.dec.key_mask[:, :seq_len]
   return dict(tokens=jnp.where(key_mask, c.tokens[:, :seq_len], pad_id), attention_mask=key_mask.astype(jnp.int32),
               action_mask=c.action[:, :seq_len] & key_mask, logprobs=jnp.where(key_mask, c.logprobs[:, :seq_len], 0.0),
@@ -397,7 +397,7 @@ class Rollout:
       turn = protocol.parse_turn(final)
       status = int(out["status"][row])
       if status == _ENDED:
-        status = masks_lib.STATUS_ANSWERED if turn.answer is not None else masks_lib.STATUS_NO_ANSWER
+        status = trajectory_lib.STATUS_ANSWERED if turn.answer is not None else trajectory_lib.STATUS_NO_ANSWER
       turns = list(ep.turns[row]) + ([] if ep.host_stopped[row] else [final])
       trajs.append(Trajectory(prompt_index=row // self.cfg.group_size, status=status, response=response,
                               turns=turns, answer=turn.answer, calls=ep.calls[row], context=ep.contexts[row]))

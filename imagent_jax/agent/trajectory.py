@@ -16,6 +16,15 @@ from imagent_jax.agent import tools as tools_lib
 from imagent_jax.processing import images as images_lib
 
 
+# Per-trajectory end status, written by the rollout (and the host turn loop) and read by masks,
+# rewards and logging.
+STATUS_ANSWERED = 0  # ended with an answer
+STATUS_TRUNCATED = 1  # length limit reached before answering
+STATUS_TURN_LIMIT = 2  # turn / tool-call limit reached while still calling tools
+STATUS_NO_ANSWER = 3  # stopped (end of turn, no tool call) without an <answer>
+STATUS_NAMES = ("answered", "truncated", "turn_limit", "no_answer")  # indexed by status code
+
+
 class Call(NamedTuple):
   """One tool call of a trajectory, as the host saw it."""
 

@@ -32,10 +32,10 @@ import numpy as np
 
 from imagent_jax.agent import rollout as rollout_lib
 from imagent_jax.agent import tools as tools_lib
+from imagent_jax.agent import trajectory as trajectory_lib
 from imagent_jax.agent.trajectory import Trajectory
 from imagent_jax.models.registry import family_of
 from imagent_jax.processing import images as images_lib
-from imagent_jax.rl import masks as masks_lib
 from imagent_jax.rl.logprobs import logprobs_of
 from imagent_jax.sampling import sampler
 
@@ -231,7 +231,7 @@ class HostTurnLoop:
         if ended[i]:
           done[i], status[i] = True, rollout_lib._ENDED  # answered or not: ``_records`` reads the turn
         elif full[i]:
-          done[i], status[i] = True, masks_lib.STATUS_TRUNCATED
+          done[i], status[i] = True, trajectory_lib.STATUS_TRUNCATED
         elif called[i]:
           cursor = cfg.max_prompt_len + len(new[i])  # the rollout's cache slot after the call
           text = ro.processor.tokenizer.decode(new[i][turn_start[i]:])

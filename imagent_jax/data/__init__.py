@@ -1,1 +1,2 @@
-"""Datasets: procedural synthetic scenes and (later) multi-image QA builders and pipelines."""
+"""Datasets: the source registry (synthetic, tfds array_record, JSONL), the grain pipeline and the
+procedural synthetic multi-image fine-grained QA generator."""

@@ -42,12 +42,9 @@ import jax.numpy as jnp
 
 from imagent_jax.registry import Registry
 
-# Per-trajectory end status, written by the rollout and read by masks, rewards and logging.
-STATUS_ANSWERED = 0  # ended with an answer
-STATUS_TRUNCATED = 1  # length limit reached before answering
-STATUS_TURN_LIMIT = 2  # turn / tool-call limit reached while still calling tools
-STATUS_NO_ANSWER = 3  # stopped (end of turn, no tool call) without an <answer>
-STATUS_NAMES = ("answered", "truncated", "turn_limit", "no_answer")  # indexed by status code
+# Per-trajectory end status: a property of the trajectory (agent.trajectory), read by the rules here.
+from imagent_jax.agent.trajectory import (STATUS_ANSWERED, STATUS_NAMES, STATUS_NO_ANSWER,  # noqa: E402,F401
+                                          STATUS_TRUNCATED, STATUS_TURN_LIMIT)
 NUM_STATUSES = len(STATUS_NAMES)
 
 # Reward spread (max - min over a group's counted rows) at or below which a group is "zero variance".
