@@ -155,7 +155,7 @@ class Processor:
 
     Returns:
       ``input_ids [B, L]`` int32, ``attention_mask [B, L]`` int32 (0 on padding, which holds the
-      pad id), and when there are images ``pixel_values [P, 3 * T * 14 * 14]`` float32 and
+      pad id), and when there are images ``pixel_values [P, 3 * T * patch_size**2]`` float32 and
       ``image_grid_thw [N, 3]`` int32 (as in transformers, both keys are absent without images).
 
     Raises:

@@ -152,7 +152,7 @@ class Trainer:
 
   def train_step(self) -> dict[str, float]:
     """One RL step; returns its metrics."""
-    loop, g, temperature = self.loop, self.rollout.cfg.group_size, self.rollout.cfg.temperature
+    loop, temperature = self.loop, self.rollout.cfg.temperature
     times = {}
     t0 = time.perf_counter()
     examples = [e for e in next(self.train_stream) if e is not None]  # JSONL 'skip' drops bad records

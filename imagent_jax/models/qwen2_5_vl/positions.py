@@ -82,10 +82,3 @@ def mrope_positions(input_ids, attention_mask, image_grid_thw, *, image_token_id
   pos = jnp.where(valid[None], pos, 0).astype(jnp.int32)
   deltas = (jnp.max(jnp.where(valid[None], pos, -1), axis=(0, 2)) + 1 - l).astype(jnp.int32)
   return pos, deltas
-
-
-def decode_positions(cache_index, deltas):
-  """Positions ``[3, B, 1]`` of the token written at cache index ``cache_index`` (scalar or ``[B]``)."""
-  p = jnp.asarray(cache_index, jnp.int32) + jnp.asarray(deltas, jnp.int32)
-  p = jnp.broadcast_to(p, jnp.shape(deltas))
-  return jnp.broadcast_to(p[None, :, None], (3, p.shape[0], 1))
