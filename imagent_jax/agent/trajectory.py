@@ -106,8 +106,6 @@ def training_images(trajectories: Sequence[Trajectory], *, patch_budget: int, im
     patches += p
     grids += g
     per_row.append(len(g))
-  patch_dim = (3 * image_settings.get("temporal_patch_size", images_lib.TEMPORAL_PATCH_SIZE)
-               * image_settings.get("patch_size", images_lib.PATCH_SIZE) ** 2)
   pv, grid = images_lib.pack_patches(patches, grids, patch_budget=patch_budget, image_slots=image_slots,
-                                     patch_dim=patch_dim, what="the trajectories")
+                                     patch_dim=images_lib.patch_dim(image_settings), what="the trajectories")
   return pv, grid, np.asarray(per_row, np.int32)

@@ -262,10 +262,15 @@ def preprocess_images(images: Sequence[ImageLike], **kwargs) -> tuple[np.ndarray
     patches.append(pixel_values)
     grids.append(grid_thw)
   if not patches:
-    patch_size = kwargs.get("patch_size", PATCH_SIZE)
-    dim = 3 * kwargs.get("temporal_patch_size", TEMPORAL_PATCH_SIZE) * patch_size * patch_size
-    return np.zeros((0, dim), np.float32), np.zeros((0, 3), np.int64)
+    return np.zeros((0, patch_dim(kwargs)), np.float32), np.zeros((0, 3), np.int64)
   return np.concatenate(patches, axis=0), np.stack(grids).astype(np.int64)
+
+
+def patch_dim(settings) -> int:
+  """Length of one patch row, ``3 * T * P * P``, of ``preprocess_image`` keyword arguments
+  (``Processor.image_settings``; the defaults where a key is missing)."""
+  p = settings.get("patch_size", PATCH_SIZE)
+  return 3 * settings.get("temporal_patch_size", TEMPORAL_PATCH_SIZE) * p * p
 
 
 def num_image_tokens(grid_thw, merge_size: int = MERGE_SIZE):

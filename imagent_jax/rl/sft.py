@@ -55,7 +55,7 @@ def encode_batch(processor, examples, max_len: int, patch_budget: int, image_slo
       grids.append(inputs["image_grid_thw"])
   s = processor.image_settings
   pv, grid = images_lib.pack_patches(patches, grids, patch_budget=patch_budget, image_slots=image_slots,
-                                     patch_dim=3 * s["temporal_patch_size"] * s["patch_size"] ** 2,
+                                     patch_dim=images_lib.patch_dim(s),
                                      what="the warmup batch (config.warmup.patch_budget, image_slots)")
   return dict(input_ids=ids, attention_mask=attn, loss_mask=loss, pixel_values=pv, image_grid_thw=grid)
 

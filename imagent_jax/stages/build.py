@@ -164,8 +164,11 @@ def component(config, section: str, model_config=None):
 
 
 def _geometry(config, model_config=None):
-  """The model's patch geometry (of the preset's family when ``model_config`` is None)."""
-  model_config = model_config or registry.get_preset(config.model.preset)
+  """The model's patch geometry: of ``model_config``, else of the architecture the run will load
+  (the checkpoint's ``config.json``, or the preset)."""
+  if model_config is None:
+    source = model_source(config, "") if config.model.checkpoint else None
+    model_config = hf_io.load_config(source) if source else registry.get_preset(config.model.preset)
   return registry.family_of(model_config).geometry(model_config)
 
 
