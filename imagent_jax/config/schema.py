@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.validation_path = ""
   c.data.test_path = ""
   c.data.on_error = "raise"  # jsonl bad records: "raise" or "skip" (counted)
+  # jsonl: most images a question may have; the image budgets are sized for it and a record with
+  # more is a bad record (too_many_images). Synthetic sources draw data.images_per_question instead.
+  c.data.max_images_per_question = 4
 
   c.demo = ml_collections.ConfigDict()  # the model stage's synthetic prompt
   c.demo.num_images = 3

@@ -83,21 +83,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.tools.view_max_pixels > config.processor.max_pixels:
     errors.append(f"config.tools.view_max_pixels={config.tools.view_max_pixels} exceeds config.processor.max_pixels="
                   f"{config.processor.max_pixels}: the processor would shrink tool views again")
-  if config.data.source in ("synthetic", "synthetic_mifg") and geometry is not None:
-    try:
-      most_images = int(str(config.data.images_per_question).split(",")[-1])
-    except ValueError:
-      most_images = 0
-      errors.append(f"config.data.images_per_question={config.data.images_per_question!r} is not 'min,max'")
-    need = config.rl.batch_size * most_images
-    if need > config.rollout.max_prompt_images:
-      errors.append(f"config.rollout.max_prompt_images={config.rollout.max_prompt_images} < rl.batch_size x "
-                    f"{most_images} images per question = {need}")
-    per_image = geometry.patches(config.processor.max_pixels)
-    if need * per_image > config.rollout.prompt_patches:
-      errors.append(f"config.rollout.prompt_patches={config.rollout.prompt_patches} cannot hold rl.batch_size="
-                    f"{config.rl.batch_size} questions of {most_images} images of up to "
-                    f"{per_image} patches ({need * per_image})")
+  errors += _stage_errors(config, names)
+  if geometry is not None:
+    errors += _budget_errors(config, geometry, names)
   if num_devices is not None:
     try:
       parallel.mesh_shape(dict(config.mesh), num_devices)
@@ -105,6 +93,108 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       errors.append(f"config.mesh: {e}")
   if errors:
     raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _stage_errors(config, names: list[str]) -> list[str]:
+  """Stages that make no sense with the model or the data of ``config``: a warmup (training from
+  random weights) beside a checkpoint or for a released-size preset, RL or a rollout of a
+  released-size model from random weights, data files that do not exist, images per question."""
+  from imagent_jax.models.presets import TINY_TOKENIZER_PRESETS
+
+  errors = []
+  m, d = config.model, config.data
+  released_size = not m.checkpoint and m.preset not in TINY_TOKENIZER_PRESETS
+  if "warmup" in names and m.checkpoint:
+    errors.append(f"config.stages has 'warmup' with config.model.checkpoint={m.checkpoint!r}: the warmup trains a "
+                  "tiny model from random weights and would ignore the checkpoint; drop 'warmup' from config.stages "
+                  "(a released model runs config.stages='rl')")
+  elif "warmup" in names and released_size:
+    errors.append(f"config.stages has 'warmup' with config.model.preset={m.preset!r}: the warmup trains the tiny "
+                  f"presets ({', '.join(TINY_TOKENIZER_PRESETS)}) from random weights, not a released-size model; "
+                  "start from its checkpoint (config.model.checkpoint) instead")
+  started = [s for s in ("rollout", "rl") if s in names]
+  if started and released_size:
+    errors.append(f"config.stages {started} with config.model.preset={m.preset!r} and no config.model.checkpoint "
+                  "would roll out and train random weights; set config.model.checkpoint to the local folder of the "
+                  "released model")
+  for split in ("train", "validation", "test"):
+    path = d[f"{split}_path"]
+    if d.source == "jsonl" and path and not os.path.exists(os.path.expanduser(path)):
+      errors.append(f"config.data.{split}_path={path!r} does not exist (a .jsonl file or a folder of them)")
+  if d.max_images_per_question < 1:
+    errors.append(f"config.data.max_images_per_question={d.max_images_per_question} must be >= 1")
+  if "rollout" in names and config.rollout.num_prompts > config.rl.batch_size:
+    errors.append(f"config.rollout.num_prompts={config.rollout.num_prompts} > rl.batch_size={config.rl.batch_size}: "
+                  "the rollout's prompt budgets hold rl.batch_size questions")
+  return errors
+
+
+def _budget_errors(config, geometry, names: list[str]) -> list[str]:
+  """The static budgets of ``config`` against what its questions, batch and tool views need
+  (``stages.build.budget_formulas``): each prompt budget must hold ``rl.batch_size`` questions of
+  ``images_per_question`` images at ``processor.max_pixels`` (and the prompt's text, measured with
+  the tokenizer when its folder is known), the training budgets every row's prompt images (a
+  config's ``rl.patch_budget`` may count on fewer tool views than the worst case) and image slots
+  for every view, and the minibatches whole rows."""
+  from imagent_jax.stages import build
+
+  errors = []
+  try:
+    images = build.images_per_question(config)
+  except ValueError:
+    return [f"config.data.images_per_question={config.data.images_per_question!r} is not 'min,max'"]
+  if images < 1:
+    return []  # reported with the data settings
+  need = build.required_budgets(config, geometry)
+  r, ro = config.rl, config.rollout
+  questions = f"rl.batch_size={r.batch_size} questions of {images} images"
+  per_image = geometry.tokens(config.processor.max_pixels)
+  if ro.max_prompt_images < need["rollout.max_prompt_images"]:
+    errors.append(f"config.rollout.max_prompt_images={ro.max_prompt_images} < rl.batch_size x {images} images per "
+                  f"question = {need['rollout.max_prompt_images']}")
+  if ro.prompt_patches < need["rollout.prompt_patches"]:
+    errors.append(f"config.rollout.prompt_patches={ro.prompt_patches} cannot hold {questions} of up to "
+                  f"{per_image * geometry.merge_unit} patches ({need['rollout.prompt_patches']})")
+  text = _prompt_text_tokens(config, images)
+  if ro.max_prompt_len < images * per_image + text:
+    what = f"and the prompt's {text} text tokens without a question" if text else "before any text"
+    errors.append(f"config.rollout.max_prompt_len={ro.max_prompt_len} cannot hold {images} images of up to "
+                  f"{per_image} tokens {what} (need >= {images * per_image + text}; derived: "
+                  f"{need['rollout.max_prompt_len']})")
+  rows = r.batch_size * ro.group_size
+  if r.num_minibatches < 1 or rows % r.num_minibatches:
+    errors.append(f"config.rl.num_minibatches={r.num_minibatches} must divide the {rows} rows of a step "
+                  "(rl.batch_size x rollout.group_size)")
+    return errors
+  row_prompt_patches = images * per_image * geometry.merge_unit
+  for prefix, count in (("", rows), ("minibatch_", rows // r.num_minibatches)):
+    slots, patches = r[f"{prefix}image_slots"], r[f"{prefix}patch_budget"]
+    if prefix and not slots and not patches:
+      continue  # 0: the batch's own budgets
+    what = f"{count} rows" if not prefix else f"{count} rows (1/rl.num_minibatches)"
+    if slots < need[f"rl.{prefix}image_slots"]:
+      errors.append(f"config.rl.{prefix}image_slots={slots} cannot hold {what} of {images} prompt images and "
+                    f"rollout.max_tool_calls={ro.max_tool_calls} views (need {need[f'rl.{prefix}image_slots']})")
+    if patches < count * row_prompt_patches:
+      errors.append(f"config.rl.{prefix}patch_budget={patches} cannot hold even the prompt images of {what} "
+                    f"({count * row_prompt_patches} patches; with every tool view: {need[f'rl.{prefix}patch_budget']})")
+  return errors
+
+
+def _prompt_text_tokens(config, images: int) -> int:
+  """Text tokens of the prompt of an empty question with ``images`` images (system prompt, image
+  labels, markup), measured with the tokenizer of ``config.model.tokenizer`` or the checkpoint
+  when that folder has one; 0 when it is not known before the run (e.g. built in the workdir)."""
+  from imagent_jax.stages import build
+
+  folder = os.path.expanduser(config.model.tokenizer or config.model.checkpoint)
+  if not folder or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    return 0
+  try:
+    processor = build.run_processor(config, folder)
+  except (ValueError, OSError):
+    return 0  # a broken tokenizer folder is the model stage's to report
+  return build.prompt_length(config, processor, "", None, [1] * images) - images
 
 
 def _model_config(config, errors: list[str]):

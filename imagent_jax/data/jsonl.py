@@ -28,7 +28,10 @@ Bad input (DESIGN §6). Every problem is a ``DataError`` naming the file, the li
   answer that is no option, a bad target), ``missing_image``, ``empty_image`` (zero bytes);
 * found when an example is read (images are opened lazily): ``corrupt_image`` (not an image,
   truncated), ``decompression_bomb`` (more pixels than ``max_image_pixels``; Pillow's own
-  guard is turned into this error too), ``unreadable_image``.
+  guard is turned into this error too), ``unreadable_image``;
+* found by a run's own check of every record (``check_records``, before training compiles):
+  ``too_many_images`` (more than the run's image budgets hold), ``prompt_too_long`` (a prompt
+  longer than the run's token budget), ``corrupt_image`` (an image whose size cannot be read).
 
 Images of any mode (grey, palette, RGBA, 16-bit, ...) are converted to RGB, not refused.
 
@@ -47,14 +50,15 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from PIL import Image, UnidentifiedImageError
 
 from imagent_jax.processing import images as images_lib
 
 ERROR_KINDS = ("invalid_json", "not_an_object", "missing_field", "wrong_type", "bad_value", "missing_image",
-               "empty_image", "corrupt_image", "decompression_bomb", "unreadable_image")
+               "empty_image", "corrupt_image", "decompression_bomb", "unreadable_image", "too_many_images",
+               "prompt_too_long")
 ON_ERROR = ("raise", "skip")
 MAX_KEPT_ERRORS = 1000
 _LOGGED_ERRORS = 20  # under "skip", the first errors are logged one by one
@@ -336,6 +340,28 @@ class JsonlSource:
       _log.warning("skipping bad record: %s", error)
     elif count == _LOGGED_ERRORS + 1:
       _log.warning("more bad records are skipped without logging; see JsonlSource.error_counts")
+
+  def check_records(self, check: Callable[[dict[str, Any]], Optional[tuple[str, str]]]) -> None:
+    """Applies a run's own limits to every record before any is read (``stages.build.data_source``).
+
+    Args:
+      check: ``check(record) -> None`` when the record fits, else ``(kind, message)`` with ``kind``
+        one of ``ERROR_KINDS``; ``record`` is a dict with the record's ``id``, ``images`` (the
+        paths), ``question`` and ``options``.
+
+    Raises:
+      DataError: the first record that does not fit under ``"raise"``, naming its file and line.
+        Under ``"skip"`` such records leave the source (``len()``) and are counted.
+    """
+    kept = []
+    for record in self._records:
+      problem = check({"id": record.id, "images": list(record.images), "question": record.question,
+                       "options": None if record.options is None else list(record.options)})
+      if problem is None:
+        kept.append(record)
+      else:
+        self._fail(DataError(record.path, record.line, *problem))
+    self._records = kept
 
   @property
   def skipped(self) -> int:

@@ -14,17 +14,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from PIL import Image
 
 from imagent_jax import parallel
 from imagent_jax.rl import masks, rewards
+from imagent_jax.agent import protocol
 from imagent_jax.agent import rollout as rollout_lib
 from imagent_jax.agent import tools
 from imagent_jax.models import hf_io, registry, tree
 from imagent_jax.processing import Processor, build_tiny_tokenizer
+from imagent_jax.processing import images as images_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -58,21 +61,31 @@ def load_model_and_processor(config, workdir: str, mesh, *, random_init: bool = 
   source = None if random_init else model_source(config, workdir)
   if source:
     model_config, params = hf_io.load_pretrained(source, dtype=param_dtype, mesh=mesh)
-    tok_dir = m.tokenizer or source
   else:
     model_config = registry.get_preset(m.preset)
     params = parallel.init_sharded_params(model_config, jax.random.key(config.seed), mesh, param_dtype=param_dtype)
     params = tree.rescale_init(params, m.init)
-    tok_dir = m.tokenizer
-    if not tok_dir:
-      tok_dir = os.path.join(workdir, "tokenizer")
-      if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        build_tiny_tokenizer(tok_dir, vocab_size=model_config.vocab_size, min_pixels=config.processor.min_pixels,
-                             max_pixels=config.processor.max_pixels)
-  tok_dir = os.path.expanduser(tok_dir)
+  tok_dir = tokenizer_dir(config, workdir, random_init=random_init)
+  if not m.tokenizer and not source and not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+    build_tiny_tokenizer(tok_dir, vocab_size=model_config.vocab_size, min_pixels=config.processor.min_pixels,
+                         max_pixels=config.processor.max_pixels)
+  return model_config, params, run_processor(config, tok_dir), tok_dir
+
+
+def tokenizer_dir(config, workdir: str, *, random_init: bool = False) -> str:
+  """The tokenizer folder of a run: ``config.model.tokenizer``, else the folder the weights come from
+  (``model_source``; none with ``random_init``), else ``<workdir>/tokenizer``, where runs from
+  random weights build the tiny tokenizer (``load_model_and_processor``)."""
+  source = None if random_init else model_source(config, workdir)
+  return os.path.expanduser(config.model.tokenizer or source or os.path.join(workdir, "tokenizer"))
+
+
+def run_processor(config, tok_dir: str) -> Processor:
+  """The ``Processor`` of the tokenizer folder ``tok_dir`` showing images within ``config.processor``'s
+  pixel limits (they replace the folder's preprocessor_config.json values)."""
   processor = Processor.from_pretrained(tok_dir)
   processor.image_settings.update(min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels)
-  return model_config, params, processor, tok_dir
+  return processor
 
 
 def build_model(config, model_config, *, remat: bool = False):
@@ -211,6 +224,127 @@ def listed_tool_schemas(config) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
+# Static budgets: the shapes every compiled program is padded to, and what they must hold.
+
+# Text tokens a prompt budget allows beside its image tokens: the system prompt with the tool
+# schemas (~400 tokens with Qwen2.5's tokenizer in the "full" style), the image labels and markup,
+# the question and its options. ``config.validate`` and the JSONL scan measure the real prompts.
+PROMPT_TEXT_TOKENS = 1024
+# Text tokens an observation slot allows beside the view's image tokens: the tool response
+# markup and its message (longer error texts are shortened to fit, agent.rollout).
+OBS_TEXT_TOKENS = 128
+
+
+def images_per_question(config) -> int:
+  """The most images a question of the run's data has: the top of ``config.data.images_per_question``
+  for the synthetic sources (they draw no more), else ``config.data.max_images_per_question``."""
+  d = config.data
+  if d.source in ("synthetic", "synthetic_mifg") and d.images_per_question:
+    return int(str(d.images_per_question).split(",")[-1])
+  return int(d.max_images_per_question)
+
+
+def budget_formulas(value: Callable[[str], Any], geometry) -> dict[str, Any]:
+  """The static budgets a run's shapes need, by config key, as expressions of the keys they follow from.
+
+  Prompts: ``rl.batch_size`` questions share one prefill, each with up to ``images`` images of up
+  to ``processor.max_pixels`` pixels. Training: ``rl.batch_size x rollout.group_size`` rows, each
+  re-rendering its prompt images and up to ``rollout.max_tool_calls`` tool views of up to
+  ``tools.view_max_pixels`` (``agent.trajectory.training_images``); a minibatch holds
+  ``1 / rl.num_minibatches`` of the rows. An image of at most ``p`` pixels has at most
+  ``p // geometry.pixels_per_token`` tokens of ``geometry.merge_unit`` patches each.
+
+  Args:
+    value: reads a key, e.g. ``value("rl.batch_size")``, and ``value("images")`` for
+      ``images_per_question``. With plain values the result is numbers (``required_budgets``);
+      with ml_collections ``FieldReference`` s it is lazy references (``config.presets`` derives a
+      released config's budgets that way, so ``--config.rl.batch_size=8`` resizes them).
+    geometry: the model's ``PatchGeometry``.
+
+  Returns:
+    ``{"rollout.max_prompt_images", "rollout.prompt_patches", "rollout.max_prompt_len",
+    "rollout.obs_max_tokens", "rl.image_slots", "rl.patch_budget", "rl.minibatch_image_slots",
+    "rl.minibatch_patch_budget": ...}``: the worst case with every image at its pixel budget and
+    every row making every call, plus ``PROMPT_TEXT_TOKENS`` / ``OBS_TEXT_TOKENS`` of text.
+  """
+  images, questions, views = value("images"), value("rl.batch_size"), value("rollout.max_tool_calls")
+  rows = questions * value("rollout.group_size")
+  input_tokens = value("processor.max_pixels") // geometry.pixels_per_token
+  view_tokens = value("tools.view_max_pixels") // geometry.pixels_per_token
+  row_slots = images + views
+  row_patches = (images * input_tokens + views * view_tokens) * geometry.merge_unit
+  minibatch_rows = rows // value("rl.num_minibatches")
+  return {
+      "rollout.max_prompt_images": questions * images,
+      "rollout.prompt_patches": questions * images * input_tokens * geometry.merge_unit,
+      "rollout.max_prompt_len": images * input_tokens + PROMPT_TEXT_TOKENS,
+      "rollout.obs_max_tokens": view_tokens + OBS_TEXT_TOKENS,
+      "rl.image_slots": rows * row_slots,
+      "rl.patch_budget": rows * row_patches,
+      "rl.minibatch_image_slots": minibatch_rows * row_slots,
+      "rl.minibatch_patch_budget": minibatch_rows * row_patches,
+  }
+
+
+def required_budgets(config, geometry) -> dict[str, int]:
+  """``budget_formulas`` of ``config``'s values (images: ``images_per_question``)."""
+  def value(key):
+    if key == "images":
+      return images_per_question(config)
+    section, name = key.split(".")
+    return int(config[section][name])
+  return budget_formulas(value, geometry)
+
+
+def image_tokens(size: tuple[int, int], image_settings) -> int:
+  """Tokens of an image of ``size = (width, height)`` pixels as the processor shows it
+  (``image_settings``: ``Processor.image_settings``, pixel limits and patch geometry)."""
+  factor = image_settings["patch_size"] * image_settings["merge_size"]
+  height, width = images_lib.smart_resize(size[1], size[0], factor, image_settings["min_pixels"],
+                                          image_settings["max_pixels"])
+  return (height // factor) * (width // factor)
+
+
+def prompt_length(config, processor, question: str, options, tokens_per_image: Sequence[int]) -> int:
+  """Tokens of the rollout prompt of a question (the conversation ``stages.rl`` opens: the listed
+  tools in ``config.tools.prompt_style``) whose images become ``tokens_per_image`` tokens each."""
+  messages = protocol.build_prompt_messages(question, len(tokens_per_image), options,
+                                            tools=listed_tool_schemas(config), system_style=config.tools.prompt_style)
+  return len(processor.tokenizer.encode(processor.render(messages))) + sum(int(t) - 1 for t in tokens_per_image)
+
+
+def _record_check(config, processor):
+  """The check ``JsonlSource.check_records`` applies: a record has at most ``images_per_question``
+  images and, with a processor, a prompt within ``rollout.max_prompt_len`` (its images' sizes are
+  read from their headers only when the prompt could exceed it with every image at the pixel budget)."""
+  most_images, limit = images_per_question(config), config.rollout.max_prompt_len
+
+  def check(record):
+    paths = record["images"]
+    if len(paths) > most_images:
+      return ("too_many_images", f"{len(paths)} images; the run's image budgets hold {most_images} per question "
+              "(config.data.max_images_per_question)")
+    if processor is None:
+      return None
+    settings = processor.image_settings
+    at_most = settings["max_pixels"] // (settings["patch_size"] * settings["merge_size"]) ** 2
+    if prompt_length(config, processor, record["question"], record["options"], [at_most] * len(paths)) <= limit:
+      return None
+    try:
+      sizes = [Image.open(p).size for p in paths]  # the header only: no pixel is decoded
+    except Exception as e:  # noqa: BLE001 - reported as the record's problem, as when it is read
+      return ("corrupt_image", f"cannot read an image's size ({type(e).__name__}: {e})")
+    tokens = [image_tokens(size, processor.image_settings) for size in sizes]
+    total = prompt_length(config, processor, record["question"], record["options"], tokens)
+    if total > limit:
+      return ("prompt_too_long", f"its prompt has {total} tokens ({sum(tokens)} of them image tokens), more than "
+              f"config.rollout.max_prompt_len={limit}")
+    return None
+
+  return check
+
+
+# --------------------------------------------------------------------------------------------
 # Data.
 
 
@@ -237,6 +371,13 @@ def data_source(config, workdir: str, split: str):
   ``synthetic_mifg``: the procedural dataset built once through tfds (array_record) under
   ``config.data.data_dir`` (default ``<workdir>/data``); ``synthetic``: the same examples drawn
   on the fly; ``jsonl``: a local JSONL dataset (``config.data.{train,validation,test}_path``).
+
+  A source whose records can be checked before they are read (``check_records``: the JSONL
+  source) is scanned against the run's static budgets first, so that a question with more images
+  than ``images_per_question`` or a prompt longer than ``config.rollout.max_prompt_len`` is a bad
+  record naming its file and line (raised, or skipped under ``config.data.on_error="skip"``)
+  before anything compiles. Prompt lengths are measured with the run's tokenizer
+  (``tokenizer_dir``) when it exists already.
   """
   from imagent_jax.data import sources
   d = config.data
@@ -245,7 +386,12 @@ def data_source(config, workdir: str, split: str):
       seed=d.seed, difficulty=difficulty(config),
       data_dir=os.path.expanduser(d.data_dir) if d.data_dir else os.path.join(workdir, "data"),
       path={"train": d.train_path, "validation": d.validation_path, "test": d.test_path}[split], on_error=d.on_error)
-  return sources.make_source(d.source, request)
+  source = sources.make_source(d.source, request)
+  if hasattr(source, "check_records"):
+    tok_dir = tokenizer_dir(config, workdir)
+    processor = run_processor(config, tok_dir) if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")) else None
+    source.check_records(_record_check(config, processor))
+  return source
 
 
 def example_stream(config, workdir: str, split: str, batch_size: int):

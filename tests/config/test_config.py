@@ -101,12 +101,114 @@ def test_the_config_modules():
   assert released.model.preset == "qwen2_5_vl_3b" and released.rl.steps == 2 and released.data.source == "jsonl"
 
 
-@pytest.mark.parametrize("arg,preset,steps", [("3b", "qwen2_5_vl_3b", 100), ("7b", "qwen2_5_vl_7b", 100),
-                                              ("7b,smoke", "qwen2_5_vl_7b", 2)])
-def test_released_config_takes_the_size_after_a_colon(arg, preset, steps):
+@pytest.mark.parametrize("arg,preset,steps,questions", [("3b", "qwen2_5_vl_3b", 500, 8),
+                                                        ("7b", "qwen2_5_vl_7b", 500, 8),
+                                                        ("7b,smoke", "qwen2_5_vl_7b", 2, 2)])
+def test_released_config_takes_the_size_after_a_colon(arg, preset, steps, questions):
   config = _parse("--config.rollout.group_size=8", config_file=f"configs/qwen2_5_vl.py:{arg}")
   assert config.model.preset == preset and config.model.dtype == "bfloat16" and config.rl.steps == steps
-  assert config.rollout.group_size == 8
+  assert config.rollout.group_size == 8 and config.stages == "rl"
+  views = config.rollout.max_tool_calls
+  assert config.rl.image_slots == questions * 8 * (4 + views)  # the budgets follow the override
+
+
+def _geometry():
+  from imagent_jax.models import get_preset, registry
+  return registry.family_of(get_preset("qwen2_5_vl_7b")).geometry(get_preset("qwen2_5_vl_7b"))
+
+
+def test_released_budgets_are_derived_from_questions_batch_and_views():
+  """The issue's numbers: 16 rows re-rendering one 5,120-patch input need 81,920 patches; the
+  released budgets hold 4 such inputs and 4 views of 1,024 patches a row, and follow overrides."""
+  config = _parse(config_file="configs/qwen2_5_vl.py:7b")
+  need = build.required_budgets(config, _geometry())
+  assert {k: config[k.split(".")[0]][k.split(".")[1]] for k in need} == need
+  rows = config.rl.batch_size * config.rollout.group_size
+  assert (config.data.max_images_per_question, config.rollout.max_tool_calls, rows) == (4, 4, 128)
+  assert config.rl.patch_budget == rows * (4 * 5120 + 4 * 1024) >= 16 * 5120
+  assert config.rollout.prompt_patches == 8 * 4 * 5120 and config.rollout.max_prompt_images == 8 * 4
+  assert config.rollout.max_prompt_len == 4 * 1280 + build.PROMPT_TEXT_TOKENS
+  assert config.rollout.obs_max_tokens == 256 + build.OBS_TEXT_TOKENS
+  assert config.rl.minibatch_patch_budget == config.rl.patch_budget // 4 and config.rl.minibatch_image_slots == 32 * 8
+  config = _parse("--config.data.max_images_per_question=2", "--config.processor.max_pixels=200704",
+                  "--config.rl.batch_size=1", "--config.rl.num_minibatches=2", "--config.rl.patch_budget=99",
+                  config_file="configs/qwen2_5_vl.py:7b")
+  assert config.rollout.prompt_patches == 2 * 1024 and config.rollout.max_prompt_len == 2 * 256 + 1024
+  assert config.rl.minibatch_image_slots == 8 * (2 + 4)
+  assert config.rl.patch_budget == 99  # a budget set by hand replaces the derived one ...
+  with pytest.raises(ValueError, match=r"config.rl.patch_budget=99 cannot hold even the prompt images of 16 rows "
+                                       r"\(32768 patches; with every tool view: 98304\)"):
+    validate.validate(config)  # ... and is checked
+
+
+def test_embedded_default_budgets_are_unchanged():
+  """The default keeps its own (hand-set) budgets: the same components as before budgets were derived."""
+  for config, values in ((schema.get_config(), (640, 4096, 16, 240, 24576, 112, 0, 0)),
+                         (schema.get_config("smoke"), (640, 4096, 16, 240, 3072, 24, 0, 0))):
+    r, ro = config.rl, config.rollout
+    assert (ro.max_prompt_len, ro.prompt_patches, ro.max_prompt_images, ro.obs_max_tokens, r.patch_budget,
+            r.image_slots, r.minibatch_patch_budget, r.minibatch_image_slots) == values
+    validate.validate(config, num_devices=8)
+
+
+def _checkpoint(folder, tokenizer=True):
+  """A checkpoint folder as far as validation reads it: the 7B's config.json (and a tokenizer)."""
+  import json
+  from imagent_jax.models import get_preset
+  from imagent_jax.processing import build_tiny_tokenizer
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(get_preset("qwen2_5_vl_7b").to_hf_dict(), f)
+  if tokenizer:
+    build_tiny_tokenizer(str(folder), vocab_size=512)
+  return str(folder)
+
+
+def test_released_config_is_valid_with_a_checkpoint_and_refuses_what_makes_no_sense(tmp_path):
+  config = presets.released_qwen_config("qwen2_5_vl_7b")
+  with pytest.raises(ValueError, match=r"config.stages \['rl'\] with config.model.preset='qwen2_5_vl_7b' and no "
+                                       r"config.model.checkpoint would roll out and train random weights"):
+    validate.validate(config)
+  config.model.checkpoint = _checkpoint(tmp_path / "ckpt")
+  validate.validate(config, num_devices=8)
+  config.stages = "warmup,rl"
+  with pytest.raises(ValueError, match=r"config.stages has 'warmup' with config.model.checkpoint=.*ckpt': the warmup "
+                                       r"trains a tiny model from random weights and would ignore the checkpoint"):
+    validate.validate(config)
+  config.stages, config.model.checkpoint, config.model.tokenizer = "warmup", "", str(tmp_path / "ckpt")
+  with pytest.raises(ValueError, match=r"'warmup' with config.model.preset='qwen2_5_vl_7b': the warmup trains the "
+                                       r"tiny presets \(tiny, micro\)"):
+    validate.validate(config)
+
+
+def test_validate_checks_budgets_for_jsonl_data_too(tmp_path):
+  config = presets.released_qwen_config("qwen2_5_vl_7b")
+  config.model.checkpoint = _checkpoint(tmp_path / "ckpt")
+  config.stages = "rollout,rl"
+  config.rollout.max_prompt_len = 4096  # the old released value: 4 images of up to 1280 tokens do not fit
+  config.rollout.prompt_patches = 4 * 5120  # the old value: one question's images, not rl.batch_size questions'
+  config.rl.image_slots = 4 * 4 * 7  # the default's
+  config.rl.num_minibatches = 3
+  config.rollout.num_prompts = 9
+  config.data.train_path = str(tmp_path / "nope.jsonl")
+  with pytest.raises(ValueError) as e:
+    validate.validate(config)
+  text = str(e.value)
+  text_tokens = build.prompt_length(config, build.run_processor(config, config.model.checkpoint), "", None,
+                                    [1] * 4) - 4  # the system prompt and markup, measured with the tokenizer
+  for message in (
+      f"config.rollout.max_prompt_len=4096 cannot hold 4 images of up to 1280 tokens and the prompt's {text_tokens} "
+      f"text tokens without a question (need >= {5120 + text_tokens}",
+      "config.rollout.prompt_patches=20480 cannot hold rl.batch_size=8 questions of 4 images of up to 5120 patches "
+      "(163840)",
+      "config.rl.num_minibatches=3 must divide the 128 rows of a step",
+      "config.rollout.num_prompts=9 > rl.batch_size=8",
+      f"config.data.train_path='{tmp_path}/nope.jsonl' does not exist"):
+    assert message in text, (message, text)
+  config.rl.num_minibatches = 4
+  with pytest.raises(ValueError, match=r"config.rl.image_slots=112 cannot hold 128 rows of 4 prompt images and "
+                                       r"rollout.max_tool_calls=4 views \(need 1024\)"):
+    validate.validate(config)
 
 
 def test_released_config_needs_a_size():
