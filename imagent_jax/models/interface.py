@@ -6,11 +6,16 @@ processor's image geometry talk to a model only through this interface, so a sec
 ``VLMFamily`` and registers it in ``models.registry.FAMILIES``. Nothing outside a family's folder
 names its classes or writes its patch size.
 
-The module a family builds (``family.module(config, ...)``) is a Flax linen module with four
+The module a family builds (``family.module(config, ...)``) is a Flax linen module with five
 entry points, called with ``module.apply({'params': p}, ..., method=NAME)``:
 
-* ``__call__(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None)`` ->
-  logits ``[B, L, V]`` float32: the inputs transformers' forward takes (DESIGN.md §5).
+* ``__call__(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+  return_hidden=False)`` -> logits ``[B, L, V]`` float32: the inputs transformers' forward takes
+  (DESIGN.md §5). With ``return_hidden=True`` it returns the final (normed) hidden states
+  ``[B, L, D]`` instead, the input of ``logits``.
+* ``logits(hidden [..., D])`` -> ``[..., V]`` float32: the vocabulary projection the forward pass
+  ends with. The training log-prob pass (``rl.logprobs.token_logprobs``) applies it to chunks of
+  positions so that ``[B, L, V]`` float32 logits never exist at once.
 * ``encode_images(pixel_values [P, patch_dim], image_grid_thw [N, 3])`` -> merged image
   features ``[P // merge_unit, D]`` in processor order (padded patch slots allowed).
 * ``embed(input_ids [B, L], features [F, D] | None, num_features=None)`` -> ``[B, L, D]`` token
@@ -100,16 +105,21 @@ class VLMFamily(abc.ABC):
   # ------------------------------------------------------------------ the module and its state
 
   @abc.abstractmethod
-  def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool = False,
-             max_frame_patches: int = 0):
+  def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool | str = "none",
+             max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512):
     """The Flax module (see the module docstring for its methods).
 
     Args:
       config: a ``config_type`` instance.
       dtype, param_dtype: compute and parameter dtypes (default float32).
-      remat: rematerialise blocks in the backward pass.
+      remat: what each block keeps for the backward pass (``layers.REMAT_POLICIES``: "none",
+        "full", "dots", "dots_no_batch"; the old bools mean "none" / "full").
       max_frame_patches: the largest image frame in patches (bounds the vision attention bands;
         0: dense).
+      attention: how the decoder attends over a whole sequence (``layers.ATTENTION_IMPLS``:
+        "dense", "blocked", "xla", "cudnn"); ``ValueError`` when it cannot run here
+        (``layers.check_attention``: "cudnn" off a GPU).
+      attention_block: query and key block of ``attention="blocked"``.
     """
 
   @abc.abstractmethod
