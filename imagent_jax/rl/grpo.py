@@ -5,8 +5,9 @@ loss and its aggregations (``rl.losses``), the optimiser and its schedule (``rl.
 batch and its minibatches (``rl.batch``) — and meet here:
 
 * ``GRPOConfig`` — every GRPO setting, validated against those registries.
-* ``grpo_loss`` — ``losses.policy_loss`` of ``params`` on one minibatch; the log-probs come from
-  ``imagent_jax.rl.logprobs.token_logprobs``, the one training forward pass.
+* ``grpo_loss`` — ``losses.policy_loss`` of ``params`` on one minibatch; the log-probs and
+  entropies come from ``imagent_jax.rl.logprobs.token_logprobs``, the one training forward pass
+  (vocabulary projection in chunks of positions).
 * ``train_step`` — one optimiser step on one minibatch. A non-finite loss or gradient norm leaves
   params and optimiser state bit-identical and reports ``skipped = 1``.
 * ``jit_train_step`` / ``sharded_train_step`` — ``train_step`` jitted, the latter with
@@ -58,8 +59,8 @@ class GRPOConfig:
       positive advantages).
     loss_agg: a key of ``losses.LOSS_AGGREGATIONS``.
     kl_coef: weight of the k3 KL estimate to a frozen reference (0 = no reference needed).
-    entropy_coef: weight of the entropy bonus (the loss subtracts ``entropy_coef * entropy``);
-      non-zero makes the step compute entropies.
+    entropy_coef: weight of the entropy bonus (the loss subtracts ``entropy_coef * entropy``; 0:
+      no bonus). The entropy is computed, and logged as the ``entropy`` metric, either way.
     temperature: the rollout's sampling temperature; log-probs are taken under it.
     learning_rate: peak learning rate.
     warmup_steps: linear warmup steps (optimiser steps, i.e. minibatch updates).
@@ -153,19 +154,27 @@ def _check_batch(batch: Batch, cfg: GRPOConfig) -> None:
     raise ValueError(f"kl_coef={cfg.kl_coef} needs batch['ref_logp'] (the frozen reference's log-probs)")
 
 
-def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch):
+def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch, *, chunk_size: int | None = logprobs_lib.DEFAULT_CHUNK_SIZE):
   """``(loss, metrics)`` of ``params`` on one minibatch; log-probs from ``token_logprobs``.
+
+  Log-probs and the policy's entropies come from one chunked projection of the final hidden
+  states (``token_logprobs``): the ``[R, T, V]`` logits are never held whole. The entropy is
+  always computed (the ``entropy`` metric, ``train/entropy`` in the trainer's log); it enters the
+  loss, and so the gradient, only with a non-zero ``cfg.entropy_coef``.
 
   Args:
     model: the model (the family's module).
     cfg: the GRPO config.
     params: parameters (differentiated).
-    batch: see ``train_step``.
+    batch: see ``train_step`` (``tokens [R, T]`` ...).
+    chunk_size: positions per row projected onto the vocabulary at once (static; None: all).
+
+  Returns:
+    ``(loss [], metrics)``: ``losses.policy_loss``'s.
   """
-  with_entropy = cfg.entropy_coef != 0
-  out = logprobs_lib.token_logprobs(model, params, batch["tokens"], batch["attention_mask"], batch.get("pixel_values"),
-                                    batch.get("image_grid_thw"), temperature=cfg.temperature, with_entropy=with_entropy)
-  logp, entropy = out if with_entropy else (out, None)
+  logp, entropy = logprobs_lib.token_logprobs(model, params, batch["tokens"], batch["attention_mask"],
+                                              batch.get("pixel_values"), batch.get("image_grid_thw"),
+                                              temperature=cfg.temperature, with_entropy=True, chunk_size=chunk_size)
   return policy_loss(logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg,
                      ref_logp=batch.get("ref_logp"), entropy=entropy)
 
@@ -188,8 +197,8 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch):
       and ``image_grid_thw [N, 3]`` (absent or None for a text-only batch).
 
   Returns:
-    ``(params, opt_state, metrics)``; metrics are ``losses.policy_loss``'s plus ``grad_norm`` (before
-    clipping), ``learning_rate`` (used by this step), ``skipped`` (1.0 when skipped, else 0.0).
+    ``(params, opt_state, metrics)``; metrics are ``losses.policy_loss``'s (``entropy`` included)
+    plus ``grad_norm`` (before clipping), ``learning_rate`` (used by this step), ``skipped`` (1.0 when skipped, else 0.0).
   """
   _check_batch(batch, cfg)
   tx = make_optimizer(cfg)

@@ -61,7 +61,8 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, entropy=No
       ``entropy_coef``).
     ref_logp: ``[R, T]`` frozen reference log-probs, or None (no KL term; needs ``kl_coef == 0``
       to be meaningful — with a positive ``kl_coef`` it is an error).
-    entropy: ``[R, T]`` entropies of the sampling distributions, or None.
+    entropy: ``[R, T]`` entropies of the sampling distributions, or None. Given, it is reported
+      (``entropy``) whatever ``entropy_coef``; it enters the loss only when ``entropy_coef != 0``.
 
   Returns:
     ``(loss, metrics)``: the scalar loss and, as float32 scalars, ``loss``, ``pg_loss`` (the
@@ -69,8 +70,10 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, entropy=No
     ``clip_fraction_high`` (share of loss tokens whose clipped branch is active: ratio above
     ``1 + eps_high`` with ``A > 0``, below ``1 - eps_low`` with ``A < 0``), ``approx_kl`` (k3
     estimate of KL(old || current) on the rollout's samples), ``ratio_mean``, ``ratio_max``,
-    ``tokens`` (loss tokens), and ``kl`` / ``entropy`` when those inputs are given. All but
-    ``loss`` and ``pg_loss`` are token means over loss tokens, whatever the aggregation.
+    ``tokens`` (loss tokens), and ``kl`` / ``entropy`` when those inputs are given. ``entropy``
+    is aggregated over loss tokens like the loss (``loss_agg``), so the bonus adds exactly
+    ``-entropy_coef * entropy`` to the loss; all others but ``loss`` and ``pg_loss`` are token
+    means over loss tokens, whatever the aggregation.
   """
   if cfg.kl_coef > 0 and ref_logp is None:
     raise ValueError(f"kl_coef={cfg.kl_coef} needs the reference log-probs (ref_logp)")
@@ -115,5 +118,5 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, entropy=No
   if kl is not None:
     metrics["kl"] = sg(tok_mean(kl))
   if ent is not None:
-    metrics["entropy"] = sg(tok_mean(ent))
+    metrics["entropy"] = sg(agg(ent, mask))
   return loss, metrics

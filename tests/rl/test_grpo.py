@@ -11,11 +11,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from imagent_jax import parallel
 from imagent_jax.models import get_preset
 from imagent_jax.models import qwen2_5_vl as qvl
+from imagent_jax.models.registry import family_of
 from imagent_jax.rl import advantages, grpo, logprobs, losses, masks, optim
 from imagent_jax.rl import batch as batch_lib
 
@@ -117,7 +119,7 @@ def test_minibatches_carry_their_own_images(env):
   np.testing.assert_array_equal(mbs[0]["image_grid_thw"][:4], [IMAGES[n] for r in perm[:4] for n in ROW_IMAGES[r]])
   for mb in mbs:
     _, _, m = env["step"](env["params"], env["opt_state"], mb)
-    assert float(m["tokens"]) > 0
+    assert float(m["tokens"]) > 0 and float(m["entropy"]) > 0  # the policy's entropy, logged every step
     np.testing.assert_allclose(float(m["ratio_max"]), 1.0, atol=1e-4)
     assert float(m["approx_kl"]) < 1e-8 and float(m["skipped"]) == 0.0
     assert float(m["learning_rate"]) == pytest.approx(env["cfg"].learning_rate)
@@ -254,3 +256,34 @@ def test_equal_settings_share_one_sharded_step(env):
   rules = list(parallel.DEFAULT_RULES)  # unhashable: built for the caller, not shared
   assert grpo.sharded_train_step(env["model"], env["cfg"], mesh, rules) is not grpo.sharded_train_step(
       env["model"], env["cfg"], mesh, rules)
+
+
+def test_the_loss_reports_the_policy_entropy_and_chunking_changes_nothing(env):
+  """``grpo_loss`` always reports ``entropy`` (token mean over loss tokens of the dense pass's
+  entropies) without an entropy term in the loss at ``entropy_coef = 0`` (the bonus itself:
+  test_losses); a chunked vocabulary projection (7 positions of 39, not dividing) gives the loss,
+  metrics and gradient of one chunk."""
+  model, params, cfg = env["model"], env["params"], env["cfg"]
+  mb = env["split"](env["batch"])[0]
+
+  def run(chunk_size):
+    fn = lambda p: grpo.grpo_loss(model, cfg, p, mb, chunk_size=chunk_size)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True), **FAST_COMPILE)(params)
+
+  (loss, m), grads = run(None)
+  (loss7, m7), grads7 = run(7)
+  logits = jax.jit(lambda p, b: model.apply({"params": p}, input_ids=b["tokens"], attention_mask=b["attention_mask"],
+                                            pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"]),
+                   **FAST_COMPILE)(params, mb)  # [R, T, V]: the dense pass
+  banned = family_of(env["config"]).banned_token_ids(env["config"])
+  _, entropy = logprobs.logprobs_of(logits[:, :-1], mb["tokens"][:, 1:], cfg.temperature, banned, with_entropy=True)
+  mask = mb["loss_mask"][:, 1:] > 0
+  want = float(np.asarray(entropy)[mask].mean())
+  assert want > 1.0
+  np.testing.assert_allclose(float(m["entropy"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(m["pg_loss"]), rtol=1e-6)  # no entropy term at entropy_coef 0
+  np.testing.assert_allclose(float(loss7), float(loss), rtol=1e-5, atol=1e-7)
+  for k in m:
+    np.testing.assert_allclose(float(m7[k]), float(m[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+  assert float(optax.tree.norm(grads)) > 0
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grads7, grads)

@@ -1,6 +1,7 @@
 """The policy loss by hand: PPO-clip (clip-higher) with both aggregations, k3 KL and entropy, and
 exactly zero gradients on masked and clipped tokens."""
 
+import dataclasses
 import math
 
 import jax
@@ -104,3 +105,23 @@ def test_aggregations_are_registered_by_name():
   assert float(losses.LOSS_AGGREGATIONS["seq_mean"](per_token, mask)) == pytest.approx((1.5 + 8) / 2)
   with pytest.raises(ValueError, match="already registered"):
     losses.LOSS_AGGREGATIONS.register("token_mean")(lambda p, m: p.sum())
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
+def test_entropy_is_reported_like_the_loss_and_enters_it_only_with_a_coefficient(agg):
+  mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.float32)
+  entropy = jnp.array([[0.3, 0.6, 0.9, 100.0], [2.0, 50.0, 50.0, 50.0]])
+  logp = jnp.full((2, 4), -1.0)
+  adv = np.array([1.0, -1.0], np.float32)
+  want = {"token_mean": (0.3 + 0.6 + 0.9 + 2.0) / 4, "seq_mean": (0.6 + 2.0) / 2}[agg]
+  cfg = grpo.GRPOConfig(group_size=2, loss_agg=agg)
+  loss_of = lambda c, ent: losses.policy_loss(logp, logp - 0.1, adv, mask, c, entropy=ent)
+  (loss, m), d_entropy = jax.value_and_grad(lambda ent: loss_of(cfg, ent), has_aux=True)(entropy)
+  np.testing.assert_allclose(float(m["entropy"]), want, rtol=1e-6)
+  assert float(loss) == float(loss_of(cfg, None)[0])  # reported, not in the loss
+  assert not np.asarray(d_entropy).any()
+  bonus = dataclasses.replace(cfg, entropy_coef=0.5)
+  loss_b, m_b = loss_of(bonus, entropy)
+  np.testing.assert_allclose(float(loss_b), float(loss) - 0.5 * want, rtol=1e-6)
+  assert float(m_b["entropy"]) == float(m["entropy"])
+  assert "entropy" not in loss_of(cfg, None)[1]
