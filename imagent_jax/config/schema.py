@@ -34,6 +34,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.export_hf = True  # model stage: save_pretrained into <workdir>/hf_export and check the reload
   c.model.init = "fan_in"  # random init (no checkpoint): "fan_in" (std 1/sqrt(fan_in): trains from scratch) or "hf"
   c.model.from_warmup_base = True  # without a checkpoint, start from <workdir>/base when the warmup made one
+  # The decoder's attention over a whole sequence (training, prefill): "dense" ([B, H, L, L] float32
+  # scores), "blocked" (flash-style blocks in jnp, any backend), "xla" or "cudnn" (GPU, 16-bit)
+  # through jax.nn.dot_product_attention (imagent_jax.models.layers.attention).
+  c.model.attention = "dense"
+  c.model.attention_block = 512  # query and key block of attention="blocked"
 
   c.processor = ml_collections.ConfigDict()
   c.processor.min_pixels = 56 * 56
@@ -157,7 +162,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.num_minibatches = 1
   c.rl.ppo_epochs = 1
   # The trainer's settings (rl.trainer, stages/rl.py).
-  c.rl.remat = False
+  # What each decoder layer keeps for the backward pass (models.layers.REMAT_POLICIES): "none",
+  # "full" (recompute the layer), "dots" (keep matmul results), "dots_no_batch" (keep the
+  # projections, recompute attention scores). Any but "none" recomputes the vision blocks whole.
+  c.rl.remat = "none"
   c.rl.patch_budget = 4 * 4 * 6 * 256  # static patches of one rollout batch's training pass (16 rows, ~6 images each)
   c.rl.image_slots = 4 * 4 * 7
   c.rl.minibatch_patch_budget = 0  # 0: patch_budget // num_minibatches

@@ -37,6 +37,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     errors.append(f"unknown stages {unknown}; available: {list(stages.STAGES.names())}")
 
   model_config = _model_config(config, errors)
+  errors += _memory_setting_errors(config)
   geometry = None if model_config is None else registry.family_of(model_config).geometry(model_config)
 
   # Sections that configure a stage, not a component.
@@ -228,3 +229,22 @@ def _model_config(config, errors: list[str]):
     if m[name] not in build.DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} is not one of {tuple(build.DTYPES)}")
   return model_config
+
+def _memory_setting_errors(config) -> list[str]:
+  """``config.model.attention`` (a known implementation that runs on this backend with this dtype:
+  "cudnn" needs a GPU and a 16-bit ``model.dtype``), its block, and ``config.rl.remat``."""
+  from imagent_jax.models import layers
+  from imagent_jax.stages import build
+
+  errors = []
+  try:
+    layers.check_attention(config.model.attention, dtype=build.DTYPES.get(config.model.dtype))
+  except ValueError as e:
+    errors.append(f"config.model.{e}")
+  if config.model.attention_block < 1:
+    errors.append(f"config.model.attention_block={config.model.attention_block} must be >= 1")
+  try:
+    layers.remat_name(config.rl.remat)
+  except ValueError as e:
+    errors.append(f"config.rl.{e}")
+  return errors

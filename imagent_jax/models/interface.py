@@ -105,16 +105,21 @@ class VLMFamily(abc.ABC):
   # ------------------------------------------------------------------ the module and its state
 
   @abc.abstractmethod
-  def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool = False,
-             max_frame_patches: int = 0):
+  def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool | str = "none",
+             max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512):
     """The Flax module (see the module docstring for its methods).
 
     Args:
       config: a ``config_type`` instance.
       dtype, param_dtype: compute and parameter dtypes (default float32).
-      remat: rematerialise blocks in the backward pass.
+      remat: what each block keeps for the backward pass (``layers.REMAT_POLICIES``: "none",
+        "full", "dots", "dots_no_batch"; the old bools mean "none" / "full").
       max_frame_patches: the largest image frame in patches (bounds the vision attention bands;
         0: dense).
+      attention: how the decoder attends over a whole sequence (``layers.ATTENTION_IMPLS``:
+        "dense", "blocked", "xla", "cudnn"); ``ValueError`` when it cannot run here
+        (``layers.check_attention``: "cudnn" off a GPU).
+      attention_block: query and key block of ``attention="blocked"``.
     """
 
   @abc.abstractmethod

@@ -7,6 +7,7 @@ parameter pytree a user sees is plain arrays.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -18,6 +19,10 @@ _INIT_STD = 0.02
 # A large finite negative instead of -inf, so that rows with nothing to attend to give a uniform
 # softmax rather than NaN (padding rows; their outputs are never used).
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Logit of the keys ``blocked_attention`` appends to fill its last block: below ``_MASK_VALUE``, so
+# they take no weight even in a row that may attend to nothing (there, as in the dense path, the
+# weight spreads evenly over the real keys).
+_PAD_KEY_VALUE = -float(jnp.finfo(jnp.float32).max)
 
 
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool, dtype: Dtype,
@@ -186,3 +191,277 @@ def local_segment_attention(q, k, v, segment_ids, *, block: int, scale: float):
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("nhqk,nkhd->nqhd", probs, vb).reshape(nb * block, h, d)
   return out[:p]
+
+
+# ------------------------------------------------------------------ attention implementations
+
+# ``config.model.attention``: how the decoder attends when it runs over a whole sequence (training,
+# log-probs, prefill). Decode steps (one query against a KV cache) always use ``cached_attention``.
+ATTENTION_IMPLS = ("dense", "blocked", "xla", "cudnn")
+
+
+def check_attention(implementation: str, *, backend: str | None = None, dtype: Any = None) -> None:
+  """Raises ``ValueError`` unless ``implementation`` is one of ``ATTENTION_IMPLS`` and can run here.
+
+  ``"cudnn"`` is cuDNN's fused flash attention: it needs a CUDA GPU (``backend``, default
+  ``jax.default_backend()``, must be ``"gpu"``) and a 16-bit compute ``dtype`` (when given).
+  """
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"attention={implementation!r} is not one of {ATTENTION_IMPLS}")
+  if implementation != "cudnn":
+    return
+  backend = backend or jax.default_backend()
+  if backend != "gpu":
+    raise ValueError(f"attention='cudnn' (cuDNN flash attention) needs a CUDA GPU, but JAX runs on {backend!r}; "
+                     "use attention='blocked' (the same memory saving in plain jnp, on any backend)")
+  if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype, not {jnp.dtype(dtype).name}")
+
+
+def attention(q, k, v, mask, *, scale: float, implementation: str = "dense", block: int = 512):
+  """Grouped-query attention over a whole sequence, by ``implementation`` (``ATTENTION_IMPLS``).
+
+  Every implementation computes ``masked_softmax_attention`` (softmax in float32):
+
+  * ``"dense"``: ``masked_softmax_attention`` itself; holds ``[B, H, Lq, S]`` float32 scores.
+  * ``"blocked"``: ``blocked_attention``, ``block`` queries x ``block`` keys at a time with an
+    online softmax and a recomputing backward pass: memory ``O((Lq + S) * hd + block**2)`` per
+    row and head; any backend.
+  * ``"xla"``: ``jax.nn.dot_product_attention(..., implementation="xla")`` with the mask.
+  * ``"cudnn"``: ``jax.nn.dot_product_attention(..., implementation="cudnn")``, cuDNN's flash
+    attention (GPU, 16-bit; ``check_attention``). It is told the mask as causal plus one run of
+    real tokens per row (``causal_padded_attention``), so ``mask`` must be the decoder's
+    ``causal_mask`` without a cache: ``S == Lq`` and each row's real tokens contiguous (left or
+    right padding).
+
+  Rows that may attend to nothing (padding queries) give finite outputs that callers ignore;
+  they are the only outputs where implementations may differ.
+
+  Args:
+    q: ``[B, Lq, Hkv, G, hd]`` queries (``G`` query heads share one kv head).
+    k: ``[B, S, Hkv, hd]`` keys.
+    v: ``[B, S, Hkv, hd]`` values.
+    mask: ``[B, Lq, S]`` boolean; True where query may attend to key.
+    scale: logit multiplier (``hd ** -0.5``).
+    implementation: one of ``ATTENTION_IMPLS``.
+    block: the query and key block of ``"blocked"``.
+
+  Returns:
+    ``[B, Lq, Hkv, G, hd]`` in the dtype of ``q``.
+  """
+  if implementation == "dense":
+    return masked_softmax_attention(q, k, v, mask, scale=scale)
+  if implementation == "blocked":
+    return blocked_attention(q, k, v, mask, scale=scale, block_q=block, block_k=block)
+  if implementation == "xla":
+    b, lq, hkv, g, hd = q.shape
+    out = jax.nn.dot_product_attention(q.reshape(b, lq, hkv * g, hd), k, v, mask=mask[:, None], scale=scale,
+                                       implementation="xla")
+    return out.reshape(q.shape)
+  if implementation == "cudnn":
+    return causal_padded_attention(q, k, v, mask, scale=scale, implementation="cudnn")
+  raise ValueError(f"attention={implementation!r} is not one of {ATTENTION_IMPLS}")
+
+
+def causal_padded_attention(q, k, v, mask, *, scale: float, implementation: str = "cudnn"):
+  """``jax.nn.dot_product_attention`` of the decoder's causal, padded self-attention, without a dense mask.
+
+  A fused kernel's ``is_causal`` counts query and key positions from 0 and its sequence lengths
+  cut rows at the right, while our rows may be left-padded. Each row is therefore rolled so that
+  its real tokens start at slot 0 (rotary positions are already in ``q`` and ``k``, so moving
+  the rows changes nothing else), attended with ``is_causal`` and ``query/key_value_seq_lengths``
+  (the number of real tokens), and rolled back; padding queries give 0.
+
+  Args:
+    q: ``[B, L, Hkv, G, hd]``.
+    k, v: ``[B, L, Hkv, hd]``.
+    mask: ``[B, L, L]`` the decoder's ``causal_mask(attention_mask, L)``: its last row is the key
+      mask, whose real tokens must be one contiguous run per row (left or right padding).
+    scale: logit multiplier.
+    implementation: ``"cudnn"``; ``"xla"`` runs the same expression on any backend (tests).
+
+  Returns:
+    ``[B, L, Hkv, G, hd]`` in the dtype of ``q``.
+  """
+  b, l, hkv, g, hd = q.shape
+  key_mask = mask[:, -1, :]  # [B, L]: the last query sees every real key
+  lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)  # [B]
+  start = jnp.argmax(key_mask, axis=-1).astype(jnp.int32)  # [B] first real token (0 for an empty row)
+  slots = jnp.arange(l, dtype=jnp.int32)
+  gather = (slots[None, :] + start[:, None]) % l  # [B, L]: rolled slot i holds token start + i
+
+  def roll(x, index):
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  out = jax.nn.dot_product_attention(roll(q, gather).reshape(b, l, hkv * g, hd), roll(k, gather), roll(v, gather),
+                                     scale=scale, is_causal=True, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+  out = jnp.where((slots[None, :] < lengths[:, None])[:, :, None, None], out, 0).astype(q.dtype)
+  return roll(out.reshape(q.shape), (slots[None, :] - start[:, None]) % l)
+
+
+def blocked_attention(q, k, v, mask, *, scale: float, block_q: int = 512, block_k: int = 512):
+  """``masked_softmax_attention`` a block of queries and keys at a time (flash attention in ``jnp``).
+
+  The forward pass walks ``block_k`` keys at a time for each block of ``block_q`` queries,
+  keeping a running maximum, normaliser and weighted sum (an online softmax in float32); it saves
+  only the output and each row's log-sum-exp. The backward pass (``jax.custom_vjp``) recomputes
+  each block's probabilities from them, so neither pass ever holds more than one
+  ``[B, Hkv, G, block_q, block_k]`` block of scores. Blocks whose mask is False everywhere (above
+  the causal diagonal, all-padding) are skipped. Runs on any backend (``lax.scan`` / ``lax.cond``).
+
+  Equal to the dense path up to float rounding for every row that may attend to at least one
+  key; a row that may attend to nothing gets an average of the values of the blocks that were
+  not skipped (finite; the dense path averages all values).
+
+  Args:
+    q: ``[B, Lq, Hkv, G, hd]`` queries.
+    k: ``[B, S, Hkv, hd]`` keys.
+    v: ``[B, S, Hkv, hd]`` values.
+    mask: ``[B, Lq, S]`` boolean; True where query may attend to key.
+    scale: logit multiplier.
+    block_q, block_k: rows of a query / key block (at most ``Lq`` / ``S``; the last block is padded).
+
+  Returns:
+    ``[B, Lq, Hkv, G, hd]`` in the dtype of ``q``.
+  """
+  lq, s = q.shape[1], k.shape[1]
+  bq, bk = max(1, min(block_q, lq)), max(1, min(block_k, s))
+  pad_q, pad_k = -lq % bq, -s % bk
+  if pad_q or pad_k:
+    q = jnp.pad(q, ((0, 0), (0, pad_q)) + ((0, 0),) * 3)
+    k = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad_q), (0, pad_k)))
+  out = _blocked(q, k, v, mask.astype(bool), float(scale), bq, bk, s)
+  return out[:, :lq]
+
+
+def _block_logits(qi, kj, mask_ij, j, scale, bk, num_keys):
+  """Scores ``[B, Hkv, G, bq, bk]`` float32 of one block: masked to ``_MASK_VALUE``, appended keys lower."""
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+  real = j * bk + jnp.arange(bk) < num_keys  # [bk]
+  fill = jnp.where(real, _MASK_VALUE, _PAD_KEY_VALUE).astype(jnp.float32)
+  return jnp.where(mask_ij[:, None, None], logits, fill)
+
+
+def _live_blocks(mask, bq, bk):
+  """``[nq, nk]`` bool: the blocks where some row of some batch element may attend."""
+  b, lq, s = mask.shape
+  return jnp.any(mask.reshape(b, lq // bq, bq, s // bk, bk), axis=(0, 2, 4))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _blocked(q, k, v, mask, scale, bq, bk, num_keys):
+  return _blocked_fwd(q, k, v, mask, scale, bq, bk, num_keys)[0]
+
+
+def _blocked_fwd(q, k, v, mask, scale, bq, bk, num_keys):
+  b, lq, hkv, g, hd = q.shape
+  nq, nk = lq // bq, k.shape[1] // bk
+  live = _live_blocks(mask, bq, bk)
+
+  def query_block(i):
+    qi = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+
+    def key_block(carry, j):
+      def update(carry):
+        m, l, acc = carry  # [B, Hkv, G, bq] x2, [B, Hkv, G, bq, hd], float32
+        kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+        vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        mask_ij = jax.lax.dynamic_slice(mask, (0, i * bq, j * bk), (b, bq, bk))
+        logits = _block_logits(qi, kj, mask_ij, j, scale, bk, num_keys)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        p = jnp.exp(logits - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+        return m_new, l, acc * correction[..., None] + pv
+
+      return jax.lax.cond(live[i, j], update, lambda c: c, carry), None
+
+    init = (jnp.full((b, hkv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
+            jnp.zeros((b, hkv, g, bq, hd), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(key_block, init, jnp.arange(nk))
+    seen = l > 0  # False only where every key block was skipped
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    return jnp.einsum("bkgqd->bqkgd", out).astype(q.dtype), lse
+
+  out, lse = jax.lax.map(query_block, jnp.arange(nq))  # [nq, B, bq, Hkv, G, hd], [nq, B, Hkv, G, bq]
+  out = jnp.moveaxis(out, 0, 1).reshape(q.shape)
+  lse = jnp.moveaxis(lse, 0, -2).reshape(b, hkv, g, lq)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _blocked_bwd(scale, bq, bk, num_keys, residuals, dout):
+  q, k, v, mask, out, lse = residuals
+  b, lq, hkv, g, hd = q.shape
+  nq, nk = lq // bq, k.shape[1] // bk
+  live = _live_blocks(mask, bq, bk)
+  dout = dout.astype(q.dtype)
+  delta = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))  # [B, Hkv, G, Lq]
+
+  def key_block(dq, j):
+    kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+    vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+
+    def query_block(carry, i):
+      def update(carry):
+        dk, dv = carry  # [B, bk, Hkv, hd] float32
+        qi = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+        doi = jax.lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=1)
+        lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
+        delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+        mask_ij = jax.lax.dynamic_slice(mask, (0, i * bq, j * bk), (b, bq, bk))
+        p = jnp.exp(_block_logits(qi, kj, mask_ij, j, scale, bk, num_keys) - lse_i[..., None])
+        dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(v.dtype), doi, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+        ds = jnp.where(mask_ij[:, None, None], p * (dp - delta_i[..., None]), 0.0) * scale
+        ds = ds.astype(q.dtype)
+        dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, kj, preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qi, preferred_element_type=jnp.float32)
+        return (dk, dv), dq_i
+
+      skip = lambda c: (c, jnp.zeros((b, bq, hkv, g, hd), jnp.float32))
+      return jax.lax.cond(live[i, j], update, skip, carry)
+
+    zeros = jnp.zeros((b, bk, hkv, hd), jnp.float32)
+    (dk, dv), dq_blocks = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(nq))
+    return dq + jnp.moveaxis(dq_blocks, 0, 1).reshape(dq.shape), (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+  dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
+  dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+# ------------------------------------------------------------------------------ remat policies
+
+# ``config.rl.remat``: what each decoder layer keeps for the backward pass. "none": everything
+# (no rematerialisation); "full": only its inputs (the whole layer is recomputed); "dots": the
+# results of its matmuls (``jax.checkpoint_policies.checkpoint_dots``; the elementwise work is
+# recomputed); "dots_no_batch": the matmul results without batch dimensions, i.e. the projections
+# but not the attention scores (``dots_with_no_batch_dims_saveable``).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_name(remat: bool | str) -> str:
+  """The remat policy name of ``remat``: a ``REMAT_POLICIES`` name, or the old bools (False -> "none",
+  True -> "full", also as the strings "False" / "True"); raises ``ValueError`` for anything else."""
+  if isinstance(remat, bool) or remat is None:
+    return "full" if remat else "none"
+  if isinstance(remat, str) and remat.lower() in ("true", "false"):  # --config.rl.remat=True, as before
+    return "full" if remat.lower() == "true" else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)} (or a bool: False = 'none', "
+                     "True = 'full')")
+  return remat

@@ -24,9 +24,10 @@ TOL = 1e-4
 
 
 @functools.lru_cache(maxsize=None)
-def _forward(config, dtype=jnp.float32, max_frame_patches=0):
+def _forward(config, dtype=jnp.float32, max_frame_patches=0, attention="dense"):
   """Jitted apply: compiling once per shape is much faster than op-by-op eager dispatch on CPU."""
-  model = qvl.Qwen25VL(config, dtype=dtype, param_dtype=dtype, max_frame_patches=max_frame_patches)
+  model = qvl.Qwen25VL(config, dtype=dtype, param_dtype=dtype, max_frame_patches=max_frame_patches,
+                       attention=attention, attention_block=16)
   return jax.jit(lambda p, ids, m, pv, g: model.apply({"params": p}, input_ids=ids, attention_mask=m,
                                                        pixel_values=pv, image_grid_thw=g))
 IMAGE_SIZES = [(60, 90), (200, 56), (150, 330), (84, 84)]  # (height, width): wide, tall, odd, square
@@ -87,12 +88,12 @@ def _torch_logits(model, config, ids, mask, pixel_values, grid):
   return out.logits.numpy(), pos.numpy()
 
 
-def _compare(models, ids, mask, imgs, max_frame_patches=0):
+def _compare(models, ids, mask, imgs, max_frame_patches=0, attention="dense"):
   config, params, torch_model = models
   pv = np.concatenate([p for p, _ in imgs]) if imgs else None
   grid = np.stack([g for _, g in imgs]) if imgs else None
   ref, _ = _torch_logits(torch_model, config, ids, mask, pv, grid)
-  ours = _forward(config, max_frame_patches=max_frame_patches)(params, ids, mask, pv, grid)
+  ours = _forward(config, max_frame_patches=max_frame_patches, attention=attention)(params, ids, mask, pv, grid)
   ours = np.asarray(ours)
   valid = mask.astype(bool)
   assert ours.shape == ref.shape
@@ -168,13 +169,15 @@ def test_local_segment_attention_equals_dense_segment_mask(block):
   np.testing.assert_allclose(np.asarray(banded), np.asarray(dense), atol=1e-5)
 
 
-def test_left_padded_batch_with_different_images(models, images):
+@pytest.mark.parametrize("attention", ["dense", "blocked"])
+def test_left_padded_batch_with_different_images(models, images, attention):
+  """Also with the decoder's blocked attention (blocks of 16 tokens, config.model.attention)."""
   config = models[0]
   rng = np.random.RandomState(5)
   rows = [_row(config, rng, [3, images[0][1], 7]), _row(config, rng, [2, images[2][1], images[1][1], 2])]
   ids, mask = _batch(config, rows)
   assert (mask == 0).any(axis=1).any()
-  _compare(models, ids, mask, [images[0], images[2], images[1]])
+  _compare(models, ids, mask, [images[0], images[2], images[1]], attention=attention)
 
 
 def test_jit_matches_eager_and_grids_are_data(models, images):

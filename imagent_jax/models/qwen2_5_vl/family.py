@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from imagent_jax.models import registry
+from imagent_jax.models import layers, registry
 from imagent_jax.models.interface import PatchGeometry, VLMFamily  # noqa: F401
 from imagent_jax.models.qwen2_5_vl import model as model_lib
 from imagent_jax.models.qwen2_5_vl import presets as presets_lib
@@ -21,10 +21,13 @@ class Qwen25VLFamily(VLMFamily):
   config_type = ModelConfig
   presets = presets_lib.PRESETS
 
-  def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool = False,
-             max_frame_patches: int = 0):
-    return model_lib.Qwen25VL(config, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32, remat=remat,
-                              max_frame_patches=max_frame_patches)
+  def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool | str = "none",
+             max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512):
+    dtype = dtype or jnp.float32
+    layers.check_attention(attention, dtype=dtype)
+    return model_lib.Qwen25VL(config, dtype=dtype, param_dtype=param_dtype or jnp.float32,
+                              remat=layers.remat_name(remat), max_frame_patches=max_frame_patches,
+                              attention=attention, attention_block=attention_block)
 
   def init_cache(self, config, batch: int, max_len: int, dtype: Any):
     return model_lib.init_cache(config, batch, max_len, dtype)

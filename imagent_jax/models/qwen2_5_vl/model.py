@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagent_jax.models.qwen2_5_vl.config import ModelConfig, VisionConfig
-from imagent_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, cached_attention, dense,
-                                       local_segment_attention, masked_softmax_attention,
-                                       mrope_cos_sin, rope_inv_freq)
+from imagent_jax.models.layers import (REMAT_POLICIES, GatedMLP, RMSNorm, apply_rotary, attention,
+                                       cached_attention, check_attention, dense, local_segment_attention,
+                                       masked_softmax_attention, mrope_cos_sin, remat_name, rope_inv_freq)
 from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 from imagent_jax.models.tree import INITS, count_params, rescale_init  # noqa: F401  (public here as before)
 
@@ -220,11 +220,20 @@ class PatchMerger(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention with q/k/v bias and M-RoPE; optional KV cache."""
+  """Grouped-query self-attention with q/k/v bias and M-RoPE; optional KV cache.
+
+  ``attention`` picks how a whole sequence (training, a prefill) attends (``layers.attention``;
+  ``attention_block`` is the block of ``"blocked"``). With a KV cache, a prefill of several tokens
+  attends over the cache with ``"blocked"`` when ``attention`` is ``"blocked"`` or ``"cudnn"``
+  (cuDNN's causal mask cannot place queries at a cache offset) and with ``"xla"`` when it is
+  ``"xla"``; single-token decode steps always use ``layers.cached_attention``.
+  """
 
   cfg: ModelConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "dense"
+  attention_block: int = 512
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
@@ -240,11 +249,19 @@ class Attention(nn.Module):
     q = q.reshape(b, l, hkv, hq // hkv, hd)
     if cache is None:
       new_cache = None
-      out = masked_softmax_attention(q, k, v, mask, scale=hd ** -0.5)
+      if self.attention == "dense":
+        out = masked_softmax_attention(q, k, v, mask, scale=hd ** -0.5)
+      else:
+        out = attention(q, k, v, mask, scale=hd ** -0.5, implementation=self.attention, block=self.attention_block)
     else:
       new_cache = write_cache(cache, k, v, cache_index)
-      out = cached_attention(q, new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype), mask,
-                             scale=hd ** -0.5)
+      ck, cv = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
+      if self.attention == "dense" or l == 1:
+        out = cached_attention(q, ck, cv, mask, scale=hd ** -0.5)
+      else:  # a prefill: keys and values as [B, S, Hkv, hd]
+        impl = "xla" if self.attention == "xla" else "blocked"
+        out = attention(q, jnp.transpose(ck, (0, 2, 1, 3)), jnp.transpose(cv, (0, 3, 1, 2)), mask,
+                        scale=hd ** -0.5, implementation=impl, block=self.attention_block)
     out = dense(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out.reshape(b, l, hq * hd))
     return out, new_cache
 
@@ -253,12 +270,15 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "dense"
+  attention_block: int = 512
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h, new_cache = Attention(c, name="self_attn", **kw)(
+    h, new_cache = Attention(c, attention=self.attention, attention_block=self.attention_block,
+                             name="self_attn", **kw)(
         RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, cache, cache_index)
     x = x + h
     mlp = GatedMLP(c.hidden_size, c.intermediate_size, use_bias=False, name="mlp", **kw)
@@ -354,27 +374,40 @@ class Qwen25VL(nn.Module):
     config: the architecture.
     dtype: compute dtype (activations, matmuls); norms, softmax and rotary run in float32.
     param_dtype: dtype the parameters are created in (loading casts to the dtype asked for).
-    remat: rematerialise each block in the backward pass (training memory).
+    remat: what each decoder layer keeps for the backward pass (training memory): a
+      ``layers.REMAT_POLICIES`` name, "none", "full", "dots" or "dots_no_batch", or the old bools
+      (False = "none", True = "full"). Any policy but "none" rematerialises the vision blocks whole.
     max_frame_patches: the largest image frame any input has, in patches (the processor's
       ``max_pixels // patch_size**2``); lets full-attention vision blocks attend in bands
       (``VisionTower``). 0: dense attention over the whole patch budget.
+    attention: how the decoder attends over a whole sequence (``layers.ATTENTION_IMPLS``: "dense",
+      "blocked", "xla", "cudnn"; see ``Attention``). "cudnn" raises ``ValueError`` when the
+      module is set up off a GPU or with a 32-bit compute dtype.
+    attention_block: query and key block of ``attention="blocked"``.
   """
 
   config: ModelConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = "none"
   max_frame_patches: int = 0
+  attention: str = "dense"
+  attention_block: int = 512
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.visual = VisionTower(c.vision, remat=self.remat, max_frame_patches=self.max_frame_patches, **kw)
+    check_attention(self.attention, dtype=self.dtype)
+    remat = remat_name(self.remat)
+    self.visual = VisionTower(c.vision, remat=remat != "none", max_frame_patches=self.max_frame_patches, **kw)
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, **kw,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-    layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
-    self.layers = [layer(c, **kw) for _ in range(c.num_hidden_layers)]
+    layer = DecoderLayer
+    if remat != "none":
+      layer = nn.remat(DecoderLayer, static_argnums=(5,), policy=REMAT_POLICIES[remat])
+    self.layers = [layer(c, attention=self.attention, attention_block=self.attention_block, **kw)
+                   for _ in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_word_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
