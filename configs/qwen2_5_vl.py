@@ -6,9 +6,17 @@ followed by ``,smoke``:
         --config.model.checkpoint=/path/to/Qwen2.5-VL-7B-Instruct \
         --config.data.train_path=/data/mifg/train.jsonl --config.data.validation_path=/data/mifg/val.jsonl
 
-Parameters are loaded tensor by tensor straight into their shards on the mesh (``config.mesh``:
-fsdp over every device by default); bf16 params and compute. Multi-host: start one process per
-host; jax.distributed is initialised from the environment (TPU pods, SLURM). Settings:
+It runs the ``rl`` stage from the checkpoint (the warmup, which trains tiny models from random
+weights, is refused beside a checkpoint). Parameters are loaded tensor by tensor straight into
+their shards on the mesh (``config.mesh``: fsdp over every device by default); bf16 params and
+compute. The static budgets (prompt tokens, patches and image slots, the training pass's patches
+and image slots, minibatch ones, the observation slot) are derived from ``rl.batch_size``,
+``rollout.group_size``, ``rollout.max_tool_calls``, ``processor.max_pixels``,
+``tools.view_max_pixels`` and ``data.max_images_per_question`` (4): overriding one of these
+resizes them, and JSONL records with more images or longer prompts are bad records before
+anything compiles. RL settings where the paper is silent follow its 7B peers (verl, DeepEyes,
+Mini-o3; see the presets module). Multi-host: start one process per host; jax.distributed is
+initialised from the environment (TPU pods, SLURM). Settings:
 ``imagent_jax.config.presets.released_qwen_config``.
 """
 
