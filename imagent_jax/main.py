@@ -42,6 +42,12 @@ try:  # without --config, the embedded default is read (and its overrides applie
 except (AttributeError, KeyError, TypeError) as e:
   _exit_unknown_key(e, sys.argv)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, report, checkpoints and plots.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: process 0's host:port (default: "
+                                   "$JAX_COORDINATOR_ADDRESS, or discovered on TPU pods and SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: processes in the job "
+                                      "(default: $JAX_NUM_PROCESSES or discovered).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (default: $JAX_PROCESS_ID "
+                                   "or discovered).")
 
 
 def _parse_flags(argv):
@@ -60,10 +66,12 @@ def run(config, workdir: str) -> dict:
   from imagent_jax.config.validate import validate
   from imagent_jax.reporting import MetricsWriter, Report
 
-  validate(config, num_devices=jax.device_count())
+  validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  primary = jax.process_index() == 0  # process 0 writes the run's files; every process computes
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   report = Report(workdir, "imagent_jax run report")
   metrics = MetricsWriter(workdir)
   run_fns = [(stage, stages.run_function(stage)) for stage in stages.configured(config.stages)]
@@ -73,8 +81,9 @@ def run(config, workdir: str) -> dict:
     print(f"\n=== stage: {stage} ===")
     results[stage] = run_stage(config, workdir, report, metrics)
     print(f"=== stage {stage} done in {time.perf_counter() - t0:.1f}s ===")
-  path = report.write()
-  print(f"\nReport: {path}\nMetrics: {metrics.path}")
+  if primary:
+    path = report.write()
+    print(f"\nReport: {path}\nMetrics: {metrics.path}")
   return results
 
 
@@ -86,7 +95,8 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.ERROR)  # keep jax's backend probing out of the user's way
   logging.getLogger("imagent_jax").setLevel(logging.INFO)
   from imagent_jax import parallel  # pylint: disable=import-outside-toplevel
-  parallel.initialize_distributed()  # multi-host (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); nothing on one host
+  # Multi-host (flags, JAX_COORDINATOR_ADDRESS, TPU pod, SLURM); nothing on one host.
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     results = run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
   except ValueError as e:

@@ -200,16 +200,128 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None) -> None:
   """Multi-host start-up: ``jax.distributed.initialize`` when more than one process is expected.
 
-  On TPU pods and SLURM/GPU clusters the arguments are discovered from the environment; pass them
-  to override. A single-process run (a laptop, one GPU box) does nothing.
+  Explicit arguments win; else ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` from the environment; else JAX's own discovery on TPU pods
+  (``TPU_WORKER_HOSTNAMES``) and SLURM jobs of several tasks. A single-process run (a laptop,
+  one GPU box) does nothing. CPU processes exchange collectives over gloo (set here, before any
+  backend starts; it does not touch GPU or TPU backends).
+
+  Args:
+    coordinator_address: ``host:port`` of process 0's coordinator.
+    num_processes: processes in the job.
+    process_id: this process's index.
   """
+  import os
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None and env.get("JAX_NUM_PROCESSES", "").isdigit():
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID", "").isdigit():
+    process_id = int(env["JAX_PROCESS_ID"])
   if coordinator_address is None and num_processes in (None, 1):
-    import os
-    multi_slurm = os.environ.get("SLURM_NTASKS", "1").isdigit() and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if not (multi_slurm or any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"))):
+    multi_slurm = env.get("SLURM_NTASKS", "1").isdigit() and int(env.get("SLURM_NTASKS", "1")) > 1
+    if not (multi_slurm or "TPU_WORKER_HOSTNAMES" in env):
       return
+  if num_processes == 1:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+
+
+def is_primary() -> bool:
+  """True on the process that writes the run's files (metrics, report, TensorBoard): process 0."""
+  return jax.process_index() == 0
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+  """The mesh of this process's own devices, with ``mesh``'s axis names and tensor size.
+
+  With one process this is ``mesh``. With several, every process's devices form a mesh of their
+  own (``data = 1``, ``fsdp`` = local devices / ``tensor``): the rollout runs on it, on this
+  process's rows, with its tools on this host (``local_params``), so no collective crosses
+  hosts while decoding.
+  """
+  if jax.process_count() == 1:
+    return mesh
+  devices = _process_major_devices(mesh)[jax.process_index()]
+  return Mesh(devices.reshape((1,) + devices.shape), MESH_AXES)
+
+
+def _process_major_devices(mesh: Mesh) -> np.ndarray:
+  """``[processes, local / tensor, tensor]`` devices of ``mesh``, grouped by process."""
+  tensor = mesh.shape["tensor"]
+  per_process = jax.local_device_count()
+  if per_process % tensor:
+    raise ValueError(f"mesh.tensor={tensor} does not divide the {per_process} devices of a process: tensor "
+                     "parallelism must stay within a host")
+  devices = sorted(mesh.devices.reshape(-1), key=lambda d: (d.process_index, d.id))
+  return np.asarray(devices, dtype=object).reshape(jax.process_count(), per_process // tensor, tensor)
+
+
+def local_params(params, config, mesh: Mesh, rules=None):
+  """``params`` (sharded over the whole ``mesh``) as a full copy on this process's devices.
+
+  One collective (an all-gather across hosts, compiled once) lays the parameters out sharded over
+  each process's own devices and replicated across processes; this process's shards then form
+  arrays on ``local_mesh(mesh)`` without another copy. With one process, ``params`` itself.
+
+  Args:
+    params: the parameter pytree, laid out by ``param_shardings(config, mesh, rules)``.
+    config: the model config (its logical axes).
+    mesh: the global mesh.
+    rules: logical-axis rules.
+
+  Returns:
+    The parameter pytree on ``local_mesh(mesh)``, sharded by the same rules.
+  """
+  if jax.process_count() == 1:
+    return params
+  replicated = _replica_reshard(config, mesh, rules)(params)
+  local = param_shardings(config, local_mesh(mesh), rules)
+
+  def wrap(x, sharding):
+    by_device = {s.device: s.data for s in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [by_device[d] for d in sharding._addressable_device_assignment])  # pylint: disable=protected-access
+
+  return jax.tree_util.tree_map(wrap, replicated, local)
+
+
+@cached_by_settings
+def _replica_reshard(config, mesh: Mesh, rules):
+  replica = Mesh(_process_major_devices(mesh), MESH_AXES)  # 'data' = processes: params never use it
+  return jax.jit(lambda p: p, out_shardings=param_shardings(config, replica, rules))
+
+
+def allgather(tree):
+  """Host arrays of every process, stacked: each leaf ``[...]`` becomes ``[processes, ...]``
+  (numpy). Every process must call it with leaves of equal shapes and dtypes."""
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)
+  from jax.experimental import multihost_utils
+  return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=False))
+
+
+def allgather_json(obj) -> list:
+  """``[obj of process 0, obj of process 1, ...]`` for any JSON-able ``obj`` (shapes may differ)."""
+  import json
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  sizes = allgather(np.int64(len(data)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(data)] = data
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(allgather(padded), sizes)]
+
+
+def to_global(tree, mesh: Mesh):
+  """Host arrays (equal on every process) as arrays replicated over ``mesh``, for a jitted
+  function whose other arguments live on it; with one process, ``tree`` unchanged."""
+  if jax.process_count() == 1:
+    return tree
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map(lambda x: None if x is None else jax.device_put(np.asarray(x), replicated), tree)
 
 
 def sharded_state_step(fn, mesh: Mesh, param_sharding, opt_sharding, jit_kwargs=None):
@@ -235,3 +347,12 @@ def sharded_state_step(fn, mesh: Mesh, param_sharding, opt_sharding, jit_kwargs=
 
   step.param_shardings, step.opt_state_shardings = param_sharding, opt_sharding
   return step
+
+
+def to_host(x) -> np.ndarray:
+  """A jitted function's output as one numpy array on every process (its shards may live on other
+  hosts' devices); with one process, ``np.asarray(x)``."""
+  if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

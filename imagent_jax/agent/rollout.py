@@ -231,7 +231,7 @@ def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: Ro
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "special"))
 def _rollout_program(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, forced, rng, episode_id,
-                     *, cfg: RolloutConfig, special: tuple[int, int, int]):
+                     row_ids, *, cfg: RolloutConfig, special: tuple[int, int, int]):
   eos_id, call_end_id, pad_id = special[:3]
   banned = special[3:]
   b, l = input_ids.shape
@@ -256,7 +256,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
   def body(c: _Carry):
     rng, sub = jax.random.split(c.rng)
     logits = sampler.suppress_tokens(c.dec.logits, banned)
-    tok, logp = sampler.sample_logits(logits, sub, cfg.temperature, cfg.top_k, cfg.top_p)
+    tok, logp = sampler.sample_logits(logits, sub, cfg.temperature, cfg.top_k, cfg.top_p, row_ids=row_ids)
     if forced is not None:
       f = jnp.take_along_axis(forced, jnp.minimum(c.num_sampled, forced.shape[1] - 1)[:, None], axis=1)[:, 0]
       f = jnp.where(c.num_sampled < forced.shape[1], f, -1)
@@ -343,7 +343,7 @@ class Rollout:
     return dict(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32), pixel_values=pv,
                 image_grid_thw=grid)
 
-  def __call__(self, params, prompts, images, rng, forced_tokens=None) -> tuple[dict, list[Trajectory]]:
+  def __call__(self, params, prompts, images, rng, forced_tokens=None, row_ids=None) -> tuple[dict, list[Trajectory]]:
     """Runs G rollouts of every prompt.
 
     Args:
@@ -353,6 +353,10 @@ class Rollout:
       rng: PRNG key.
       forced_tokens: optional ``[B*G, F]`` int tokens to emit instead of sampling (-1 = sample);
         entry ``i`` replaces the row's ``i``-th sampled token. A scripted policy for tests.
+      row_ids: optional ``[B*G]`` int, each row's index in the global batch (default
+        ``arange(B*G)``): row ``r`` samples with ``fold_in(step key, row_ids[r])``
+        (``sampler.sample_logits``), so a process rolling out its share of a batch samples what a
+        single process with the whole batch would (multi-host training).
 
     Returns:
       ``(arrays, trajectories)``: arrays with ``tokens``, ``attention_mask``, ``action_mask``,
@@ -376,8 +380,9 @@ class Rollout:
       _EPISODES[episode_id] = ep
     try:
       forced = None if forced_tokens is None else np.asarray(forced_tokens, np.int32)
+      row_ids = np.arange(r, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32).reshape(r)
       out = _rollout_program(self.model, params, inputs["input_ids"], inputs["attention_mask"],
-                             inputs["pixel_values"], inputs["image_grid_thw"], forced, rng, np.int32(episode_id),
+                             inputs["pixel_values"], inputs["image_grid_thw"], forced, rng, np.int32(episode_id), row_ids,
                              cfg=cfg, special=(int(self.eos_id), int(self.call_end_id), int(self.pad_id))
                              + self.banned_token_ids)
       out = {k: np.asarray(v) for k, v in out.items()}

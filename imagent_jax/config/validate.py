@@ -15,12 +15,14 @@ import os
 import ml_collections
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_processes: int | None = None) -> None:
   """Raises ``ValueError`` naming every problem of ``config`` (before anything compiles).
 
   Args:
     config: the run config.
     num_devices: the devices the mesh must fit (None: not checked).
+    num_processes: the processes of a multi-host run (None or 1: one).
   """
   from imagent_jax import parallel, stages
   from imagent_jax.agent import protocol, tools
@@ -92,6 +94,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       parallel.mesh_shape(dict(config.mesh), num_devices)
     except ValueError as e:
       errors.append(f"config.mesh: {e}")
+  if num_processes and num_processes > 1:
+    _check_multihost(config, names, num_processes, errors)
   if errors:
     raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -229,6 +233,19 @@ def _model_config(config, errors: list[str]):
     if m[name] not in build.DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} is not one of {tuple(build.DTYPES)}")
   return model_config
+
+
+def _check_multihost(config, names, processes: int, errors: list[str]) -> None:
+  """What a run of several processes needs: only stages that train across hosts, whole questions
+  per process, and tensor parallelism within a host."""
+  single = [s for s in names if s not in ("rl",)]
+  if single:
+    errors.append(f"stages {single} run on one process; a multi-host run ({processes} processes) runs 'rl' "
+                  "(run the others on one host first)")
+  if config.rl.batch_size % processes:
+    errors.append(f"config.rl.batch_size={config.rl.batch_size} must be a multiple of the {processes} processes "
+                  "(each process rolls out its share of the questions)")
+
 
 def _memory_setting_errors(config) -> list[str]:
   """``config.model.attention`` (a known implementation that runs on this backend with this dtype:

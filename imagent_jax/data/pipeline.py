@@ -9,11 +9,15 @@ dicts (``synthetic.EXAMPLE_KEYS``: ``id``, ``images`` as RGB PIL images, ``quest
 * ``data.jsonl.JsonlSource`` over JSONL files;
 * ``synthetic.SyntheticSource`` (examples drawn on the fly; no files).
 
-Order. Host ``shard_index`` of ``shard_count`` takes rows ``shard_index::shard_count``; its rows
-are shuffled with ``seed`` and every epoch gets a new permutation (grain's per-epoch index
-shuffle: the epoch number is folded into the seed). Examples are decoded in ``num_threads``
-threads but come out in index order, so the batches depend only on (source, seed, shards).
-A batch is a list of ``batch_size`` example dicts (the images differ in number and size).
+Order. The rows are shuffled with ``seed`` and every epoch gets a new permutation (grain's
+per-epoch index shuffle: the epoch number is folded into the seed). Host ``shard_index`` of
+``shard_count`` takes the positions ``shard_index::shard_count`` of that one global order and
+reads only those examples, so its ``k``-th batch holds examples ``k*B + shard_index + j*shard_count``
+(``B = batch_size * shard_count``): the hosts' batches together are exactly the global batch a
+single host with batch size ``B`` reads (multi-host training equals one process). Examples are
+decoded in ``num_threads`` threads but come out in index order, so the batches depend only on
+(source, seed, shards). A batch is a list of ``batch_size`` example dicts (the images differ in
+number and size).
 
 Checkpoints. The iterator is a ``grain.DatasetIterator``: ``get_state()`` is a small JSON-able
 dict and ``set_state(state)`` puts a freshly made iterator (same arguments) exactly where the
@@ -114,9 +118,9 @@ def make_iterator(source: Any, *, batch_size: int, seed: int, shuffle: bool = Tr
     shuffle: shuffle (a new permutation each epoch); False: index order.
     num_epochs: passes over this host's rows; None: forever (batches run across epoch ends).
     shard_index: this host's shard (``jax.process_index()``).
-    shard_count: number of shards (``jax.process_count()``); shard ``i`` reads rows
-      ``i, i + shard_count, ...``, so shards differ in size by at most one row. With finite
-      epochs hosts may then see different numbers of batches; train on a step count instead.
+    shard_count: number of shards (``jax.process_count()``); shard ``i`` reads positions
+      ``i, i + shard_count, ...`` of the shuffled global order (see the module docstring). With
+      finite epochs hosts may see different numbers of batches; train on a step count instead.
     drop_remainder: drop a last, smaller batch (finite epochs only).
     num_threads: threads decoding examples (0: decode in the calling thread).
     prefetch_buffer_size: examples decoded ahead; default ``2 * batch_size`` (decoded images
@@ -149,12 +153,12 @@ def make_iterator(source: Any, *, batch_size: int, seed: int, shuffle: bool = Tr
   settings = {"source": _source_name(source), "length": length, "seed": int(seed), "shuffle": bool(shuffle),
               "num_epochs": num_epochs, "shard_index": int(shard_index), "shard_count": int(shard_count)}
   ds = grain.MapDataset.source(source)
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=int(seed))
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)  # the shuffle below it sees epoch-folded indices: a new order each epoch
+  if shard_count > 1:
+    ds = ds[shard_index::shard_count]  # positions of the one global order: hosts' batches tile the global one
   buffer = prefetch_buffer_size if prefetch_buffer_size is not None else 2 * batch_size
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(1, buffer))
   # Sources return None for records found bad under on_error="skip"; allow_nones=False drops them.

@@ -90,7 +90,7 @@ class Prepared(NamedTuple):
 
 def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Trajectory], examples: Sequence[dict], *,
                   reward_cfg: rewards.RewardConfig, mask_cfg: masks.MaskConfig, grpo_cfg,
-                  batch_cfg: BatchConfig | None = None) -> Prepared:
+                  batch_cfg: BatchConfig | None = None, combine=None) -> Prepared:
   """Rewards, masks, advantages and the GRPO batch of one rollout: the one rollout-to-training pipeline.
 
   1. rewards of each trajectory against its question (``score_trajectories``);
@@ -111,6 +111,11 @@ def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Traject
     grpo_cfg: a ``grpo.GRPOConfig`` with the same ``group_size`` (the advantage estimator).
     batch_cfg: budgets of the training batch; None stops after the advantages (``batch`` and
       ``sampled`` are None), for callers that only look.
+    combine: ``combine(batch) -> batch`` applied to the training batch at the rollout's full
+      width, before the padding columns are trimmed: multi-host training passes ``gather_rows``,
+      so every process goes on with all processes' rows (``batch`` and ``sampled`` are then the
+      global batch; ``rewards``, ``loss_mask``, ``advantages`` and ``mask_metrics`` stay this
+      process's).
 
   Returns:
     ``Prepared``. Its ``batch`` holds ``tokens``, ``attention_mask``, ``loss_mask``, ``old_logp``
@@ -136,9 +141,50 @@ def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Traject
     batch = dict(tokens=out["tokens"], attention_mask=out["attention_mask"], loss_mask=loss_mask,
                  advantages=advantages, old_logp=out["logprobs"], pixel_values=pv, image_grid_thw=grid,
                  images_per_row=per_row, action_mask=out["action_mask"])
+    if combine is not None:
+      batch = combine(batch)
     batch = trim_padding_columns(batch, batch_cfg.length_bucket)  # the used span only: less attention
     sampled = batch.pop("action_mask").astype(bool)
   return Prepared(rew, loss_mask, mask_metrics, advantages, batch, sampled)
+
+
+def gather_rows(batch: Batch, row_ids, *, patch_budget: int, image_slots: int) -> dict[str, np.ndarray]:
+  """Every process's rows of a training batch, in global row order (multi-host; host side).
+
+  Each process rolls out and prepares its own rows; this all-gathers their untrimmed batches
+  (equal shapes on every process: the rollout's static width, the static image budgets), puts
+  the rows in the order of their global ids and re-packs every row's images behind each other,
+  so the result equals the batch one process with all the rows would have made. With one
+  process it is ``batch`` with its rows ordered by ``row_ids``.
+
+  Args:
+    batch: ``prepare_batch``'s batch before trimming: ``[R, T]`` token fields, ``[R]`` fields,
+      ``pixel_values [patch_budget, D]``, ``image_grid_thw [image_slots, 3]``, ``images_per_row [R]``.
+    row_ids: ``[R]`` int, this process's rows' indices in the global batch.
+    patch_budget, image_slots: the global batch's image budgets.
+
+  Returns:
+    The same fields for the ``processes * R`` rows of the global batch.
+  """
+  from imagent_jax import parallel
+  from imagent_jax.processing import images as images_lib
+  parts = parallel.allgather({**{k: np.asarray(v) for k, v in batch.items()}, "row_ids": np.asarray(row_ids)})
+  order = np.argsort(parts.pop("row_ids").reshape(-1), kind="stable")
+  pv, grid, per_row = parts.pop("pixel_values"), parts.pop("image_grid_thw"), parts["images_per_row"]
+  patches, grids = [], []
+  for p in range(pv.shape[0]):
+    sizes = grid[p].prod(-1)
+    image_end = np.cumsum(per_row[p])
+    patch_end = np.concatenate([[0], np.cumsum(sizes)])
+    for r, n in enumerate(per_row[p]):
+      first, end = int(image_end[r] - n), int(image_end[r])
+      patches.append(pv[p][patch_end[first]:patch_end[end]])
+      grids.append(grid[p][first:end])
+  out = {k: v.reshape((-1,) + v.shape[2:])[order] for k, v in parts.items()}
+  out["pixel_values"], out["image_grid_thw"] = images_lib.pack_patches(
+      [patches[i] for i in order], [grids[i] for i in order], patch_budget=patch_budget, image_slots=image_slots,
+      patch_dim=pv.shape[-1], what="the global batch's images")
+  return out
 
 
 # --------------------------------------------------------------------------- batch -> minibatches

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from imagent_jax import parallel
 from imagent_jax.agent.rollout import Rollout
 from imagent_jax.evaluation.metrics import trajectory_stats
 from imagent_jax.reporting import MetricsWriter
@@ -97,6 +98,7 @@ class Trainer:
     self.model, self.rollout, self.eval_rollout, self.prompt = model, rollout, eval_rollout, prompt
     self.grpo_cfg, self.reward_cfg, self.mask_cfg, self.batch_cfg = grpo_cfg, reward_cfg, mask_cfg, batch_cfg
     self.loop, self.mesh = loop, mesh
+    self.process, self.processes = jax.process_index(), jax.process_count()
     self.train_stream, self.eval_examples = train_stream, list(eval_examples)
     self.checkpoints, self.metrics, self.tb = checkpoints, metrics, tensorboard
     self.step_fn = grpo.sharded_train_step(model, grpo_cfg, mesh)
@@ -115,10 +117,12 @@ class Trainer:
 
   def _state(self) -> dict:
     return {"params": self.params, "opt_state": self.opt_state,
-            "rng": jax.random.key_data(self.rng)}
+            "rng": np.asarray(jax.random.key_data(self.rng))}
 
   def _meta(self) -> dict:
-    return {"step": self.step, "data": self.train_stream.get_state()}
+    # Every process reads its own shard of the data: the JSON (written once) keeps all their states.
+    states = parallel.allgather_json(self.train_stream.get_state())
+    return {"step": self.step, "data": states[0], "data_by_process": states}
 
   def save(self) -> None:
     """Writes a checkpoint of the current step (params, optimiser, RNG, data state), once."""
@@ -135,9 +139,14 @@ class Trainer:
     self.params, self.opt_state = state["params"], state["opt_state"]
     self.rng = jax.random.wrap_key_data(np.asarray(state["rng"]))  # uncommitted: usable with any mesh
     self.step = int(meta["step"])
-    self.train_stream.set_state(meta["data"])
+    states = meta.get("data_by_process", [meta["data"]])
+    if len(states) != self.processes:
+      raise ValueError(f"the checkpoint in {self.checkpoints.directory} was written by {len(states)} process(es); "
+                       f"this run has {self.processes}: resume with the same number of processes")
+    self.train_stream.set_state(states[self.process])
     self._saved_step = self.step
-    print(f"Resumed from {self.checkpoints.directory} at step {self.step}")
+    if parallel.is_primary():
+      print(f"Resumed from {self.checkpoints.directory} at step {self.step}")
 
   @property
   def stopped(self) -> bool:
@@ -157,24 +166,28 @@ class Trainer:
     t0 = time.perf_counter()
     examples = [e for e in next(self.train_stream) if e is not None]  # JSONL 'skip' drops bad records
     step_rng = jax.random.fold_in(self.rng, self.step)
-    out, trajs = self.rollout(self.params, [self.prompt(e) for e in examples], [e["images"] for e in examples],
-                              jax.random.fold_in(step_rng, 0))
+    row_ids = self._row_ids(len(examples))
+    out, trajs = self.rollout(self._local_params(), [self.prompt(e) for e in examples],
+                              [e["images"] for e in examples], jax.random.fold_in(step_rng, 0), row_ids=row_ids)
     times["rollout_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    combine = None
+    if self.processes > 1:
+      combine = lambda b: batch_lib.gather_rows(b, row_ids, patch_budget=self.batch_cfg.patch_budget,
+                                                image_slots=self.batch_cfg.image_slots)
     prep = batch_lib.prepare_batch(out, trajs, examples, reward_cfg=self.reward_cfg, mask_cfg=self.mask_cfg,
-                                   grpo_cfg=self.grpo_cfg, batch_cfg=self.batch_cfg)
+                                   grpo_cfg=self.grpo_cfg, batch_cfg=self.batch_cfg, combine=combine)
     rew, batch, act = prep.rewards, prep.batch, prep.sampled
-    pv, grid = batch["pixel_values"], batch["image_grid_thw"]
+    forward = parallel.to_global((batch["tokens"], batch["attention_mask"], batch["pixel_values"],
+                                  batch["image_grid_thw"]), self.mesh)
     metrics: dict[str, float] = {}
     if loop.logprob_gap_every and self.step % loop.logprob_gap_every == 0:  # steps 1, 1 + every, ...
-      fwd = np.asarray(logprobs.sequence_logprobs(self.model, self.params, batch["tokens"], batch["attention_mask"],
-                                                  pv, grid, temperature=temperature))
+      fwd = parallel.to_host(logprobs.sequence_logprobs(self.model, self.params, *forward, temperature=temperature))
       metrics["logprob_gap_max"] = float(np.abs(fwd[act] - batch["old_logp"][act]).max()) if act.any() else 0.0
     if self.ref_params is not None:
-      batch["ref_logp"] = np.asarray(logprobs.sequence_logprobs(self.model, self.ref_params, batch["tokens"],
-                                                                batch["attention_mask"], pv, grid,
-                                                                temperature=temperature))
+      batch["ref_logp"] = parallel.to_host(logprobs.sequence_logprobs(self.model, self.ref_params, *forward,
+                                                                      temperature=temperature))
     times["prepare_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -186,19 +199,20 @@ class Trainer:
     self.step += 1
 
     sampled = int(out["action_mask"].sum())
-    metrics.update({"reward": float(rew["total"].mean()), "accuracy": float(rew["accuracy"].mean()),
-                    "format": float(rew["format"].mean())})
+    local = {"reward": float(rew["total"].mean()), "accuracy": float(rew["accuracy"].mean()),
+             "format": float(rew["format"].mean())}
     for part in ("tool_gain", "tool_helpful", "used_tool"):
       if part in rew:
-        metrics[f"reward/{part}"] = float(rew[part].mean())
-    metrics.update(trajectory_stats(trajs, examples, self.rollout.tool_config.enabled()))
-    metrics.update({k: float(np.asarray(v)) for k, v in prep.mask_metrics.items()})
+        local[f"reward/{part}"] = float(rew[part].mean())
+    local.update(trajectory_stats(trajs, examples, self.rollout.tool_config.enabled()))
+    local.update({k: float(np.asarray(v)) for k, v in prep.mask_metrics.items()})
+    local["response_tokens"] = sampled / len(trajs)
+    local["sequence_tokens"] = float(out["attention_mask"].sum()) / len(trajs)
+    metrics.update(_mean_over_processes(local))
     metrics.update({f"train/{k}": float(v) for k, v in upd.items()})
-    metrics["response_tokens"] = sampled / len(trajs)
-    metrics["sequence_tokens"] = float(out["attention_mask"].sum()) / len(trajs)
     metrics["learning_rate"] = float(optim.learning_rate(self.grpo_cfg, self.step))
     metrics.update({f"time/{k}": v for k, v in times.items()})
-    metrics["sampled_tokens_per_s"] = sampled / max(times["rollout_s"], 1e-9)
+    metrics["sampled_tokens_per_s"] = sampled / max(times["rollout_s"], 1e-9)  # this process's rows
     metrics["rollout_inserts"] = int(out["inserts"])  # see rollout.insert_wait
     if upd.get("skipped", 0):
       log.warning("step %d: %d update(s) skipped: non-finite loss or gradient", self.step, int(upd["skipped"]))
@@ -211,10 +225,12 @@ class Trainer:
     if not examples:
       return {}
     accs, trajs_all, ex_all = [], [], []
-    bs = self.loop.eval_batch_size
-    for i in range(0, len(examples), bs):
-      chunk = examples[i:i + bs]
-      _, trajs = self.eval_rollout(self.params, [self.prompt(e) for e in chunk], [e["images"] for e in chunk],
+    bs = max(1, self.loop.eval_batch_size // self.processes)
+    params = self._local_params()
+    mine = examples[self.process::self.processes]  # each process answers its share, on its own devices
+    for i in range(0, len(mine), bs):
+      chunk = mine[i:i + bs]
+      _, trajs = self.eval_rollout(params, [self.prompt(e) for e in chunk], [e["images"] for e in chunk],
                                    jax.random.key(0))
       rew = batch_lib.score_trajectories(trajs, chunk, 1, self.reward_cfg)
       accs += rew["accuracy"].tolist()
@@ -222,13 +238,30 @@ class Trainer:
         t.prompt_index += len(ex_all)
       trajs_all += trajs
       ex_all += chunk
-    out = {f"{prefix}/accuracy": float(np.mean(accs))}
-    out.update({f"{prefix}/{k}": v for k, v in trajectory_stats(trajs_all, ex_all,
-                                                                self.eval_rollout.tool_config.enabled()).items()})
+    stats = trajectory_stats(trajs_all, ex_all, self.eval_rollout.tool_config.enabled()) if trajs_all else {}
+    parts = parallel.allgather_json({"accuracy": accs, "stats": stats})
+    out = {f"{prefix}/accuracy": float(np.mean([a for p in parts for a in p["accuracy"]]))}
+    out.update({f"{prefix}/{k}": v for k, v in _mean_over_processes(
+        stats, [p["stats"] for p in parts], [len(p["accuracy"]) for p in parts]).items()})
     return out
+
+  # ------------------------------------------------------------------------------ processes
+
+  def _local_params(self):
+    """The parameters the rollouts read: on this process's devices (``parallel.local_params``)."""
+    return parallel.local_params(self.params, self.model.config, self.mesh)
+
+  def _row_ids(self, questions: int) -> np.ndarray:
+    """Global batch indices ``[questions * G]`` of this process's rows: its ``j``-th question is
+    question ``process + j * processes`` of the global batch (``data.pipeline``'s sharding)."""
+    g = self.rollout.cfg.group_size
+    q = self.process + self.processes * np.arange(questions)
+    return (q[:, None] * g + np.arange(g)[None, :]).reshape(-1).astype(np.int32)
 
   def log(self, metrics: dict[str, float], stage: str = "rl") -> None:
     """Appends ``metrics`` as one record of ``stage`` at the current step (``metrics.jsonl``, TensorBoard)."""
+    if not parallel.is_primary():
+      return
     self.metrics.write(self.step, stage, **metrics)
     if self.tb is not None:
       for k, v in metrics.items():
@@ -250,9 +283,10 @@ class Trainer:
       if self.step == 0 and r.eval_every > 0:
         base = self.evaluate()
         self.log(base, stage="eval")
-        print(f"step 0 (base): eval accuracy {base.get('eval/accuracy', float('nan')):.3f}, tool calls/traj "
+        if parallel.is_primary():
+          print(f"step 0 (base): eval accuracy {base.get('eval/accuracy', float('nan')):.3f}, tool calls/traj "
               f"{base.get('eval/tool_calls_per_trajectory', float('nan')):.2f}")
-      bar = tqdm(total=end, initial=self.step, desc="rl", disable=not r.progress_bar)
+      bar = tqdm(total=end, initial=self.step, desc="rl", disable=not (r.progress_bar and parallel.is_primary()))
       while self.step < end and not self._stop:
         last = self.train_step()
         self.log(last)
@@ -272,3 +306,20 @@ class Trainer:
       signal.signal(signal.SIGTERM, previous)
       build.wait_for_checkpoints(self.checkpoints)
     return last
+
+
+def _mean_over_processes(local: dict[str, float], parts: Sequence[dict] | None = None,
+                         weights: Sequence[int] | None = None) -> dict[str, float]:
+  """Per-process metrics combined into the run's: each key's mean over the processes that have it
+  (weighted by ``weights``, default equal: every process has as many rows). Shares of
+  per-trajectory counts are exact; ratios of counts (``confirm_on_target``) are means of the
+  processes' ratios. With one process, ``local``."""
+  parts = parallel.allgather_json(local) if parts is None else parts
+  if len(parts) == 1:
+    return dict(parts[0])
+  weights = [1] * len(parts) if weights is None else weights
+  out = {}
+  for k in sorted({k for p in parts for k in p}):
+    vals = [(p[k], w) for p, w in zip(parts, weights) if isinstance(p.get(k), (int, float)) and np.isfinite(p[k]) and w]
+    out[k] = float(sum(v * w for v, w in vals) / sum(w for _, w in vals)) if vals else float("nan")
+  return out

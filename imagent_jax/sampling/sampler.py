@@ -44,8 +44,13 @@ def suppress_tokens(logits, token_ids: Sequence[int]):
   return logits.at[..., jnp.asarray(token_ids, jnp.int32)].set(_NEG)
 
 
-def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, row_ids=None):
   """Draws one token per row and returns ``(tokens [B], logprobs [B])``.
+
+  Row ``b`` draws with its own key ``fold_in(rng, row_ids[b])``, so what a row samples depends
+  only on ``rng``, its id and its logits, never on the other rows: a batch split over processes
+  (each rolling out its own rows, ``agent.rollout.Rollout(..., row_ids=...)``) samples exactly what
+  one process with the whole batch samples.
 
   Args:
     logits: ``[B, V]`` float32.
@@ -53,6 +58,7 @@ def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: 
     temperature: 0 for greedy (argmax), else the softmax temperature.
     top_k: keep the ``k`` most likely tokens (0 = all).
     top_p: keep the smallest set of tokens whose probability reaches ``top_p`` (1 = all).
+    row_ids: ``[B]`` int, each row's id in the global batch (default ``arange(B)``).
   """
   logits = logits.astype(jnp.float32)
   if temperature == 0.0:
@@ -73,7 +79,9 @@ def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: 
       drop_sorted = before >= top_p
       drop = jnp.zeros_like(drop_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(drop_sorted)
       masked = jnp.where(drop, _NEG, masked)
-    tokens = jax.random.categorical(rng, masked, axis=-1)
+    ids = jnp.arange(logits.shape[0], dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, ids)
+    tokens = jax.vmap(jax.random.categorical)(keys, masked)
   return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 

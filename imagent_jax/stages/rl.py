@@ -13,6 +13,8 @@ import os
 import time
 from typing import Sequence
 
+import jax
+
 from imagent_jax import parallel
 from imagent_jax.agent import protocol
 from imagent_jax.agent.rollout import Rollout
@@ -85,7 +87,8 @@ def build_trainer(config, workdir: str, *, metrics: MetricsWriter | None = None,
       prompt=prompt, grpo_cfg=build.grpo_config(config), reward_cfg=build.reward_config(config),
       mask_cfg=build.mask_config(config), batch_cfg=batch_config(config, processor.image_settings),
       loop=loop_config(config), mesh=mesh,
-      train_stream=train_stream or build.example_stream(config, workdir, "train", config.rl.batch_size),
+      train_stream=train_stream or build.example_stream(config, workdir, "train",
+                                                        config.rl.batch_size // jax.process_count()),
       eval_examples=build.eval_examples(config, workdir) if eval_examples is None else eval_examples,
       checkpoints=build.checkpoint_manager(config, workdir), metrics=metrics or MetricsWriter(workdir),
       tensorboard=build.tensorboard_writer(workdir))
@@ -114,6 +117,8 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   elif test:
     trainer.log(trainer.evaluate(test, prefix="test"), stage="test")
   seconds = time.perf_counter() - t0
+  if not parallel.is_primary():  # process 0 writes the metrics and the report
+    return {"steps": trainer.step, "seconds": seconds, "stopped": trainer.stopped}
   records = [json.loads(l) for l in open(metrics.path)]
   train = [r for r in records if r["stage"] == "rl"]
   evals = [r for r in records if r["stage"] == "eval"]
