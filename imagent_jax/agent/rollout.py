@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import itertools
 import threading
+import time
 from typing import Any, Sequence
 
 import flax
@@ -343,7 +344,8 @@ class Rollout:
     return dict(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32), pixel_values=pv,
                 image_grid_thw=grid)
 
-  def __call__(self, params, prompts, images, rng, forced_tokens=None, row_ids=None) -> tuple[dict, list[Trajectory]]:
+  def __call__(self, params, prompts, images, rng, forced_tokens=None, row_ids=None,
+               inputs=None) -> tuple[dict, list[Trajectory]]:
     """Runs G rollouts of every prompt.
 
     Args:
@@ -357,6 +359,8 @@ class Rollout:
         ``arange(B*G)``): row ``r`` samples with ``fold_in(step key, row_ids[r])``
         (``sampler.sample_logits``), so a process rolling out its share of a batch samples what a
         single process with the whole batch would (multi-host training).
+      inputs: ``prepare(prompts, images)``, when the caller made it already (the trainer
+        prepares the next batch while the device trains).
 
     Returns:
       ``(arrays, trajectories)``: arrays with ``tokens``, ``attention_mask``, ``action_mask``,
@@ -365,7 +369,9 @@ class Rollout:
       ``Trajectory`` per row.
     """
     cfg = self.cfg
-    inputs = self.prepare(prompts, images)
+    t0 = time.perf_counter()
+    inputs = self.prepare(prompts, images) if inputs is None else inputs
+    host = time.perf_counter() - t0
     r = len(prompts) * cfg.group_size
     contexts = [tools_lib.ToolContext(images[i // cfg.group_size], self.tool_config) for i in range(r)]
     ep = _Episode(contexts=contexts, tokenizer=self.processor.tokenizer, tool_config=self.tool_config, cfg=cfg,
@@ -389,7 +395,10 @@ class Rollout:
     finally:
       with _LOCK:
         _EPISODES.pop(episode_id, None)
-    return out, self._records(out, ep)
+    t0 = time.perf_counter()
+    trajs = self._records(out, ep)
+    self.last_host_s = host + time.perf_counter() - t0  # prompt preprocessing + decoding the records
+    return out, trajs
 
   def _records(self, out: dict, ep: _Episode) -> list[Trajectory]:
     tok = self.processor.tokenizer

@@ -178,6 +178,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.checkpoint_every = 25
   c.rl.keep_checkpoints = 2
   c.rl.progress_bar = True
+  c.rl.prefetch = True  # read and preprocess the next batch while the device trains
 
   if arg == "smoke":
     c.model.preset = "micro"  # tiny with one decoder layer and two vision blocks: half the compile time

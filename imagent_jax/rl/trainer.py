@@ -55,6 +55,7 @@ class LoopConfig:
     minibatch_patch_budget, minibatch_image_slots: static image budgets of a minibatch (None:
       the batch's; see ``batch.split_minibatches``).
     progress_bar: show a tqdm bar.
+    prefetch: read and preprocess the next batch in a thread while this one trains.
   """
   steps: int
   seed: int
@@ -65,6 +66,7 @@ class LoopConfig:
   minibatch_patch_budget: int | None = None
   minibatch_image_slots: int | None = None
   progress_bar: bool = True
+  prefetch: bool = True
 
 
 class Trainer:
@@ -108,6 +110,8 @@ class Trainer:
     # The update donates params: the frozen reference needs its own copy.
     self.ref_params = jax.tree_util.tree_map(jnp.copy, params) if grpo_cfg.kl_coef > 0 else None
     self.step = 0
+    self._pool = self._next = None  # the prefetch thread and its pending batch
+    self._data_state = train_stream.get_state()  # after the last batch consumed
     self.rng = jax.random.key(loop.seed)
     self._stop = False
     self._saved_step = -1
@@ -121,7 +125,7 @@ class Trainer:
 
   def _meta(self) -> dict:
     # Every process reads its own shard of the data: the JSON (written once) keeps all their states.
-    states = parallel.allgather_json(self.train_stream.get_state())
+    states = parallel.allgather_json(self._data_state)
     return {"step": self.step, "data": states[0], "data_by_process": states}
 
   def save(self) -> None:
@@ -144,6 +148,7 @@ class Trainer:
       raise ValueError(f"the checkpoint in {self.checkpoints.directory} was written by {len(states)} process(es); "
                        f"this run has {self.processes}: resume with the same number of processes")
     self.train_stream.set_state(states[self.process])
+    self._data_state, self._next = states[self.process], None
     self._saved_step = self.step
     if parallel.is_primary():
       print(f"Resumed from {self.checkpoints.directory} at step {self.step}")
@@ -163,13 +168,19 @@ class Trainer:
     """One RL step; returns its metrics."""
     loop, temperature = self.loop, self.rollout.cfg.temperature
     times = {}
+    t_step = t0 = time.perf_counter()
+    examples, prompts, inputs = self._take_batch()
+    times["data_wait_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    examples = [e for e in next(self.train_stream) if e is not None]  # JSONL 'skip' drops bad records
     step_rng = jax.random.fold_in(self.rng, self.step)
     row_ids = self._row_ids(len(examples))
-    out, trajs = self.rollout(self._local_params(), [self.prompt(e) for e in examples],
-                              [e["images"] for e in examples], jax.random.fold_in(step_rng, 0), row_ids=row_ids)
+    self.rollout.last_host_s = 0.0
+    out, trajs = self.rollout(self._local_params(), prompts, [e["images"] for e in examples],
+                              jax.random.fold_in(step_rng, 0), row_ids=row_ids, inputs=inputs)
     times["rollout_s"] = time.perf_counter() - t0
+    rollout_host = self.rollout.last_host_s
+    if self.loop.prefetch and self.step + 1 < self.loop.steps:
+      self._prefetch()  # the next batch's examples, prompts and images, while this one trains
 
     t0 = time.perf_counter()
     combine = None
@@ -178,6 +189,7 @@ class Trainer:
                                                 image_slots=self.batch_cfg.image_slots)
     prep = batch_lib.prepare_batch(out, trajs, examples, reward_cfg=self.reward_cfg, mask_cfg=self.mask_cfg,
                                    grpo_cfg=self.grpo_cfg, batch_cfg=self.batch_cfg, combine=combine)
+    times["batch_s"] = time.perf_counter() - t0  # rewards, masks, advantages, training images: host only
     rew, batch, act = prep.rewards, prep.batch, prep.sampled
     forward = parallel.to_global((batch["tokens"], batch["attention_mask"], batch["pixel_values"],
                                   batch["image_grid_thw"]), self.mesh)
@@ -213,6 +225,11 @@ class Trainer:
     metrics["learning_rate"] = float(optim.learning_rate(self.grpo_cfg, self.step))
     metrics.update({f"time/{k}": v for k, v in times.items()})
     metrics["sampled_tokens_per_s"] = sampled / max(times["rollout_s"], 1e-9)  # this process's rows
+    # The share of the step the device sat idle waiting for host work: data not ready, the
+    # prompts' preprocessing and the records of the rollout, rewards/masks/training images.
+    step_s = time.perf_counter() - t_step
+    metrics["time/host_wait_fraction"] = (times["data_wait_s"] + rollout_host + times["batch_s"]) / max(step_s, 1e-9)
+    metrics["time/step_s"] = step_s
     metrics["rollout_inserts"] = int(out["inserts"])  # see rollout.insert_wait
     if upd.get("skipped", 0):
       log.warning("step %d: %d update(s) skipped: non-finite loss or gradient", self.step, int(upd["skipped"]))
@@ -244,6 +261,29 @@ class Trainer:
     out.update({f"{prefix}/{k}": v for k, v in _mean_over_processes(
         stats, [p["stats"] for p in parts], [len(p["accuracy"]) for p in parts]).items()})
     return out
+
+  # ------------------------------------------------------------------------------ data
+
+  def _read_batch(self):
+    """The next batch: ``(examples, prompts, rollout inputs, data state after it)``."""
+    examples = [e for e in next(self.train_stream) if e is not None]  # JSONL 'skip' drops bad records
+    state = self.train_stream.get_state()
+    prompts = [self.prompt(e) for e in examples]
+    return examples, prompts, self.rollout.prepare(prompts, [e["images"] for e in examples]), state
+
+  def _prefetch(self) -> None:
+    """Starts reading and preprocessing the next batch in a thread (XLA releases the GIL while
+    the device trains). Only that thread touches the data iterator until ``_take_batch``."""
+    import concurrent.futures
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    self._next = self._pool.submit(self._read_batch)
+
+  def _take_batch(self):
+    """The prefetched batch, or one read now; records the data state the checkpoint keeps."""
+    fetched, self._next = self._next, None
+    examples, prompts, inputs, self._data_state = fetched.result() if fetched is not None else self._read_batch()
+    return examples, prompts, inputs
 
   # ------------------------------------------------------------------------------ processes
 

@@ -56,7 +56,8 @@ def loop_config(config) -> trainer_lib.LoopConfig:
                                 eval_every=r.eval_every, checkpoint_every=r.checkpoint_every,
                                 logprob_gap_every=r.logprob_gap_every,
                                 minibatch_patch_budget=r.minibatch_patch_budget or None,
-                                minibatch_image_slots=r.minibatch_image_slots or None, progress_bar=r.progress_bar)
+                                minibatch_image_slots=r.minibatch_image_slots or None, progress_bar=r.progress_bar,
+                                prefetch=r.prefetch)
 
 
 def build_trainer(config, workdir: str, *, metrics: MetricsWriter | None = None, train_stream=None,
