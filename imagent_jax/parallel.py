@@ -282,8 +282,8 @@ def local_params(params, config, mesh: Mesh, rules=None):
 
   def wrap(x, sharding):
     by_device = {s.device: s.data for s in x.addressable_shards}
-    return jax.make_array_from_single_device_arrays(
-        x.shape, sharding, [by_device[d] for d in sharding._addressable_device_assignment])  # pylint: disable=protected-access
+    shards = [by_device[d] for d in sharding.mesh.devices.flat]  # the local mesh's order
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
 
   return jax.tree_util.tree_map(wrap, replicated, local)
 

@@ -325,6 +325,7 @@ class Rollout:
       raise ValueError(f"the tokenizer has no single token for {chat.TOOL_CALL_END}")
     self.pad_id = c.pad_token_id if c.pad_token_id is not None else tok.pad_id
     self.banned_token_ids = self.family.banned_token_ids(c)
+    self.last_host_s = 0.0  # the last call's host work outside the program (prompt preprocessing, records)
 
   def prepare(self, prompts: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]]) -> dict:
     """Processor outputs padded to the config's static prompt budgets."""

@@ -95,7 +95,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     except ValueError as e:
       errors.append(f"config.mesh: {e}")
   if num_processes and num_processes > 1:
-    _check_multihost(config, names, num_processes, errors)
+    errors += _multihost_errors(config, names, num_processes)
   if errors:
     raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -235,16 +235,23 @@ def _model_config(config, errors: list[str]):
   return model_config
 
 
-def _check_multihost(config, names, processes: int, errors: list[str]) -> None:
-  """What a run of several processes needs: only stages that train across hosts, whole questions
-  per process, and tensor parallelism within a host."""
-  single = [s for s in names if s not in ("rl",)]
+def _multihost_errors(config, names: list[str], processes: int) -> list[str]:
+  """What a run of several processes needs: only the stage that trains across hosts, whole
+  questions per process, and tensor parallelism within a host (``parallel.local_mesh``)."""
+  import jax
+
+  errors = []
+  single = [s for s in names if s != "rl"]
   if single:
     errors.append(f"stages {single} run on one process; a multi-host run ({processes} processes) runs 'rl' "
                   "(run the others on one host first)")
   if config.rl.batch_size % processes:
     errors.append(f"config.rl.batch_size={config.rl.batch_size} must be a multiple of the {processes} processes "
                   "(each process rolls out its share of the questions)")
+  if config.mesh.tensor > 0 and jax.local_device_count() % config.mesh.tensor:
+    errors.append(f"config.mesh.tensor={config.mesh.tensor} must divide the {jax.local_device_count()} devices of a "
+                  "process: each process rolls out on its own devices")
+  return errors
 
 
 def _memory_setting_errors(config) -> list[str]:

@@ -173,12 +173,9 @@ def gather_rows(batch: Batch, row_ids, *, patch_budget: int, image_slots: int) -
   pv, grid, per_row = parts.pop("pixel_values"), parts.pop("image_grid_thw"), parts["images_per_row"]
   patches, grids = [], []
   for p in range(pv.shape[0]):
-    sizes = grid[p].prod(-1)
-    image_end = np.cumsum(per_row[p])
-    patch_end = np.concatenate([[0], np.cumsum(sizes)])
-    for r, n in enumerate(per_row[p]):
-      first, end = int(image_end[r] - n), int(image_end[r])
-      patches.append(pv[p][patch_end[first]:patch_end[end]])
+    starts, ends, patch_ends = _image_bounds(grid[p].astype(np.int64), per_row[p].astype(np.int64))
+    for first, end in zip(starts, ends):
+      patches.append(pv[p][patch_ends[first]:patch_ends[end]])
       grids.append(grid[p][first:end])
   out = {k: v.reshape((-1,) + v.shape[2:])[order] for k, v in parts.items()}
   out["pixel_values"], out["image_grid_thw"] = images_lib.pack_patches(
@@ -188,6 +185,22 @@ def gather_rows(batch: Batch, row_ids, *, patch_budget: int, image_slots: int) -
 
 
 # --------------------------------------------------------------------------- batch -> minibatches
+
+
+def _image_bounds(grid: np.ndarray, per_row: np.ndarray):
+  """``(first image [R], end image [R], patch offsets [N + 1])`` of rows whose images lie row by row
+  in ``grid [N, 3]`` (``per_row [R]`` of them each; the unused all-zero slots after them)."""
+  if np.any(per_row < 0):
+    raise ValueError(f"images_per_row must give a count >= 0 for each of the {len(per_row)} rows, "
+                     f"got {per_row.tolist()}")
+  patches = grid.prod(-1)
+  ends = np.cumsum(per_row)
+  count = int(ends[-1]) if len(ends) else 0
+  if count > len(grid) or np.any(patches[:count] <= 0) or np.any(patches[count:] > 0):
+    raise ValueError(f"images_per_row counts {count} images but image_grid_thw holds {int(np.sum(patches > 0))} (in "
+                     f"{len(grid)} slots, the used ones first): the images must be the rows' images, contiguously, "
+                     "in row order")
+  return ends - per_row, ends, np.concatenate([[0], np.cumsum(patches[:count])])
 
 
 def row_image_spans(tokens, attention_mask, image_grid_thw, images_per_row, *, image_token_id: int,
@@ -217,17 +230,10 @@ def row_image_spans(tokens, attention_mask, image_grid_thw, images_per_row, *, i
   grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
   patches = grid.prod(-1)
   per_row = np.asarray(images_per_row, np.int64).reshape(-1)
-  if len(per_row) != len(tokens) or np.any(per_row < 0):
+  if len(per_row) != len(tokens):
     raise ValueError(f"images_per_row must give a count >= 0 for each of the {len(tokens)} rows, "
                      f"got {per_row.tolist()}")
-  ends = np.cumsum(per_row)
-  starts = ends - per_row
-  count = int(ends[-1]) if len(ends) else 0
-  real = int(np.sum(patches > 0))
-  if count > len(grid) or np.any(patches[:count] <= 0) or np.any(patches[count:] > 0):
-    raise ValueError(f"images_per_row counts {count} images but image_grid_thw holds {real} (in {len(grid)} slots, "
-                     "the used ones first): the images must be the rows' images, contiguously, in row order")
-  patch_ends = np.concatenate([[0], np.cumsum(patches[:count])])
+  starts, ends, patch_ends = _image_bounds(grid, per_row)
   need = ((tokens == image_token_id) & attention_mask).sum(1)
   spans = []
   for r, n_feat in enumerate(need):

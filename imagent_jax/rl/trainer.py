@@ -17,6 +17,7 @@ sees the same data in the same order as an uninterrupted one. Checkpoints are wr
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import signal
@@ -174,7 +175,6 @@ class Trainer:
     t0 = time.perf_counter()
     step_rng = jax.random.fold_in(self.rng, self.step)
     row_ids = self._row_ids(len(examples))
-    self.rollout.last_host_s = 0.0
     out, trajs = self.rollout(self._local_params(), prompts, [e["images"] for e in examples],
                               jax.random.fold_in(step_rng, 0), row_ids=row_ids, inputs=inputs)
     times["rollout_s"] = time.perf_counter() - t0
@@ -274,7 +274,6 @@ class Trainer:
   def _prefetch(self) -> None:
     """Starts reading and preprocessing the next batch in a thread (XLA releases the GIL while
     the device trains). Only that thread touches the data iterator until ``_take_batch``."""
-    import concurrent.futures
     if self._pool is None:
       self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
     self._next = self._pool.submit(self._read_batch)

@@ -253,3 +253,18 @@ def test_validate_cross_section_and_stage_checks():
                   "unknown stages ['fly']; available: ['model', 'warmup', 'rollout', 'rl']",
                   "config.rl: GRPOConfig: group_size=1", "exceeds config.processor.max_pixels"):
     assert message in text, (message, text)
+
+
+def test_multihost_runs_are_checked():
+  from imagent_jax.config import schema
+  c = schema.get_config("smoke")
+  with pytest.raises(ValueError) as e:
+    schema.validate(c, num_processes=2)
+  assert "stages ['model', 'warmup', 'rollout'] run on one process" in str(e.value)
+  with c.unlocked():
+    c.stages, c.rl.batch_size, c.rollout.num_prompts = "rl", 3, 1
+  with pytest.raises(ValueError, match=r"rl.batch_size=3 must be a multiple of the 2 processes"):
+    schema.validate(c, num_processes=2)
+  with c.unlocked():
+    c.rl.batch_size = 2
+  schema.validate(c, num_processes=2)

@@ -75,6 +75,20 @@ def test_split_gives_each_minibatch_its_rows_images():
     batch_lib.split_minibatches(b, 3, image_token_id=IMG, merge_unit=MERGE, image_slots=1)
 
 
+def test_gather_rows_orders_rows_and_their_images_by_global_id():
+  """One process: the rows in the order of their global ids, each with its own images (what
+  split_minibatches gives for that permutation as one minibatch)."""
+  b = _spans_batch()
+  out = batch_lib.gather_rows(b, [5, 1, 3], patch_budget=32, image_slots=4)  # global order: rows 1, 2, 0
+  want = batch_lib.split_minibatches(b, 1, image_token_id=IMG, merge_unit=MERGE, perm=[1, 2, 0], patch_budget=32,
+                                     image_slots=4)[0]
+  assert out["images_per_row"].tolist() == [0, 1, 2]
+  for k, v in want.items():
+    np.testing.assert_array_equal(out[k], v, err_msg=k)
+  with pytest.raises(ValueError, match="budgets"):
+    batch_lib.gather_rows(b, [0, 1, 2], patch_budget=20, image_slots=4)
+
+
 def test_split_text_only_batch_and_bad_inputs():
   tokens = np.arange(24, dtype=np.int32).reshape(6, 4)
   batch = dict(tokens=tokens, attention_mask=np.ones_like(tokens), loss_mask=np.ones((6, 4), np.float32),
