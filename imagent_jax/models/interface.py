@@ -106,7 +106,8 @@ class VLMFamily(abc.ABC):
 
   @abc.abstractmethod
   def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool | str = "none",
-             max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512):
+             max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512,
+             scan_layers: bool = False):
     """The Flax module (see the module docstring for its methods).
 
     Args:
@@ -120,6 +121,9 @@ class VLMFamily(abc.ABC):
         "dense", "blocked", "xla", "cudnn"); ``ValueError`` when it cannot run here
         (``layers.check_attention``: "cudnn" off a GPU).
       attention_block: query and key block of ``attention="blocked"``.
+      scan_layers: run the decoder layers of a pass without a KV cache as one ``lax.scan``
+        (same parameter tree, same values; flat compile time, one layer's gathered weights at
+        a time).
     """
 
   @abc.abstractmethod

@@ -90,14 +90,14 @@ def run_processor(config, tok_dir: str) -> Processor:
 
 def build_model(config, model_config, *, remat: bool | str = "none"):
   """The family's module of a run (``family.module``): dtypes and the decoder's attention
-  (``model.attention``, ``model.attention_block``) from ``config.model``, the remat policy ``remat``
+  (``model.attention``, ``model.attention_block``, ``model.scan_layers``) from ``config.model``, the remat policy ``remat``
   (the rl stage passes ``config.rl.remat``), and vision attention bands bounded by the processor's
   ``max_pixels`` (no input or tool view has a larger frame)."""
   family = registry.family_of(model_config)
   m = config.model
   return family.module(model_config, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat=remat,
                        max_frame_patches=family.geometry(model_config).patches(config.processor.max_pixels),
-                       attention=m.attention, attention_block=m.attention_block)
+                       attention=m.attention, attention_block=m.attention_block, scan_layers=m.scan_layers)
 
 
 # --------------------------------------------------------------------------------------------

@@ -254,3 +254,38 @@ def test_remat_policies_give_the_same_gradients(remat):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4,
                                err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------ scanned layers
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_equal_the_loop(remat):
+  """``scan_layers``: the decoder layers as one ``lax.scan`` over parameters stacked on the fly give
+  the loop's logits and gradients (tiny preset: several layers), with the parameter tree unchanged."""
+  config = get_preset("tiny")
+  assert config.num_hidden_layers >= 2
+  _, _, inputs = _toy()
+  params = registry.family_of(config).init_params(config, jax.random.key(1))
+  target = jnp.asarray(np.roll(inputs["input_ids"], -1, axis=1))
+
+  def run(scan):
+    model = registry.family_of(config).module(config, attention="blocked", attention_block=16, remat=remat,
+                                              scan_layers=scan)
+
+    def loss(p):
+      logits = model.apply({"params": p}, **inputs)
+      lp = jnp.take_along_axis(jax.nn.log_softmax(logits), target[..., None], axis=-1)[..., 0]
+      return -jnp.sum(lp * inputs["attention_mask"]), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  ((ref_loss, ref_logits), ref_grads), ((loss, logits), grads) = run(False), run(True)
+  real = inputs["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(ref_logits)[real], atol=ATOL)
+  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+  # The layers really ran in a scan: the lowered program has a while loop over them.
+  model = registry.family_of(config).module(config, scan_layers=True)
+  text = jax.jit(lambda p: model.apply({"params": p}, **inputs)).lower(params).as_text()
+  assert "while" in text

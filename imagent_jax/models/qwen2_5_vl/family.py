@@ -22,12 +22,14 @@ class Qwen25VLFamily(VLMFamily):
   presets = presets_lib.PRESETS
 
   def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool | str = "none",
-             max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512):
+             max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512,
+             scan_layers: bool = False):
     dtype = dtype or jnp.float32
     layers.check_attention(attention, dtype=dtype)
     return model_lib.Qwen25VL(config, dtype=dtype, param_dtype=param_dtype or jnp.float32,
                               remat=layers.remat_name(remat), max_frame_patches=max_frame_patches,
-                              attention=attention, attention_block=attention_block)
+                              attention=attention, attention_block=attention_block,
+                              scan_layers=scan_layers)
 
   def init_cache(self, config, batch: int, max_len: int, dtype: Any):
     return model_lib.init_cache(config, batch, max_len, dtype)

@@ -14,6 +14,7 @@ patch slots (beyond ``sum(t*h*w)``) are allowed and ignored.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -384,6 +385,11 @@ class Qwen25VL(nn.Module):
       "blocked", "xla", "cudnn"; see ``Attention``). "cudnn" raises ``ValueError`` when the
       module is set up off a GPU or with a 32-bit compute dtype.
     attention_block: query and key block of ``attention="blocked"``.
+    scan_layers: run the decoder layers of a pass without a KV cache (training, log-probs) as one
+      ``lax.scan`` over their parameters stacked on the fly (``_scan_decoder``); the parameter
+      tree is unchanged. Compile time no longer grows with depth, and each layer's weights are
+      gathered and its gradients reduced inside its own iteration, so sharded (FSDP) parameters
+      are never whole on a device all at once. Passes with a cache (rollout) loop as before.
   """
 
   config: ModelConfig
@@ -393,6 +399,7 @@ class Qwen25VL(nn.Module):
   max_frame_patches: int = 0
   attention: str = "dense"
   attention_block: int = 512
+  scan_layers: bool = False
 
   def setup(self):
     c = self.config
@@ -456,16 +463,45 @@ class Qwen25VL(nn.Module):
     cos, sin = mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
     mask = causal_mask(attention_mask, x.shape[1], cache_index)
     new_cache = [] if cache is not None else None
-    for i, layer in enumerate(self.layers):
-      x, lc = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
-      if cache is not None:
-        new_cache.append(lc)
+    if self.scan_layers and cache is None and not self.is_initializing():
+      x = self._scan_decoder(x, cos, sin, mask)
+    else:
+      for i, layer in enumerate(self.layers):
+        x, lc = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+        if cache is not None:
+          new_cache.append(lc)
     if logits_at is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)[:, 0]  # [B, D]
     x = self.norm(x)
     if return_hidden:
       return x, new_cache
     return self.logits(x), new_cache
+
+  def _scan_decoder(self, x, cos, sin, mask):
+    """The decoder layers as one ``lax.scan``: ``x [B, L, D]`` -> ``[B, L, D]``, no cache.
+
+    The layers' parameters (``layers_0``, ``layers_1``, ...) are stacked into ``[num_layers, ...]``
+    arrays sharded like the layers' own (one leading unsharded axis), and one unbound
+    ``DecoderLayer`` is applied to each slice under the model's remat policy. Equal to the loop.
+    """
+    c = self.config
+    params = self.variables["params"]
+    axes = _layer_logical_axes(c)
+    stacked = jax.tree_util.tree_map(
+        lambda spec, *xs: nn.with_logical_constraint(jnp.stack(xs), (None,) + tuple(spec)),
+        axes, *[params[f"layers_{i}"] for i in range(c.num_hidden_layers)],
+        is_leaf=lambda a: isinstance(a, jax.sharding.PartitionSpec))
+    layer = DecoderLayer(c, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+                         attention_block=self.attention_block, parent=None)  # unbound: applied per slice
+
+    def body(h, p):
+      return layer.apply({"params": p}, h, cos, sin, mask)[0], None
+
+    remat = remat_name(self.remat)
+    if remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x
 
   def logits(self, hidden):
     """The vocabulary projection: final (normed) hidden states ``[..., D]`` -> logits ``[..., V]`` float32.
@@ -517,6 +553,12 @@ class Qwen25VL(nn.Module):
 # ------------------------------------------------------------------------------- params and cache
 
 
+@functools.lru_cache(maxsize=16)
+def _layer_logical_axes(config: ModelConfig):
+  """Logical-axis ``PartitionSpec`` s of one decoder layer's parameters (``layers_0``'s)."""
+  return logical_axes(config)["layers_0"]
+
+
 def _dummy_inputs(config: ModelConfig):
   m = config.vision.spatial_merge_size
   grid = np.array([[1, m, m]], np.int32)
@@ -526,7 +568,7 @@ def _dummy_inputs(config: ModelConfig):
 
 
 def _boxed_init(config: ModelConfig, rng, param_dtype):
-  return Qwen25VL(config, param_dtype=param_dtype).init(rng, **_dummy_inputs(config))["params"]
+  return Qwen25VL(config, param_dtype=param_dtype, parent=None).init(rng, **_dummy_inputs(config))["params"]
 
 
 def logical_axes(config: ModelConfig):
