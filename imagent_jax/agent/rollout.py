@@ -210,7 +210,7 @@ def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: Ro
   obs, obs_len, pixels, grid, stop, stop_status = io_callback(
       _host_step, shapes, episode_id, need, carry.tokens, carry.turn_start, dec.index, ordered=True)
   obs_mask = jnp.arange(k)[None, :] < obs_len[:, None]
-  features = model.apply({"params": params}, pixels, grid, method="encode_images")
+  features = model.apply({"params": params}, pixels, grid, p, method="encode_images")  # views: at most p patches each
   embeds = model.apply({"params": params}, obs, features, family.num_real_features(model.config, grid), method="embed")
   pos, _ = family.positions(model.config, obs, obs_mask, grid, offset=dec.next_pos)
   slots = jnp.arange(dec.key_mask.shape[1])[None, :]

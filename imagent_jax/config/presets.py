@@ -42,6 +42,11 @@ def released_qwen_config(preset: str, arg: str | None = None) -> ml_collections.
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
     c.model.export_hf = False
+    # Memory at real scale (experiments/plan_memory.py): flash-style attention, the layers as
+    # scans, each layer recomputed in the backward pass. On GPUs, model.attention="cudnn".
+    c.model.attention = "blocked"
+    c.model.scan_layers = True
+    c.rl.remat = "full"
     c.tools.prompt_style = "full"
     c.tools.view_max_pixels = 28 * 28 * 256  # a returned view: at most 256 tokens
     c.tools.min_box_side = 28.0

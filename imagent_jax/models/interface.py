@@ -16,8 +16,10 @@ entry points, called with ``module.apply({'params': p}, ..., method=NAME)``:
 * ``logits(hidden [..., D])`` -> ``[..., V]`` float32: the vocabulary projection the forward pass
   ends with. The training log-prob pass (``rl.logprobs.token_logprobs``) applies it to chunks of
   positions so that ``[B, L, V]`` float32 logits never exist at once.
-* ``encode_images(pixel_values [P, patch_dim], image_grid_thw [N, 3])`` -> merged image
-  features ``[P // merge_unit, D]`` in processor order (padded patch slots allowed).
+* ``encode_images(pixel_values [P, patch_dim], image_grid_thw [N, 3], max_image_patches=None)``
+  -> merged image features ``[P // merge_unit, D]`` in processor order (padded patch slots
+  allowed); ``max_image_patches`` is an optional bound on every image's patches (the rollout
+  passes its tool views' budget) that a family may use to size per-image work.
 * ``embed(input_ids [B, L], features [F, D] | None, num_features=None)`` -> ``[B, L, D]`` token
   embeddings with the image placeholders replaced by ``features`` in row-major order.
 * ``decode(inputs_embeds [B, L, D], positions, key_mask [B, S] | [B, L], cache=None,

@@ -388,7 +388,9 @@ def _blocked_fwd(q, k, v, mask, scale, bq, bk, num_keys):
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
     return jnp.einsum("bkgqd->bqkgd", out).astype(q.dtype), lse
 
-  out, lse = jax.lax.map(query_block, jnp.arange(nq))  # [nq, B, bq, Hkv, G, hd], [nq, B, Hkv, G, bq]
+  # Under a scan over layers (``layer_scan``) JAX linearises this forward pass too and would keep
+  # every block's scores for it; the checkpoint keeps only each query block's inputs.
+  out, lse = jax.lax.map(jax.checkpoint(query_block), jnp.arange(nq))  # [nq, B, bq, Hkv, G, hd], [nq, B, Hkv, G, bq]
   out = jnp.moveaxis(out, 0, 1).reshape(q.shape)
   lse = jnp.moveaxis(lse, 0, -2).reshape(b, hkv, g, lq)
   return out, (q, k, v, mask, out, lse)
@@ -437,6 +439,49 @@ def _blocked_bwd(scale, bq, bk, num_keys, residuals, dout):
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+# ------------------------------------------------------------------------------ scanned layers
+
+
+def layer_scan(layer: nn.Module, params: Sequence[Any], x, *args, remat: str = "none", axes=None):
+  """Applies ``layer`` once per entry of ``params``, in order, as one ``lax.scan``.
+
+  The entries (one layer's parameter tree each, all of the same structure) are stacked into
+  ``[len(params), ...]`` arrays on the fly, so callers keep their per-layer parameter trees
+  (``layers_0``, ``layers_1``, ...). Inside the loop each iteration gathers one layer's sharded
+  weights and reduces its gradients, and XLA reuses one iteration's buffers for the next:
+  memory stays flat in depth where an unrolled loop lets the compiler keep every layer's
+  temporaries, and compile time no longer grows with depth.
+
+  Args:
+    layer: an unbound module (``parent=None``); ``layer.apply({'params': p}, x, *args)`` returns
+      the next ``x`` (same shape and dtype), or a tuple whose first element is it.
+    params: the layers' parameter trees.
+    x: the carried activations.
+    *args: inputs every layer gets unchanged (masks, rotary tables).
+    remat: a ``REMAT_POLICIES`` name: what each iteration keeps for the backward pass.
+    axes: optional tree of ``PartitionSpec`` s of logical axis names of one layer's parameters;
+      the stacked arrays are constrained to them with a leading unsharded layer axis.
+
+  Returns:
+    ``x`` after the last layer.
+  """
+  if axes is None:
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params)
+  else:
+    stacked = jax.tree_util.tree_map(
+        lambda spec, *xs: nn.with_logical_constraint(jnp.stack(xs), (None,) + tuple(spec)), axes, *params,
+        is_leaf=lambda a: isinstance(a, jax.sharding.PartitionSpec))
+
+  def body(h, p):
+    out = layer.apply({"params": p}, h, *args)
+    return (out[0] if isinstance(out, tuple) else out), None
+
+  if remat_name(remat) != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_name(remat)], prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, stacked)
+  return x
 
 
 # ------------------------------------------------------------------------------ remat policies

@@ -289,3 +289,29 @@ def test_scanned_layers_equal_the_loop(remat):
   model = registry.family_of(config).module(config, scan_layers=True)
   text = jax.jit(lambda p: model.apply({"params": p}, **inputs)).lower(params).as_text()
   assert "while" in text
+
+
+def test_scanned_vision_blocks_equal_the_loop():
+  """``scan_layers`` scans runs of same-kind vision blocks (runs of two window blocks around
+  full-attention ones): the image features and their gradients equal the unrolled tower's, slots and padding
+  included."""
+  config = get_preset("tiny").replace(vision=dict(depth=6, fullatt_block_indexes=(2, 5)))
+  v = config.vision
+  assert any(i + 1 < v.depth and i + 1 not in v.fullatt_block_indexes for i in range(v.depth)
+             if i not in v.fullatt_block_indexes)  # some run of window blocks is longer than one
+  _, _, inputs = _toy()
+  params = registry.family_of(config).init_params(config, jax.random.key(2))
+  pixels = np.concatenate([inputs["pixel_values"], np.zeros((8, v.patch_dim), np.float32)])
+  grid = inputs["image_grid_thw"]
+
+  def run(scan):
+    model = registry.family_of(config).module(config, attention="blocked", attention_block=16, remat="full",
+                                              max_frame_patches=int(grid.prod(-1).max()), scan_layers=scan)
+    f = lambda p: model.apply({"params": p}, pixels, grid, method="encode_images")
+    return jax.jit(lambda p: (f(p), jax.grad(lambda q: jnp.sum(f(q)[:20] ** 2))(p)))(params)
+
+  (ref, ref_grads), (ours, grads) = run(False), run(True)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=ATOL)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads["visual"]),
+                          jax.tree_util.tree_leaves(ref_grads["visual"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))

@@ -129,7 +129,7 @@ def test_many_images_of_different_sizes_in_one_prompt(models, images):
 
 
 def test_banded_vision_attention_matches_transformers(models, images):
-  """Window and full-attention blocks both in bands (3 x band < patches): same logits."""
+  """One slot per image (max_frame_patches set), window blocks in bands: same logits."""
   config = models[0]
   imgs = images * 3
   largest = max(int(g[1] * g[2]) for _, g in imgs)
@@ -143,11 +143,30 @@ def test_banded_vision_attention_matches_transformers(models, images):
   _compare(models, ids, mask, imgs, max_frame_patches=largest)
 
 
+@pytest.mark.parametrize("attention", ["dense", "blocked"])
+def test_image_slots_equal_one_packed_slot_with_padding(models, images, attention):
+  """The per-image slots give the packed tower's features, with the patch budget padded past
+  the images, an unused (all-zero) grid row, and under jit; a tighter ``max_image_patches`` too."""
+  config, params, _ = models
+  pv = np.concatenate([p for p, _ in images] + [np.ones((40, images[0][0].shape[1]), np.float32)])
+  grid = np.stack([g for _, g in images] + [np.zeros(3, np.int32)]).astype(np.int32)
+  real = int(sum(g.prod() for _, g in images)) // 4
+  largest = max(int(g.prod()) for _, g in images)
+  packed = qvl.Qwen25VL(config)
+  slotted = qvl.Qwen25VL(config, max_frame_patches=4 * largest, attention=attention, attention_block=16)
+  enc = lambda m, *a: jax.jit(lambda p, x, g: m.apply({"params": p}, x, g, *a, method="encode_images"))(params, pv, grid)
+  ref = np.asarray(enc(packed))[:real]
+  for out in (enc(slotted), enc(slotted, largest)):
+    assert out.shape == (pv.shape[0] // 4, config.hidden_size)
+    np.testing.assert_allclose(np.asarray(out)[:real], ref, atol=TOL)
+    assert np.isfinite(np.asarray(out)).all()
+
+
 def test_frame_larger_than_the_band_is_refused(models, images):
   config, params, _ = models
   model = qvl.Qwen25VL(config, max_frame_patches=16)
   pv, g = images[2]
-  with pytest.raises(ValueError, match="max_frame_patches=16"):
+  with pytest.raises(ValueError, match="slot of 16 patches"):
     model.apply({"params": params}, pv, g[None], method=model.encode_images)
   feats = jax.jit(lambda p, x, gg: model.apply({"params": p}, x, gg, method=model.encode_images))(params, pv, g[None])
   assert np.isnan(np.asarray(feats)).all()

@@ -26,7 +26,7 @@ import numpy as np
 from imagent_jax.models.qwen2_5_vl.config import ModelConfig, VisionConfig
 from imagent_jax.models.layers import (REMAT_POLICIES, GatedMLP, RMSNorm, apply_rotary, attention,
                                        cached_attention, check_attention, dense, local_segment_attention,
-                                       masked_softmax_attention, mrope_cos_sin, remat_name, rope_inv_freq)
+                                       masked_softmax_attention, mrope_cos_sin, layer_scan, remat_name, rope_inv_freq)
 from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 from imagent_jax.models.tree import INITS, count_params, rescale_init  # noqa: F401  (public here as before)
 
@@ -106,29 +106,68 @@ def vision_rope(row, col, head_dim: int):
   return jnp.cos(emb), jnp.sin(emb)
 
 
+def image_slots(image_grid_thw, num_patches: int, capacity: int):
+  """Where each image's patches sit in the packed ``pixel_values``: one slot of ``capacity`` per image.
+
+  Args:
+    image_grid_thw: ``[N, 3]`` int grids (all-zero rows: unused slots).
+    num_patches: ``P``, the packed length.
+    capacity: patches per slot (no image may have more).
+
+  Returns:
+    dict with ``src [N, capacity]`` (the packed row of slot patch ``j`` of image ``n``, clipped into
+    range; rows past the image's patches repeat real rows and are masked as padding by the
+    layout), and ``image [P // 4]`` / ``unit [P // 4]``: for each packed merged feature, its image
+    and its index within that image (clipped: features past ``sum(t*h*w) / 4`` are padding).
+  """
+  g = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
+  n = jnp.prod(g, axis=-1)
+  starts = jnp.cumsum(n) - n
+  j = jnp.arange(capacity, dtype=jnp.int32)
+  src = jnp.clip(starts[:, None] + j[None, :], 0, max(num_patches - 1, 0))
+  u = jnp.arange(num_patches // 4, dtype=jnp.int32) * 4
+  image = jnp.clip(jnp.searchsorted(jnp.cumsum(n), u, side="right").astype(jnp.int32), 0, g.shape[0] - 1)
+  unit = jnp.clip((u - starts[image]) // 4, 0, capacity // 4 - 1)
+  return dict(src=src, image=image, unit=unit)
+
+
 class VisionAttention(nn.Module):
+  """Self-attention of the vision tower over ``[N, S]`` patches (``N`` image slots of ``S``).
+
+  ``block > 0`` and ``3 * block < S``: attention in bands of ``block`` rows
+  (``local_segment_attention``; the window blocks). Otherwise over the whole slot with the segment
+  mask, by ``attention`` (``layers.attention``: "dense" holds ``[N, H, S, S]`` scores, "blocked"
+  a block at a time).
+  """
+
   cfg: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  block: int = 0  # longest segment in patches: banded attention (local_segment_attention); 0: dense
+  block: int = 0  # longest segment in patches: banded attention (local_segment_attention); 0: whole slot
+  attention: str = "dense"
+  attention_block: int = 512
 
   @nn.compact
   def __call__(self, x, cos, sin, seg):
-    """``x [P, Dv]``; attention only between patches with equal ``seg [P]``."""
+    """``x [N, S, Dv]``, ``cos``/``sin [N, S, hd]``; attention only between patches with equal ``seg [N, S]``."""
     c = self.cfg
+    n, s_len = x.shape[:2]
     kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
     qkv = dense(3 * c.hidden_size, ("vision_embed", "vision_heads"), name="qkv", **kw)(x)
-    qkv = qkv.reshape(x.shape[0], 3, c.num_heads, c.head_dim)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    qkv = qkv.reshape(n, s_len, 3, c.num_heads, c.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
     k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
-    if 0 < self.block and 3 * self.block < x.shape[0]:
-      out = local_segment_attention(q, k, v, seg, block=self.block, scale=c.head_dim ** -0.5)
+    scale = c.head_dim ** -0.5
+    if 0 < self.block and 3 * self.block < s_len:
+      out = jax.vmap(lambda a, b_, v_, sg: local_segment_attention(a, b_, v_, sg, block=self.block, scale=scale))(
+          q, k, v, seg)
     else:
-      mask = seg[:, None] == seg[None, :]
-      out = masked_softmax_attention(q[None, :, :, None], k[None], v[None], mask[None], scale=c.head_dim ** -0.5)
-    out = out.reshape(x.shape[0], c.hidden_size)
+      mask = seg[:, :, None] == seg[:, None, :]
+      out = attention(q[:, :, :, None], k, v, mask, scale=scale, implementation=self.attention,
+                      block=self.attention_block)
+    out = out.reshape(n, s_len, c.hidden_size)
     return dense(c.hidden_size, ("vision_heads", "vision_embed"), name="proj", **kw)(out)
 
 
@@ -138,25 +177,33 @@ class VisionBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   block: int = 0
+  attention: str = "dense"
+  attention_block: int = 512
 
   @nn.compact
   def __call__(self, x, cos, sin, seg):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + VisionAttention(c, block=self.block, name="attn", **kw)(RMSNorm(c.rms_norm_eps, name="norm1", **kw)(x), cos, sin, seg)
+    attn = VisionAttention(c, block=self.block, attention=self.attention, attention_block=self.attention_block,
+                           name="attn", **kw)
+    x = x + attn(RMSNorm(c.rms_norm_eps, name="norm1", **kw)(x), cos, sin, seg)
     mlp = GatedMLP(c.hidden_size, c.intermediate_size, use_bias=True, axes=("vision_embed", "vision_mlp"),
                    name="mlp", **kw)
-    return x + mlp(RMSNorm(c.rms_norm_eps, name="norm2", **kw)(x))
+    x = x + mlp(RMSNorm(c.rms_norm_eps, name="norm2", **kw)(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
 
 
 class VisionTower(nn.Module):
   """Patch embedding → blocks (window / full attention) → 2x2 merger, in processor token order.
 
-  Window blocks attend in bands of one window (``local_segment_attention``), so their cost grows
-  linearly with the patch budget. Full-attention blocks do the same with bands of
-  ``max_frame_patches`` when it is set (the processor's ``max_pixels // patch_size**2``: no frame
-  is larger), else densely over the whole budget. A frame larger than ``max_frame_patches``
-  raises ``ValueError`` when the grid is concrete and makes the features NaN under ``jit``.
+  With ``max_frame_patches`` set (the processor's ``max_pixels // patch_size**2``: no image is
+  larger), every image runs in its own slot of that many patches (``image_slots``): the blocks
+  work on ``[N, S, Dv]``, ``N`` images sharded over the batch mesh axes like the decoder's rows,
+  window blocks attend in bands of one window and full-attention blocks over their slot (by
+  ``attention``), so memory and work grow with the number of images, never with the square of
+  the batch's patches. An image larger than a slot raises ``ValueError`` when the grid is
+  concrete and makes the features NaN under ``jit``. Without it (0), the whole patch budget is
+  one slot holding every image, with dense full attention over it.
   """
 
   cfg: VisionConfig
@@ -164,42 +211,74 @@ class VisionTower(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   max_frame_patches: int = 0
+  attention: str = "dense"
+  attention_block: int = 512
+  scan_layers: bool = False  # each run of same-kind blocks as one layers.layer_scan
 
   @nn.compact
-  def __call__(self, pixel_values, image_grid_thw):
-    """``pixel_values [P, C*T*p*p]``, ``image_grid_thw [N, 3]`` -> merged features ``[P // 4, D]``."""
+  def __call__(self, pixel_values, image_grid_thw, max_image_patches=None):
+    """``pixel_values [P, C*T*p*p]``, ``image_grid_thw [N, 3]`` -> merged features ``[P // 4, D]``.
+
+    ``max_image_patches``: a tighter bound than ``max_frame_patches`` on every image's patches
+    (the rollout's tool views), which sizes the slots.
+    """
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     num_patches = pixel_values.shape[0]
     if num_patches % c.merge_unit:
       raise ValueError(f"pixel_values has {num_patches} patches, not a multiple of {c.merge_unit}")
-    lay = vision_layout(image_grid_thw, num_patches, c)
-    x = dense(c.hidden_size, ("patch", "vision_embed"), use_bias=False, name="patch_embed", **kw)(
-        jnp.asarray(pixel_values, self.dtype))
-    x = x[lay["perm"]]
-    cos, sin = vision_rope(lay["row"], lay["col"], c.head_dim)
+    grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
+    pixels = jnp.asarray(pixel_values, self.dtype)
+    bound = max_image_patches or self.max_frame_patches
+    if bound:  # one slot per image
+      capacity = min(-(-bound // c.merge_unit) * c.merge_unit, num_patches)
+      slots = image_slots(grid, num_patches, capacity)
+      pixels = pixels[slots["src"]]  # [N, S, patch_dim]
+      lay = jax.vmap(lambda g: vision_layout(g[None], capacity, c))(grid)
+    else:  # one slot holding every image
+      capacity = num_patches
+      pixels = pixels[None]
+      lay = {k: v[None] for k, v in vision_layout(grid, num_patches, c).items()}
+    pixels = nn.with_logical_constraint(pixels, ("batch", "length", None))
+    x = dense(c.hidden_size, ("patch", "vision_embed"), use_bias=False, name="patch_embed", **kw)(pixels)
+    x = jnp.take_along_axis(x, lay["perm"][..., None], axis=1)
+    cos, sin = jax.vmap(vision_rope, in_axes=(0, 0, None))(lay["row"], lay["col"], c.head_dim)
     block = nn.remat(VisionBlock) if self.remat else VisionBlock
     window_patches = (c.window_units * c.spatial_merge_size) ** 2
-    for i in range(c.depth):
+    settings = lambda full: dict(block=0 if full else window_patches, attention=self.attention,
+                                 attention_block=self.attention_block, **kw)
+    scan = self.scan_layers and not self.is_initializing()
+    i = 0
+    while i < c.depth:
       full = i in c.fullatt_block_indexes
+      run = 1  # consecutive blocks of the same kind (window or full attention)
+      while i + run < c.depth and (i + run in c.fullatt_block_indexes) == full:
+        run += 1
       seg = lay["frame_seg"] if full else lay["window_seg"]
-      band = self.max_frame_patches if full else window_patches
-      x = block(c, block=band, name=f"blocks_{i}", **kw)(x, cos, sin, seg)
-    x = PatchMerger(c, name="merger", **kw)(x)
-    x = x[lay["unit_inverse"]]
-    if self.max_frame_patches:
-      x = self._guard_frame_size(x, image_grid_thw)
+      if scan and run > 1:  # one scan per run of same-kind blocks
+        params = self.variables["params"]
+        x = layer_scan(VisionBlock(c, **settings(full), parent=None), [params[f"blocks_{j}"] for j in range(i, i + run)],
+                       x, cos, sin, seg, remat="full" if self.remat else "none", axes=_vision_block_axes(c))
+      else:
+        for j in range(i, i + run):
+          x = block(c, **settings(full), name=f"blocks_{j}")(x, cos, sin, seg)
+      i += run
+    x = PatchMerger(c, name="merger", **kw)(x)  # [N, S // 4, D]
+    x = jnp.take_along_axis(x, lay["unit_inverse"][..., None], axis=1)
+    x = x[slots["image"], slots["unit"]] if bound else x[0]
+    if bound:
+      x = self._guard_image_size(x, grid, capacity)
     return x
 
-  def _guard_frame_size(self, x, image_grid_thw):
-    g = image_grid_thw
-    largest = jnp.max(jnp.asarray(g)[:, 1] * jnp.asarray(g)[:, 2], initial=0)
+  def _guard_image_size(self, x, grid, capacity):
+    largest = jnp.max(jnp.prod(grid, axis=-1), initial=0)
     if not isinstance(largest, jax.core.Tracer):
-      if int(largest) > self.max_frame_patches:
-        raise ValueError(f"an image of {int(largest)} patches per frame exceeds max_frame_patches="
-                         f"{self.max_frame_patches} (the processor's max_pixels / patch_size**2)")
+      if int(largest) > capacity:
+        raise ValueError(f"an image of {int(largest)} patches exceeds the vision tower's slot of {capacity} "
+                         f"patches (max_frame_patches={self.max_frame_patches}: the processor's max_pixels / "
+                         "patch_size**2)")
       return x
-    return jnp.where(largest > self.max_frame_patches, jnp.nan, x)
+    return jnp.where(largest > capacity, jnp.nan, x)
 
 
 class PatchMerger(nn.Module):
@@ -211,7 +290,8 @@ class PatchMerger(nn.Module):
   def __call__(self, x):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = RMSNorm(1e-6, name="ln_q", **kw)(x).reshape(-1, c.hidden_size * c.merge_unit)
+    x = RMSNorm(1e-6, name="ln_q", **kw)(x)
+    x = x.reshape(x.shape[:-2] + (x.shape[-2] // c.merge_unit, c.hidden_size * c.merge_unit))
     x = dense(x.shape[-1], ("vision_merge", "vision_merge_hidden"), use_bias=True, name="mlp_0", **kw)(x)
     x = nn.gelu(x, approximate=False)
     return dense(c.out_hidden_size, ("vision_merge_hidden", "embed"), use_bias=True, name="mlp_2", **kw)(x)
@@ -378,18 +458,20 @@ class Qwen25VL(nn.Module):
     remat: what each decoder layer keeps for the backward pass (training memory): a
       ``layers.REMAT_POLICIES`` name, "none", "full", "dots" or "dots_no_batch", or the old bools
       (False = "none", True = "full"). Any policy but "none" rematerialises the vision blocks whole.
-    max_frame_patches: the largest image frame any input has, in patches (the processor's
-      ``max_pixels // patch_size**2``); lets full-attention vision blocks attend in bands
-      (``VisionTower``). 0: dense attention over the whole patch budget.
+    max_frame_patches: the largest image any input has, in patches (the processor's
+      ``max_pixels // patch_size**2``): the vision tower runs each image in a slot of that many
+      patches, sharded over images (``VisionTower``). 0: one slot holding the whole patch budget.
     attention: how the decoder attends over a whole sequence (``layers.ATTENTION_IMPLS``: "dense",
       "blocked", "xla", "cudnn"; see ``Attention``). "cudnn" raises ``ValueError`` when the
       module is set up off a GPU or with a 32-bit compute dtype.
     attention_block: query and key block of ``attention="blocked"``.
     scan_layers: run the decoder layers of a pass without a KV cache (training, log-probs) as one
-      ``lax.scan`` over their parameters stacked on the fly (``_scan_decoder``); the parameter
-      tree is unchanged. Compile time no longer grows with depth, and each layer's weights are
-      gathered and its gradients reduced inside its own iteration, so sharded (FSDP) parameters
-      are never whole on a device all at once. Passes with a cache (rollout) loop as before.
+      ``lax.scan`` over their parameters stacked on the fly (``layers.layer_scan``), and each run
+      of consecutive window (or full-attention) vision blocks likewise; the parameter tree is
+      unchanged. Compile time no longer grows with depth, each layer's weights are gathered and
+      its gradients reduced inside its own iteration (FSDP parameters are never whole on a device
+      at once), and one iteration's buffers serve the next. Decoder passes with a KV cache (the
+      rollout's prefill and decode steps) loop as before.
   """
 
   config: ModelConfig
@@ -406,7 +488,12 @@ class Qwen25VL(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     check_attention(self.attention, dtype=self.dtype)
     remat = remat_name(self.remat)
-    self.visual = VisionTower(c.vision, remat=remat != "none", max_frame_patches=self.max_frame_patches, **kw)
+    # The vision tower's full-attention blocks attend over a whole image slot with a segment mask,
+    # which cuDNN's causal/length form cannot express: they use "blocked" in its place.
+    vision_attention = "blocked" if self.attention == "cudnn" else self.attention
+    self.visual = VisionTower(c.vision, remat=remat != "none", max_frame_patches=self.max_frame_patches,
+                              attention=vision_attention, attention_block=self.attention_block,
+                              scan_layers=self.scan_layers, **kw)
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, **kw,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
@@ -419,9 +506,13 @@ class Qwen25VL(nn.Module):
     if not c.tie_word_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
 
-  def encode_images(self, pixel_values, image_grid_thw):
-    """``pixel_values [P, C*T*p*p]``, ``image_grid_thw [N, 3]`` -> ``[P // 4, D]`` merged features."""
-    return self.visual(pixel_values, image_grid_thw)
+  def encode_images(self, pixel_values, image_grid_thw, max_image_patches=None):
+    """``pixel_values [P, C*T*p*p]``, ``image_grid_thw [N, 3]`` -> ``[P // 4, D]`` merged features.
+
+    ``max_image_patches``: optional bound on every image's patches tighter than
+    ``max_frame_patches`` (sizes the vision tower's per-image slots; the rollout's tool views).
+    """
+    return self.visual(pixel_values, image_grid_thw, max_image_patches)
 
   def embed(self, input_ids, image_features=None, num_image_features=None):
     """Token embeddings ``[B, L, D]`` with ``image_features [N, D]`` over the placeholders.
@@ -478,30 +569,18 @@ class Qwen25VL(nn.Module):
     return self.logits(x), new_cache
 
   def _scan_decoder(self, x, cos, sin, mask):
-    """The decoder layers as one ``lax.scan``: ``x [B, L, D]`` -> ``[B, L, D]``, no cache.
+    """The decoder layers as one ``layers.layer_scan``: ``x [B, L, D]`` -> ``[B, L, D]``, no cache.
 
-    The layers' parameters (``layers_0``, ``layers_1``, ...) are stacked into ``[num_layers, ...]``
-    arrays sharded like the layers' own (one leading unsharded axis), and one unbound
-    ``DecoderLayer`` is applied to each slice under the model's remat policy. Equal to the loop.
+    The layers' parameters (``layers_0``, ``layers_1``, ...) are stacked on the fly, sharded like
+    the layers' own, and one unbound ``DecoderLayer`` is applied to each slice under the model's
+    remat policy. Equal to the loop.
     """
     c = self.config
     params = self.variables["params"]
-    axes = _layer_logical_axes(c)
-    stacked = jax.tree_util.tree_map(
-        lambda spec, *xs: nn.with_logical_constraint(jnp.stack(xs), (None,) + tuple(spec)),
-        axes, *[params[f"layers_{i}"] for i in range(c.num_hidden_layers)],
-        is_leaf=lambda a: isinstance(a, jax.sharding.PartitionSpec))
     layer = DecoderLayer(c, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
                          attention_block=self.attention_block, parent=None)  # unbound: applied per slice
-
-    def body(h, p):
-      return layer.apply({"params": p}, h, cos, sin, mask)[0], None
-
-    remat = remat_name(self.remat)
-    if remat != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, stacked)
-    return x
+    return layer_scan(layer, [params[f"layers_{i}"] for i in range(c.num_hidden_layers)], x, cos, sin, mask,
+                       remat=self.remat, axes=_logical_axes(c)["layers_0"])
 
   def logits(self, hidden):
     """The vocabulary projection: final (normed) hidden states ``[..., D]`` -> logits ``[..., V]`` float32.
@@ -554,9 +633,18 @@ class Qwen25VL(nn.Module):
 
 
 @functools.lru_cache(maxsize=16)
-def _layer_logical_axes(config: ModelConfig):
-  """Logical-axis ``PartitionSpec`` s of one decoder layer's parameters (``layers_0``'s)."""
-  return logical_axes(config)["layers_0"]
+def _vision_block_axes(cfg: VisionConfig):
+  """Logical-axis ``PartitionSpec`` s of one vision block's parameters."""
+  s = cfg.merge_unit
+  x, rope, seg = jnp.zeros((1, s, cfg.hidden_size)), jnp.zeros((1, s, cfg.head_dim)), jnp.zeros((1, s), jnp.int32)
+  boxed = jax.eval_shape(lambda: VisionBlock(cfg, parent=None).init(jax.random.key(0), x, rope, rope, seg))
+  return nn.get_partition_spec(boxed)["params"]
+
+
+@functools.lru_cache(maxsize=16)
+def _logical_axes(config: ModelConfig):
+  """``logical_axes(config)``, computed once per config (the scanned layers read it while tracing)."""
+  return logical_axes(config)
 
 
 def _dummy_inputs(config: ModelConfig):
