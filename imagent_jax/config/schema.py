@@ -169,6 +169,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "full" (recompute the layer), "dots" (keep matmul results), "dots_no_batch" (keep the
   # projections, recompute attention scores). Any but "none" recomputes the vision blocks whole.
   c.rl.remat = "none"
+  # Positions per row projected onto the vocabulary at once when taking log-probs and entropies
+  # (training and old-policy passes; 0: all at once). [rows, chunk, vocab] float32 blocks.
+  c.rl.logprob_chunk = 1024
   c.rl.patch_budget = 4 * 4 * 6 * 256  # static patches of one rollout batch's training pass (16 rows, ~6 images each)
   c.rl.image_slots = 4 * 4 * 7
   c.rl.minibatch_patch_budget = 0  # 0: patch_budget // num_minibatches

@@ -71,6 +71,9 @@ class GRPOConfig:
     b1, b2, adam_eps: Adam moments and epsilon.
     num_minibatches: optimiser steps per pass over a rollout batch.
     ppo_epochs: passes over each rollout batch.
+    logprob_chunk: positions per row projected onto the vocabulary at once when the update and
+      the old-policy pass take log-probs and entropies (``rl.logprobs.token_logprobs``); 0: all
+      positions at once. Smaller chunks hold smaller ``[R, chunk, V]`` float32 blocks.
   """
   group_size: int
   advantage: str = "grpo"
@@ -92,6 +95,7 @@ class GRPOConfig:
   adam_eps: float = 1e-8
   num_minibatches: int = 1
   ppo_epochs: int = 1
+  logprob_chunk: int = logprobs_lib.DEFAULT_CHUNK_SIZE
 
   def __post_init__(self):
     def fail(msg):
@@ -135,6 +139,8 @@ class GRPOConfig:
     for name in ("num_minibatches", "ppo_epochs"):
       if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
         fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    if int(self.logprob_chunk) != self.logprob_chunk or self.logprob_chunk < 0:
+      fail(f"logprob_chunk must be an integer >= 0 (0: all positions at once), got {self.logprob_chunk!r}")
 
 
 # --------------------------------------------------------------------------------- train step
@@ -154,7 +160,7 @@ def _check_batch(batch: Batch, cfg: GRPOConfig) -> None:
     raise ValueError(f"kl_coef={cfg.kl_coef} needs batch['ref_logp'] (the frozen reference's log-probs)")
 
 
-def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch, *, chunk_size: int | None = logprobs_lib.DEFAULT_CHUNK_SIZE):
+def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch, *, chunk_size: int | None = None):
   """``(loss, metrics)`` of ``params`` on one minibatch; log-probs from ``token_logprobs``.
 
   Log-probs and the policy's entropies come from one chunked projection of the final hidden
@@ -167,11 +173,14 @@ def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch, *, chunk_size: int |
     cfg: the GRPO config.
     params: parameters (differentiated).
     batch: see ``train_step`` (``tokens [R, T]`` ...).
-    chunk_size: positions per row projected onto the vocabulary at once (static; None: all).
+    chunk_size: positions per row projected onto the vocabulary at once (static); default
+      ``cfg.logprob_chunk`` (0: all).
 
   Returns:
     ``(loss [], metrics)``: ``losses.policy_loss``'s.
   """
+  if chunk_size is None:
+    chunk_size = cfg.logprob_chunk or None
   logp, entropy = logprobs_lib.token_logprobs(model, params, batch["tokens"], batch["attention_mask"],
                                               batch.get("pixel_values"), batch.get("image_grid_thw"),
                                               temperature=cfg.temperature, with_entropy=True, chunk_size=chunk_size)

@@ -33,7 +33,8 @@ from imagent_jax.stages import build
 
 RECIPE_FILE = "warmup_recipe.json"  # beside the base's weights: the config entries it was trained with
 # How the base is computed (attention implementation) and budgets of other data are not its recipe.
-_NOT_IN_RECIPE = {"model": ("checkpoint", "export_hf", "from_warmup_base", "attention", "attention_block"),
+_NOT_IN_RECIPE = {"model": ("checkpoint", "export_hf", "from_warmup_base", "attention", "attention_block",
+                            "scan_layers"),
                   "data": ("source", "data_dir", "train_size", "validation_size", "test_size", "train_path",
                            "validation_path", "test_path", "on_error", "max_images_per_question"),
                   "warmup": ("progress_bar", "log_every", "probe_examples")}

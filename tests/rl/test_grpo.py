@@ -266,11 +266,13 @@ def test_the_loss_reports_the_policy_entropy_and_chunking_changes_nothing(env):
   model, params, cfg = env["model"], env["params"], env["cfg"]
   mb = env["split"](env["batch"])[0]
 
-  def run(chunk_size):
-    fn = lambda p: grpo.grpo_loss(model, cfg, p, mb, chunk_size=chunk_size)
+  def run(chunk):  # the config key (rl.logprob_chunk) sets the chunk; 0: all positions at once
+    fn = lambda p: grpo.grpo_loss(model, dataclasses.replace(cfg, logprob_chunk=chunk), p, mb)
     return jax.jit(jax.value_and_grad(fn, has_aux=True), **FAST_COMPILE)(params)
 
-  (loss, m), grads = run(None)
+  with pytest.raises(ValueError, match="logprob_chunk"):
+    dataclasses.replace(cfg, logprob_chunk=-1)
+  (loss, m), grads = run(0)
   (loss7, m7), grads7 = run(7)
   logits = jax.jit(lambda p, b: model.apply({"params": p}, input_ids=b["tokens"], attention_mask=b["attention_mask"],
                                             pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"]),
