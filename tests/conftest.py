@@ -19,3 +19,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The longest files first: with two xdist workers (setup.cfg) a long file collected last (the
+# top-level end-to-end tests come after the package folders) would run alone at the end.
+_LONG_FILES = ("test_multihost.py", "test_main.py", "test_notebooks.py", "test_released_run.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Moves the tests of ``_LONG_FILES`` to the front, keeping every other order."""
+  del config
+  rank = lambda item: _LONG_FILES.index(item.path.name) if item.path.name in _LONG_FILES else len(_LONG_FILES)
+  items.sort(key=rank)
