@@ -39,8 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # through jax.nn.dot_product_attention (imagent_jax.models.layers.attention).
   c.model.attention = "dense"
   c.model.attention_block = 512  # query and key block of attention="blocked"
-  # Decoder layers of training passes as one lax.scan (same parameters and values; compile time
-  # flat in depth, one layer's gathered weights live at a time): on for the released sizes.
+  # Decoder layers of training passes, and runs of same-kind vision blocks, as one lax.scan each
+  # (same parameters and values; compile time and memory flat in depth): on for the released sizes.
   c.model.scan_layers = False
 
   c.processor = ml_collections.ConfigDict()

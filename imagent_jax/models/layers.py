@@ -153,7 +153,7 @@ def local_segment_attention(q, k, v, segment_ids, *, block: int, scale: float):
   """Attention within segments, computed in bands of ``block`` rows instead of a dense ``[P, P]``.
 
   Exact when every segment is a contiguous run of at most ``block`` rows (the vision tower's
-  windows and frames after window reordering): such a run spans at most two consecutive blocks,
+  windows after window reordering): such a run spans at most two consecutive blocks,
   so each block of queries only needs the keys of itself and its two neighbours. Cost and memory
   are ``P * 3 * block`` scores instead of ``P * P``.
 
@@ -444,13 +444,14 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 # ------------------------------------------------------------------------------ scanned layers
 
 
-def layer_scan(layer: nn.Module, params: Sequence[Any], x, *args, remat: str = "none", axes=None):
+def layer_scan(layer: nn.Module, params: Sequence[Any], x, *args, remat: str = "none"):
   """Applies ``layer`` once per entry of ``params``, in order, as one ``lax.scan``.
 
   The entries (one layer's parameter tree each, all of the same structure) are stacked into
   ``[len(params), ...]`` arrays on the fly, so callers keep their per-layer parameter trees
-  (``layers_0``, ``layers_1``, ...). Inside the loop each iteration gathers one layer's sharded
-  weights and reduces its gradients, and XLA reuses one iteration's buffers for the next:
+  (``layers_0``, ``layers_1``, ...); the stacked arrays take the layers' sharding (with a leading
+  unsharded layer axis) by XLA's propagation. Inside the loop each iteration gathers one layer's
+  sharded weights and reduces its gradients, and XLA reuses one iteration's buffers for the next:
   memory stays flat in depth where an unrolled loop lets the compiler keep every layer's
   temporaries, and compile time no longer grows with depth.
 
@@ -461,18 +462,11 @@ def layer_scan(layer: nn.Module, params: Sequence[Any], x, *args, remat: str = "
     x: the carried activations.
     *args: inputs every layer gets unchanged (masks, rotary tables).
     remat: a ``REMAT_POLICIES`` name: what each iteration keeps for the backward pass.
-    axes: optional tree of ``PartitionSpec`` s of logical axis names of one layer's parameters;
-      the stacked arrays are constrained to them with a leading unsharded layer axis.
 
   Returns:
     ``x`` after the last layer.
   """
-  if axes is None:
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params)
-  else:
-    stacked = jax.tree_util.tree_map(
-        lambda spec, *xs: nn.with_logical_constraint(jnp.stack(xs), (None,) + tuple(spec)), axes, *params,
-        is_leaf=lambda a: isinstance(a, jax.sharding.PartitionSpec))
+  stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params)
 
   def body(h, p):
     out = layer.apply({"params": p}, h, *args)

@@ -160,7 +160,7 @@ def _check_batch(batch: Batch, cfg: GRPOConfig) -> None:
     raise ValueError(f"kl_coef={cfg.kl_coef} needs batch['ref_logp'] (the frozen reference's log-probs)")
 
 
-def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch, *, chunk_size: int | None = None):
+def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch):
   """``(loss, metrics)`` of ``params`` on one minibatch; log-probs from ``token_logprobs``.
 
   Log-probs and the policy's entropies come from one chunked projection of the final hidden
@@ -173,17 +173,13 @@ def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch, *, chunk_size: int |
     cfg: the GRPO config.
     params: parameters (differentiated).
     batch: see ``train_step`` (``tokens [R, T]`` ...).
-    chunk_size: positions per row projected onto the vocabulary at once (static); default
-      ``cfg.logprob_chunk`` (0: all).
 
   Returns:
     ``(loss [], metrics)``: ``losses.policy_loss``'s.
   """
-  if chunk_size is None:
-    chunk_size = cfg.logprob_chunk or None
   logp, entropy = logprobs_lib.token_logprobs(model, params, batch["tokens"], batch["attention_mask"],
                                               batch.get("pixel_values"), batch.get("image_grid_thw"),
-                                              temperature=cfg.temperature, with_entropy=True, chunk_size=chunk_size)
+                                              temperature=cfg.temperature, with_entropy=True, chunk_size=cfg.logprob_chunk)
   return policy_loss(logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg,
                      ref_logp=batch.get("ref_logp"), entropy=entropy)
 

@@ -196,12 +196,12 @@ class Trainer:
     metrics: dict[str, float] = {}
     if loop.logprob_gap_every and self.step % loop.logprob_gap_every == 0:  # steps 1, 1 + every, ...
       fwd = parallel.to_host(logprobs.sequence_logprobs(self.model, self.params, *forward, temperature=temperature,
-                                                        chunk_size=self.grpo_cfg.logprob_chunk or None))
+                                                        chunk_size=self.grpo_cfg.logprob_chunk))
       metrics["logprob_gap_max"] = float(np.abs(fwd[act] - batch["old_logp"][act]).max()) if act.any() else 0.0
     if self.ref_params is not None:
       batch["ref_logp"] = parallel.to_host(logprobs.sequence_logprobs(self.model, self.ref_params, *forward,
                                                                       temperature=temperature,
-                                                                      chunk_size=self.grpo_cfg.logprob_chunk or None))
+                                                                      chunk_size=self.grpo_cfg.logprob_chunk))
     times["prepare_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

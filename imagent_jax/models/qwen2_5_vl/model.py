@@ -14,7 +14,7 @@ patch slots (beyond ``sum(t*h*w)``) are allowed and ignored.
 
 from __future__ import annotations
 
-import functools
+import itertools
 import logging
 from typing import Any
 
@@ -106,28 +106,30 @@ def vision_rope(row, col, head_dim: int):
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def image_slots(image_grid_thw, num_patches: int, capacity: int):
+def image_slots(image_grid_thw, num_patches: int, capacity: int, merge_unit: int):
   """Where each image's patches sit in the packed ``pixel_values``: one slot of ``capacity`` per image.
 
   Args:
     image_grid_thw: ``[N, 3]`` int grids (all-zero rows: unused slots).
     num_patches: ``P``, the packed length.
-    capacity: patches per slot (no image may have more).
+    capacity: patches per slot (no image may have more; a multiple of ``merge_unit``).
+    merge_unit: patches merged into one feature (4).
 
   Returns:
     dict with ``src [N, capacity]`` (the packed row of slot patch ``j`` of image ``n``, clipped into
     range; rows past the image's patches repeat real rows and are masked as padding by the
-    layout), and ``image [P // 4]`` / ``unit [P // 4]``: for each packed merged feature, its image
-    and its index within that image (clipped: features past ``sum(t*h*w) / 4`` are padding).
+    layout), and ``image [F]`` / ``unit [F]``, ``F = P // merge_unit``: for each packed merged
+    feature, its image and its index within that image (clipped: features past the images' are
+    padding).
   """
   g = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
   n = jnp.prod(g, axis=-1)
   starts = jnp.cumsum(n) - n
   j = jnp.arange(capacity, dtype=jnp.int32)
   src = jnp.clip(starts[:, None] + j[None, :], 0, max(num_patches - 1, 0))
-  u = jnp.arange(num_patches // 4, dtype=jnp.int32) * 4
+  u = jnp.arange(num_patches // merge_unit, dtype=jnp.int32) * merge_unit  # first patch of each feature
   image = jnp.clip(jnp.searchsorted(jnp.cumsum(n), u, side="right").astype(jnp.int32), 0, g.shape[0] - 1)
-  unit = jnp.clip((u - starts[image]) // 4, 0, capacity // 4 - 1)
+  unit = jnp.clip((u - starts[image]) // merge_unit, 0, capacity // merge_unit - 1)
   return dict(src=src, image=image, unit=unit)
 
 
@@ -232,7 +234,7 @@ class VisionTower(nn.Module):
     bound = max_image_patches or self.max_frame_patches
     if bound:  # one slot per image
       capacity = min(-(-bound // c.merge_unit) * c.merge_unit, num_patches)
-      slots = image_slots(grid, num_patches, capacity)
+      slots = image_slots(grid, num_patches, capacity, c.merge_unit)
       pixels = pixels[slots["src"]]  # [N, S, patch_dim]
       lay = jax.vmap(lambda g: vision_layout(g[None], capacity, c))(grid)
     else:  # one slot holding every image
@@ -248,21 +250,16 @@ class VisionTower(nn.Module):
     settings = lambda full: dict(block=0 if full else window_patches, attention=self.attention,
                                  attention_block=self.attention_block, **kw)
     scan = self.scan_layers and not self.is_initializing()
-    i = 0
-    while i < c.depth:
-      full = i in c.fullatt_block_indexes
-      run = 1  # consecutive blocks of the same kind (window or full attention)
-      while i + run < c.depth and (i + run in c.fullatt_block_indexes) == full:
-        run += 1
+    for full, run in itertools.groupby(range(c.depth), key=lambda i: i in c.fullatt_block_indexes):
+      run = list(run)  # consecutive blocks of the same kind (window or full attention)
       seg = lay["frame_seg"] if full else lay["window_seg"]
-      if scan and run > 1:  # one scan per run of same-kind blocks
+      if scan and len(run) > 1:  # one scan per run
         params = self.variables["params"]
-        x = layer_scan(VisionBlock(c, **settings(full), parent=None), [params[f"blocks_{j}"] for j in range(i, i + run)],
-                       x, cos, sin, seg, remat="full" if self.remat else "none", axes=_vision_block_axes(c))
+        x = layer_scan(VisionBlock(c, **settings(full), parent=None), [params[f"blocks_{j}"] for j in run],
+                       x, cos, sin, seg, remat="full" if self.remat else "none")
       else:
-        for j in range(i, i + run):
+        for j in run:
           x = block(c, **settings(full), name=f"blocks_{j}")(x, cos, sin, seg)
-      i += run
     x = PatchMerger(c, name="merger", **kw)(x)  # [N, S // 4, D]
     x = jnp.take_along_axis(x, lay["unit_inverse"][..., None], axis=1)
     x = x[slots["image"], slots["unit"]] if bound else x[0]
@@ -571,8 +568,7 @@ class Qwen25VL(nn.Module):
   def _scan_decoder(self, x, cos, sin, mask):
     """The decoder layers as one ``layers.layer_scan``: ``x [B, L, D]`` -> ``[B, L, D]``, no cache.
 
-    The layers' parameters (``layers_0``, ``layers_1``, ...) are stacked on the fly, sharded like
-    the layers' own, and one unbound ``DecoderLayer`` is applied to each slice under the model's
+    The layers' parameters (``layers_0``, ``layers_1``, ...) are stacked on the fly and one unbound ``DecoderLayer`` is applied to each slice under the model's
     remat policy. Equal to the loop.
     """
     c = self.config
@@ -580,7 +576,7 @@ class Qwen25VL(nn.Module):
     layer = DecoderLayer(c, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
                          attention_block=self.attention_block, parent=None)  # unbound: applied per slice
     return layer_scan(layer, [params[f"layers_{i}"] for i in range(c.num_hidden_layers)], x, cos, sin, mask,
-                       remat=self.remat, axes=_logical_axes(c)["layers_0"])
+                      remat=self.remat)
 
   def logits(self, hidden):
     """The vocabulary projection: final (normed) hidden states ``[..., D]`` -> logits ``[..., V]`` float32.
@@ -632,21 +628,6 @@ class Qwen25VL(nn.Module):
 # ------------------------------------------------------------------------------- params and cache
 
 
-@functools.lru_cache(maxsize=16)
-def _vision_block_axes(cfg: VisionConfig):
-  """Logical-axis ``PartitionSpec`` s of one vision block's parameters."""
-  s = cfg.merge_unit
-  x, rope, seg = jnp.zeros((1, s, cfg.hidden_size)), jnp.zeros((1, s, cfg.head_dim)), jnp.zeros((1, s), jnp.int32)
-  boxed = jax.eval_shape(lambda: VisionBlock(cfg, parent=None).init(jax.random.key(0), x, rope, rope, seg))
-  return nn.get_partition_spec(boxed)["params"]
-
-
-@functools.lru_cache(maxsize=16)
-def _logical_axes(config: ModelConfig):
-  """``logical_axes(config)``, computed once per config (the scanned layers read it while tracing)."""
-  return logical_axes(config)
-
-
 def _dummy_inputs(config: ModelConfig):
   m = config.vision.spatial_merge_size
   grid = np.array([[1, m, m]], np.int32)
@@ -656,7 +637,7 @@ def _dummy_inputs(config: ModelConfig):
 
 
 def _boxed_init(config: ModelConfig, rng, param_dtype):
-  return Qwen25VL(config, param_dtype=param_dtype, parent=None).init(rng, **_dummy_inputs(config))["params"]
+  return Qwen25VL(config, param_dtype=param_dtype).init(rng, **_dummy_inputs(config))["params"]
 
 
 def logical_axes(config: ModelConfig):
