@@ -186,6 +186,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.progress_bar = True
   c.rl.prefetch = True  # read and preprocess the next batch while the device trains
 
+  c.eval = ml_collections.ConfigDict()  # the eval stage (imagent_jax/stages/eval.py; configs/eval.py)
+  # name=path pairs, comma-separated: vstar, hrbench_4k, hrbench_8k, mme_realworld, mme_realworld_lite,
+  # muirbench, blink, mmiu, jsonl (evaluation.benchmarks), each the dataset's folder as published;
+  # data=<split> is the run's own data (config.data), e.g. the synthetic test questions.
+  c.eval.benchmarks = "data=test"
+  # "latest": the last RL checkpoint of eval.run_dir, else the model's source; "base": the model's
+  # source (model.checkpoint, or the warmup base); "rl": the last RL checkpoint (an error without one).
+  c.eval.weights = "latest"
+  c.eval.run_dir = ""  # the run whose checkpoints/ "latest" and "rl" read (default: the workdir)
+  c.eval.split = ""  # the benchmarks' split ("": each one's default)
+  c.eval.option_order = "shuffled"  # "shuffled" (seeded per question) or "as_published"
+  c.eval.seed = 0  # option shuffles and Avg@k sampling
+  c.eval.circular = "auto"  # every rotation of the options must be right: "auto" (as the benchmark's protocol), "on", "off"
+  c.eval.samples = 1  # 1: greedy; k > 1: Avg@k, k rollouts per question at rollout.temperature / top_k / top_p
+  c.eval.batch_size = 4  # questions per rollout batch (prompt budgets are sized from the data for it)
+  c.eval.limit = 0  # the first N questions of each benchmark (0: all)
+  c.eval.answer_fallback = "text"  # responses without <answer>: "text" (the response's own words), "none", "boxed"
+  c.eval.progress_bar = True
+
   if arg == "smoke":
     c.model.preset = "micro"  # tiny with one decoder layer and two vision blocks: half the compile time
     c.demo.num_images = 2

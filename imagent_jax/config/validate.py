@@ -61,6 +61,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if config.rl.length_bucket < 0:
     errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
 
+  errors += _eval_errors(config, names)
+
   # The components, each checking its own section (and the keys it derives from).
   for section in build.COMPONENT_SECTIONS:
     if section in ("rollout", "tools") and model_config is None:
@@ -117,7 +119,7 @@ def _stage_errors(config, names: list[str]) -> list[str]:
     errors.append(f"config.stages has 'warmup' with config.model.preset={m.preset!r}: the warmup trains the tiny "
                   f"presets ({', '.join(TINY_TOKENIZER_PRESETS)}) from random weights, not a released-size model; "
                   "start from its checkpoint (config.model.checkpoint) instead")
-  started = [s for s in ("rollout", "rl") if s in names]
+  started = [s for s in ("rollout", "rl", "eval") if s in names]
   if started and released_size:
     errors.append(f"config.stages {started} with config.model.preset={m.preset!r} and no config.model.checkpoint "
                   "would roll out and train random weights; set config.model.checkpoint to the local folder of the "
@@ -233,6 +235,41 @@ def _model_config(config, errors: list[str]):
     if m[name] not in build.DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} is not one of {tuple(build.DTYPES)}")
   return model_config
+
+
+def _eval_errors(config, names: list[str]) -> list[str]:
+  """``config.eval``: known benchmarks as ``name=path`` with existing paths (when the stage runs),
+  and values in range."""
+  from imagent_jax.evaluation.benchmarks import base
+  from imagent_jax.evaluation.scoring import _FALLBACKS
+  from imagent_jax.stages import eval as eval_stage
+
+  e, errors = config.eval, []
+  try:
+    specs = eval_stage.parse_benchmarks(e.benchmarks)
+  except ValueError as err:
+    errors.append(str(err))
+    specs = []
+  if "eval" in names:
+    if not specs:
+      errors.append("config.eval.benchmarks is empty: name=path pairs (or data=test)")
+    for name, path in specs:
+      if name != eval_stage.DATA and not os.path.exists(os.path.expanduser(path)):
+        errors.append(f"config.eval.benchmarks: {name}={path}: no such file or folder")
+  checks = [(e.weights in eval_stage.WEIGHTS, f"config.eval.weights={e.weights!r} is not one of {eval_stage.WEIGHTS}"),
+            (e.option_order in base.OPTION_ORDERS,
+             f"config.eval.option_order={e.option_order!r} is not one of {base.OPTION_ORDERS}"),
+            (e.circular in eval_stage.CIRCULAR, f"config.eval.circular={e.circular!r} is not one of {eval_stage.CIRCULAR}"),
+            (e.answer_fallback in _FALLBACKS, f"config.eval.answer_fallback={e.answer_fallback!r} is not one of {_FALLBACKS}"),
+            (e.samples >= 1, f"config.eval.samples={e.samples} must be >= 1 (1: greedy)"),
+            (e.batch_size >= 1, f"config.eval.batch_size={e.batch_size} must be >= 1"),
+            (e.limit >= 0, f"config.eval.limit={e.limit} must be >= 0 (0: all questions)"),
+            (e.seed >= 0, f"config.eval.seed={e.seed} must be >= 0")]
+  errors += [message for ok, message in checks if not ok]
+  if e.samples > 1 and config.rollout.temperature <= 0:
+    errors.append(f"config.eval.samples={e.samples} samples at config.rollout.temperature={config.rollout.temperature}:"
+                  " Avg@k needs a temperature > 0")
+  return errors
 
 
 def _multihost_errors(config, names: list[str], processes: int) -> list[str]:

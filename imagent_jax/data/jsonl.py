@@ -363,6 +363,13 @@ class JsonlSource:
         self._fail(DataError(record.path, record.line, *problem))
     self._records = kept
 
+  def record(self, index: int) -> dict[str, Any]:
+    """Record ``index`` as validated, images not opened: ``path`` and ``line`` (where it is),
+    ``id``, ``images`` (resolved paths), ``question``, ``options`` (list or None), ``answer``
+    (string or list), ``category``, ``target_image`` and ``target_box``."""
+    r = self._records[int(index)]
+    return {name: getattr(r, name) for name in _Record.__slots__}
+
   @property
   def skipped(self) -> int:
     """Records skipped so far (construction and reads)."""

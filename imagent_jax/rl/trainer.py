@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from imagent_jax import parallel
 from imagent_jax.agent.rollout import Rollout
+from imagent_jax.evaluation import evaluator
 from imagent_jax.evaluation.metrics import trajectory_stats
 from imagent_jax.reporting import MetricsWriter
 from imagent_jax.rl import batch as batch_lib
@@ -238,8 +239,9 @@ class Trainer:
     return metrics
 
   def evaluate(self, examples: Sequence[dict] | None = None, prefix: str = "eval") -> dict[str, float]:
-    """Greedy single rollouts on held-out examples (default: the validation ones): accuracy and
-    tool use, as ``{f"{prefix}/accuracy": ..., f"{prefix}/tool_calls_per_trajectory": ..., ...}``."""
+    """Greedy single rollouts on held-out examples (default: the validation ones), scored by the
+    one evaluator (``evaluation.evaluator.answer_batch``, answers read as the rewards read them):
+    accuracy and tool use, as ``{f"{prefix}/accuracy": ..., f"{prefix}/tool_calls_per_trajectory": ...}``."""
     examples = self.eval_examples if examples is None else list(examples)
     if not examples:
       return {}
@@ -249,10 +251,9 @@ class Trainer:
     mine = examples[self.process::self.processes]  # each process answers its share, on its own devices
     for i in range(0, len(mine), bs):
       chunk = mine[i:i + bs]
-      _, trajs = self.eval_rollout(params, [self.prompt(e) for e in chunk], [e["images"] for e in chunk],
-                                   jax.random.key(0))
-      rew = batch_lib.score_trajectories(trajs, chunk, 1, self.reward_cfg)
-      accs += rew["accuracy"].tolist()
+      records, trajs = evaluator.answer_batch(self.eval_rollout, params, self.prompt, chunk,
+                                              fallback=self.reward_cfg.fallback)
+      accs += [float(r["correct"]) for r in records]
       for t in trajs:
         t.prompt_index += len(ex_all)
       trajs_all += trajs

@@ -221,6 +221,23 @@ def eval_rollout_config(config, model_config=None) -> rollout_lib.RolloutConfig:
   return dataclasses.replace(rollout_config(config, model_config), group_size=1, temperature=0.0, top_k=0, top_p=1.0)
 
 
+def question_prompt(config) -> Callable[[Any], list]:
+  """``prompt(example) -> messages``: the opening conversation of a question in every stage that
+  rolls out the agent (rl, eval): its images, question and options, the tools of
+  ``listed_tool_schemas`` in ``config.tools.prompt_style``. ``example`` is an example dict or a
+  ``benchmarks.Example`` (its images are counted, not decoded)."""
+  return functools.partial(_question_prompt, tools=listed_tool_schemas(config), style=config.tools.prompt_style)
+
+
+def _question_prompt(example, *, tools, style):
+  if isinstance(example, dict):
+    question, images, options = example["question"], example["images"], example.get("options")
+  else:
+    question, images, options = example.question, example.image_refs, example.options
+  return protocol.build_prompt_messages(question, len(images), list(options) if options else None, tools=tools,
+                                        system_style=style)
+
+
 def listed_tool_schemas(config) -> list[dict]:
   """JSON schemas of the tools the system prompt lists: ``config.tools.listed``, or the enabled
   ``config.tools.names`` when it is empty (the default)."""
@@ -444,6 +461,23 @@ def restore_checkpoint(manager, like):
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                           meta=ocp.args.JsonRestore()))
   return restored["state"], restored["meta"]
+
+
+def restore_params(directory: str, like):
+  """``(params, step)`` of the latest checkpoint under ``directory`` (a run's ``checkpoints``
+  folder), only the parameters read (partial restore: no optimiser state is built), with the
+  shapes and shardings of ``like``; None when there is no checkpoint."""
+  import orbax.checkpoint as ocp
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = {"params": jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
+  return restored["state"]["params"], int(step)
 
 
 def wait_for_checkpoints(manager) -> None:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -16,7 +15,6 @@ from typing import Sequence
 import jax
 
 from imagent_jax import parallel
-from imagent_jax.agent import protocol
 from imagent_jax.agent.rollout import Rollout
 from imagent_jax.analysis import plots
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
@@ -80,7 +78,7 @@ def build_trainer(config, workdir: str, *, metrics: MetricsWriter | None = None,
   model_config, params, processor, _ = build.load_model_and_processor(config, workdir, mesh)
   model = build.build_model(config, model_config, remat=config.rl.remat)
   tool_cfg = build.tool_config(config, model_config)
-  prompt = functools.partial(_prompt, tools=build.listed_tool_schemas(config), style=config.tools.prompt_style)
+  prompt = build.question_prompt(config)
   return trainer_lib.Trainer(
       model=model, params=params,
       rollout=Rollout(model, processor, build.rollout_config(config, model_config), tool_cfg),
@@ -93,12 +91,6 @@ def build_trainer(config, workdir: str, *, metrics: MetricsWriter | None = None,
       eval_examples=build.eval_examples(config, workdir) if eval_examples is None else eval_examples,
       checkpoints=build.checkpoint_manager(config, workdir), metrics=metrics or MetricsWriter(workdir),
       tensorboard=build.tensorboard_writer(workdir))
-
-
-def _prompt(example: dict, *, tools, style):
-  """The opening conversation of ``example``: its images, question and options, the tools listed."""
-  return protocol.build_prompt_messages(example["question"], len(example["images"]), example.get("options"),
-                                        tools=tools, system_style=style)
 
 
 def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
