@@ -13,7 +13,6 @@ import base64
 import binascii
 import dataclasses
 import io
-import os
 import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -265,6 +264,15 @@ def by_category(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   for category in dict.fromkeys(r["category"] for r in rows):
     out[category] = _percent([r["correct"] for r in rows if r["category"] == category])
   return out
+
+
+def mean_of_categories(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """The macro aggregation (BLINK's subtasks, MMIU's tasks): ``overall`` the mean of the categories'
+  accuracies (percent), ``micro`` the share of all questions, then each category's accuracy."""
+  per = by_category(rows)
+  categories = [k for k in per if k != "overall"]
+  overall = sum(per[c] for c in categories) / len(categories) if categories else float("nan")
+  return {"overall": overall, "micro": per["overall"], **{c: per[c] for c in categories}}
 
 
 def _percent(flags: Sequence[bool]) -> float:

@@ -1,5 +1,5 @@
 """BLINK (Fu et al., ECCV 2024): 14 perception subtasks recast as multiple-choice questions over
-one to four images (3,807 questions: 1,901 val with answers, 1,907 test with hidden answers).
+one to four images (3,807 questions: 1,901 in val with answers, the rest in test with hidden answers).
 
 Layout, as ``huggingface-cli download --repo-type dataset BLINK-Benchmark/BLINK`` writes it (one
 config per subtask, the dataset card's ``configs``)::
@@ -16,8 +16,8 @@ task context, the question, then "Select from the following choices." and the le
 ``explanation``.
 
 What the reader returns: ``question`` is ``prompt`` up to "Select from the following choices"
-(the context some subtasks need -- the action of Functional_Correspondence, the reference image of
-Art_Style -- is only in ``prompt``; the lettered choices after it are ``options``); a prompt
+(the context some subtasks need -- the action of Functional_Correspondence, which image is the
+reference in Art_Style -- is only in ``prompt``; the lettered choices after it are ``options``); a prompt
 without that marker falls back to ``question``. The official script also prepends a refusal
 disclaimer to the prompts of Forensic_Detection, Jigsaw and Art_Style for GPT-4V; that is a
 prompting choice, not part of the question, and is left out. ``category`` is the subtask's folder
@@ -37,9 +37,8 @@ of all questions, for comparison) and one entry per subtask.
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from imagent_jax.evaluation.benchmarks import base
 from imagent_jax.evaluation.benchmarks import parquet
@@ -48,7 +47,8 @@ SUBTASKS = ("Art_Style", "Counting", "Forensic_Detection", "Functional_Correspon
             "Multi-view_Reasoning", "Object_Localization", "Relative_Depth", "Relative_Reflectance",
             "Semantic_Correspondence", "Spatial_Relation", "Visual_Correspondence", "Visual_Similarity")
 IMAGE_COLUMNS = ("image_1", "image_2", "image_3", "image_4")
-COLUMNS = ("idx", "question", "sub_task") + IMAGE_COLUMNS + ("choices", "answer", "prompt")
+COLUMNS = ("idx", "question", "image_1", "choices", "answer", "prompt")
+OPTIONAL = ("image_2", "image_3", "image_4")  # every config has all four; read what is there
 CHOICES_MARKER = "Select from the following choices"
 
 
@@ -74,7 +74,7 @@ def answer_letter(answer: Any) -> Optional[str]:
 
 
 def _image_refs(r: Mapping[str, Any], file: str, record: str) -> list[base.ImageRef]:
-  present = [r[c] is not None for c in IMAGE_COLUMNS]
+  present = [r.get(c) is not None for c in IMAGE_COLUMNS]
   n = sum(present)
   if not present[0] or present[:n] != [True] * n:
     raise base.BenchmarkError(file, record, "the images must be image_1, image_2, ... with no null before a "
@@ -98,7 +98,7 @@ def read(path: str, split: Optional[str] = None) -> list[base.Example]:
   out, seen = [], {}
   for subtask in SUBTASKS:
     for file in parquet.split_files(os.path.join(path, subtask), split):
-      for row, r in enumerate(parquet.read_records(file, COLUMNS)):
+      for row, r in enumerate(parquet.read_records(file, COLUMNS, OPTIONAL)):
         qid = str(r["idx"]).strip() if r["idx"] is not None else ""
         record = f"idx {qid}" if qid else f"row {row}"
         if not qid:
@@ -119,13 +119,7 @@ def read(path: str, split: Optional[str] = None) -> list[base.Example]:
   return out
 
 
-def mean_of_subtasks(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  """BLINK's aggregation: ``overall`` the mean of the per-subtask accuracies (percent), ``micro``
-  the share of all questions, then each subtask's accuracy (in the order first seen)."""
-  per = base.by_category(rows)
-  subtasks = [k for k in per if k != "overall"]
-  overall = sum(per[t] for t in subtasks) / len(subtasks) if subtasks else math.nan
-  return {"overall": overall, "micro": per["overall"], **{t: per[t] for t in subtasks}}
+mean_of_subtasks = base.mean_of_categories  # the official aggregation: the mean of the per-category accuracies
 
 
 BLINK = base.Benchmark(

@@ -1,4 +1,4 @@
-"""MMIU (Meng et al., 2024): 11,698 multiple-choice questions over 2 to 60+ images each, 7 kinds of
+"""MMIU (Meng et al., 2024): 11,698 multiple-choice questions over up to 62 images each, 7 kinds of
 multi-image relation; 60 stored ``task`` values (the paper's 52 tasks, some split by source, e.g.
 ``forensic_detection_blink`` / ``forensic_detection_forgerynet``).
 
@@ -17,8 +17,9 @@ no id column: ``id`` is the row's index in ``all.parquet`` ("0" ... "11697").
 
 Images: a path is looked up as a file under ``path`` (the zips extracted in place, with or without
 their category folder: ``./Low-level-semantic/t/x.jpg`` is tried as ``Low-level-semantic/t/x.jpg``,
-then ``t/x.jpg``), else as a member of one of the ``*.zip`` files in ``path`` (read straight from the
-archive, so the 26 GB need not be extracted). A path found nowhere is an error when reading.
+then ``t/x.jpg``), else as a member of one of the ``*.zip`` files in ``path``, matched on its last
+two components ``<task>/<file>`` whatever folders the archive puts above them (read straight from
+the archive, so the 26 GB need not be extracted). A path found nowhere is an error when reading.
 
 Question text: the official prompt (github.com/OpenGVLab/MMIU VLMEvalKit/test_qwen3_vl.py) is
 ``question + "\\n" + context`` for the tasks of ``QUESTION_FIRST`` and ``context + "\\n" +
@@ -29,9 +30,10 @@ lettered by our prompt), and without repeating the question when the context alr
 
 Official aggregation (github.com/OpenGVLab/MMIU evaluate_correct.py): accuracy per ``task`` and
 ``Overall`` = the MEAN OF THE TASK ACCURACIES (InternVL's ``eval/mmiu/evaluate_mmiu.py`` averages
-the same way). ``aggregate`` returns ``overall`` (that mean), ``micro`` (the share of all questions)
-and one entry per task. (The official script maps free-form answers to letters with GPT-4o-mini
-and counts a prediction right when the letter is in the gold; our scoring parses the letter.)
+task accuracies too, over its spatial tasks). ``aggregate`` returns ``overall`` (that mean),
+``micro`` (the share of all questions) and one entry per task. (The official script maps free-form
+answers to letters with GPT-4o-mini and counts a prediction right when the letter is in the gold;
+our scoring parses the letter.)
 """
 
 from __future__ import annotations
@@ -40,11 +42,10 @@ import ast
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import zipfile
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from imagent_jax.evaluation.benchmarks import base
 from imagent_jax.evaluation.benchmarks import parquet
@@ -92,10 +93,12 @@ class _Images:
 
   def __init__(self, root: str):
     self.root = root
-    self._zips: Optional[dict[str, str]] = None  # member -> archive
+    self._zips: Optional[dict[str, tuple[str, str]]] = None
     self._drop: dict[str, int] = {}  # first path component -> leading components to drop that worked
 
-  def zips(self) -> dict[str, str]:
+  def zips(self) -> dict[str, tuple[str, str]]:
+    """``"<task>/<file>"`` (a member's last two path components) -> (archive, member), over the
+    ``*.zip`` files of the folder: the key holds whatever top folders an archive puts above them."""
     if self._zips is None:
       self._zips = {}
       for name in sorted(os.listdir(self.root)):
@@ -104,7 +107,8 @@ class _Images:
           try:
             with zipfile.ZipFile(archive) as z:
               for member in z.namelist():
-                self._zips.setdefault(member, archive)
+                if not member.endswith("/"):
+                  self._zips.setdefault(_key(member), (archive, member))
           except (OSError, zipfile.BadZipFile) as e:
             raise base.BenchmarkError(archive, None, f"not a zip archive Python can read ({e})") from None
     return self._zips
@@ -124,13 +128,15 @@ class _Images:
       if os.path.isfile(candidate):
         self._drop[parts[0]] = drop
         return base.ImageRef(name=candidate, path=candidate)
-    members = self.zips()
-    for drop in range(max(len(parts) - 1, 1)):
-      member = "/".join(parts[drop:])
-      if member in members:
-        archive = members[member]
-        return ZipImage(name=f"{archive}:{member}", archive=archive, member=member)
-    return None
+    found = self.zips().get(_key("/".join(parts)))
+    if found is None:
+      return None
+    archive, member = found
+    return ZipImage(name=f"{archive}:{member}", archive=archive, member=member)
+
+
+def _key(path: str) -> str:
+  return "/".join([p for p in path.split("/") if p not in ("", ".", "..")][-2:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,13 +271,7 @@ def read(path: str, split: Optional[str] = None) -> list[base.Example]:
   return out
 
 
-def mean_of_tasks(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  """MMIU's aggregation: ``overall`` the mean of the per-task accuracies (percent), ``micro`` the
-  share of all questions, then each task's accuracy (in the order first seen)."""
-  per = base.by_category(rows)
-  tasks = [k for k in per if k != "overall"]
-  overall = sum(per[t] for t in tasks) / len(tasks) if tasks else math.nan
-  return {"overall": overall, "micro": per["overall"], **{t: per[t] for t in tasks}}
+mean_of_tasks = base.mean_of_categories  # the official aggregation: the mean of the per-category accuracies
 
 
 MMIU = base.Benchmark(

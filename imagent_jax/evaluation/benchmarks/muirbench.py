@@ -37,8 +37,8 @@ from typing import Optional
 from imagent_jax.evaluation.benchmarks import base
 from imagent_jax.evaluation.benchmarks import parquet
 
-COLUMNS = ("idx", "task", "image_relation", "image_type", "question", "options", "answer", "image_list",
-           "counterpart_idx")
+COLUMNS = ("idx", "task", "question", "options", "answer", "image_list")
+OPTIONAL = ("image_relation", "image_type", "counterpart_idx")
 PLACEHOLDER = "<image>"
 _PLACEHOLDER_RE = re.compile(re.escape(PLACEHOLDER))
 
@@ -78,7 +78,7 @@ def read(path: str, split: Optional[str] = None) -> list[base.Example]:
   split = split or "test"
   out, seen = [], {}
   for file in parquet.split_files(_data_folder(path), split):
-    for row, r in enumerate(parquet.read_records(file, COLUMNS)):
+    for row, r in enumerate(parquet.read_records(file, COLUMNS, OPTIONAL)):
       record = f"idx {r['idx']}" if r["idx"] is not None else f"row {row}"
       where = (file, record)
       if r["idx"] is None or not str(r["idx"]).strip():
@@ -106,8 +106,9 @@ def read(path: str, split: Optional[str] = None) -> list[base.Example]:
       answer = r["answer"]
       if not isinstance(answer, str) or len(answer.strip()) != 1:
         raise base.BenchmarkError(file, record, f"answer must be one option letter, got {answer!r}")
-      meta = {"image_relation": r["image_relation"], "image_type": r["image_type"],
-              "counterpart_idx": None if r["counterpart_idx"] is None else str(r["counterpart_idx"])}
+      counterpart = r.get("counterpart_idx")
+      meta = {"image_relation": r.get("image_relation"), "image_type": r.get("image_type"),
+              "counterpart_idx": None if counterpart is None else str(counterpart)}
       if placeholders:
         meta["published_question"] = r["question"]
         meta["published_options"] = list(options)
