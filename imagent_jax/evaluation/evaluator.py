@@ -91,8 +91,8 @@ def record(trajectory: Trajectory, example: Any, *, sample: int = 0, fallback: s
 
 
 def answer_batch(rollout, params, prompt: Callable[[Any], Any], examples: Sequence[Any], *, rng=None,
-                 fallback: str = "text", images: Optional[Sequence[Sequence[Any]]] = None
-                 ) -> tuple[list[dict[str, Any]], list[Trajectory]]:
+                 fallback: str = "text", images: Optional[Sequence[Sequence[Any]]] = None,
+                 positions: Optional[Sequence[int]] = None) -> tuple[list[dict[str, Any]], list[Trajectory]]:
   """Rolls out ``examples`` (``rollout.cfg.group_size`` samples each) and scores every trajectory.
 
   Args:
@@ -103,15 +103,22 @@ def answer_batch(rollout, params, prompt: Callable[[Any], Any], examples: Sequen
     rng: the rollout's PRNG key (default ``key(0)``: greedy evaluation ignores it).
     fallback: ``score``'s answer fallback.
     images: the ``B`` lists of input images (default: each example's ``images``).
+    positions: each question's place in the whole benchmark: sample ``j`` of question ``p`` draws
+      with ``fold_in(rng, p * G + j)`` (``Rollout``'s row ids), so Avg@k samples do not depend on
+      how the questions were batched (a resumed evaluation draws what an uninterrupted one would).
+      Default: ``0 .. B-1``.
 
   Returns:
     ``(records, trajectories)``: ``B * G`` of each, question-major (question ``i``'s samples are
     rows ``i * G ... i * G + G - 1``; ``Trajectory.prompt_index`` indexes ``examples``).
   """
   images = [_get(e, "images") for e in examples] if images is None else images
-  _, trajs = rollout(params, [prompt(e) for e in examples], list(images),
-                     jax.random.key(0) if rng is None else rng)
   g = rollout.cfg.group_size
+  row_ids = None
+  if positions is not None:
+    row_ids = (np.asarray(positions, np.int64)[:, None] * g + np.arange(g)[None, :]).reshape(-1).astype(np.int32)
+  _, trajs = rollout(params, [prompt(e) for e in examples], list(images),
+                     jax.random.key(0) if rng is None else rng, row_ids=row_ids)
   records = [record(t, examples[t.prompt_index], sample=i % g, fallback=fallback) for i, t in enumerate(trajs)]
   return records, trajs
 

@@ -171,7 +171,8 @@ def evaluate_benchmark(config, workdir: str, name: str, path: str, *, model, par
   done_records, done = _read_done(results, e.samples)
   with open(results, "w") as f:  # rewritten without a cut line or a partial batch
     f.writelines(json.dumps(r) + "\n" for r in done_records)
-  todo = [x for x in examples if str(evaluator.score_lib.field(x, "id")) not in done]
+  ids = [str(evaluator.score_lib.field(x, "id")) for x in examples]
+  todo = [k for k, i in enumerate(ids) if i not in done]
   if done:
     print(f"eval {name}: resuming, {len(done)} of {len(examples)} questions already answered ({results})")
   if todo:
@@ -180,10 +181,11 @@ def evaluate_benchmark(config, workdir: str, name: str, path: str, *, model, par
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"eval {name}", unit="question",
                disable=not e.progress_bar)
     for i in range(0, len(todo), e.batch_size):
-      chunk = todo[i:i + e.batch_size]
+      positions = todo[i:i + e.batch_size]
+      chunk = [examples[k] for k in positions]
       images = [x["images"] if isinstance(x, dict) else x.images for x in chunk]
-      records, _ = evaluator.answer_batch(rollout, params, prompt, chunk, images=images,
-                                          rng=jax.random.fold_in(jax.random.key(e.seed), i), fallback=e.answer_fallback)
+      records, _ = evaluator.answer_batch(rollout, params, prompt, chunk, images=images, positions=positions,
+                                          rng=jax.random.key(e.seed), fallback=e.answer_fallback)
       with open(results, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
       bar.update(len(chunk))
@@ -193,6 +195,8 @@ def evaluate_benchmark(config, workdir: str, name: str, path: str, *, model, par
   meta = {evaluator.question_id(k): v for k, v in meta.items()}
   summary = evaluator.aggregate(records, bench.aggregate, meta)
   summary.update(name=name, path=path, seconds=time.perf_counter() - t0, source=bench.source,
+                 option_order=f"as config.data.option_order ({config.data.option_order})" if name == DATA
+                 else e.option_order,
                  circular=any(evaluator.question_id(r["id"]) != r["id"] for r in records),
                  published=[p._asdict() for p in published.published(name)])
   return summary
@@ -211,7 +215,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   tool_cfg = build.tool_config(config, model_config)
   params = parallel.local_params(params, model_config, mesh)
   print(f"eval: {label}; tools {config.tools.names}; {'greedy' if e.samples == 1 else f'Avg@{e.samples}'}; "
-        f"options {e.option_order}")
+        f"benchmark options {e.option_order}")
   summaries = {}
   for name, path in specs:
     summaries[name] = evaluate_benchmark(config, workdir, name, path, model=model, params=params, processor=processor,
@@ -257,7 +261,8 @@ def _text_summary(summaries: dict) -> str:
 def _report_body(out: dict) -> str:
   s = out["benchmarks"]
   body = (f"Weights: {out['weights']}. Tools: `{out['tools']}`. "
-          f"{'Greedy' if out['samples'] == 1 else 'Avg@%d' % out['samples']}, options {out['option_order']}. "
+          f"{'Greedy' if out['samples'] == 1 else 'Avg@%d' % out['samples']}, benchmark options "
+          f"{out['option_order']} (the run's own data keeps its order). "
           "Scores in percent, in each benchmark's official aggregation; records in `eval/<benchmark>/results.jsonl`.")
   body += "\n\n" + markdown_table(["benchmark", "score", "ours (%)", "questions", "published"], _rows(s))
   tool_rows = [(name, f"{v['calls_per_question']:.2f}", f"{v['zooms_per_question']:.2f}", _fmt(
