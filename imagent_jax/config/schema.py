@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.validation_path = ""
   c.data.test_path = ""
   c.data.on_error = "raise"  # jsonl bad records: "raise" or "skip" (counted)
+  c.data.image_root = ""  # jsonl: the folder images must lie in, symlinks followed ("": each JSONL file's folder)
   # jsonl: most images a question may have; the image budgets are sized for it and a record with
   # more is a bad record (too_many_images). Synthetic sources draw data.images_per_question instead.
   c.data.max_images_per_question = 4

@@ -128,6 +128,8 @@ def _stage_errors(config, names: list[str]) -> list[str]:
     path = d[f"{split}_path"]
     if d.source == "jsonl" and path and not os.path.exists(os.path.expanduser(path)):
       errors.append(f"config.data.{split}_path={path!r} does not exist (a .jsonl file or a folder of them)")
+  if d.source == "jsonl" and d.image_root and not os.path.isdir(os.path.expanduser(d.image_root)):
+    errors.append(f"config.data.image_root={d.image_root!r} is not a folder")
   if d.max_images_per_question < 1:
     errors.append(f"config.data.max_images_per_question={d.max_images_per_question} must be >= 1")
   if "rollout" in names and config.rollout.num_prompts > config.rl.batch_size:

@@ -3,7 +3,8 @@
 Schema: one JSON object per line (blank lines are ignored; unknown keys are kept out)::
 
   {"images": ["imgs/0001_a.jpg", "imgs/0001_b.png"],  # required: 1+ image paths, relative to
-                                                      #   the JSONL file's folder (or absolute)
+                                                      #   the JSONL file's folder (or absolute);
+                                                      #   each must lie under the image root
    "question": "Which image shows a red kite?",       # required: non-empty string
    "options": ["Image 1", "Image 2"],                 # optional: 2-26 strings, lettered A, B, ...;
                                                       #   or {"A": "...", "B": "..."} (A, B, ... in order)
@@ -23,9 +24,13 @@ and is a random-access source (``__len__``, ``__getitem__``) of the pipeline's e
 
 Bad input (DESIGN §6). Every problem is a ``DataError`` naming the file, the line and its kind:
 
-* found when the files are read (at construction): ``invalid_json``, ``not_an_object``,
-  ``missing_field``, ``wrong_type``, ``bad_value`` (empty question, unknown option letters, an
-  answer that is no option, a bad target), ``missing_image``, ``empty_image`` (zero bytes);
+* found when the files are read (at construction): ``invalid_json`` (including JSON nested too
+  deeply and numbers too long to read), ``not_an_object``, ``missing_field``, ``wrong_type``,
+  ``bad_value`` (empty question, unknown option letters, an answer that is no option, a bad
+  target, a path with a NUL byte, anything else unreadable), ``missing_image``, ``outside_root``
+  (an image path that, symlinks followed, leaves the image root: by default the JSONL file's
+  folder, ``image_root`` / ``config.data.image_root`` widens it; a dataset file cannot make a
+  run read any file the user can), ``empty_image`` (zero bytes);
 * found when an example is read (images are opened lazily): ``corrupt_image`` (not an image,
   truncated), ``decompression_bomb`` (more pixels than ``max_image_pixels``; Pillow's own
   guard is turned into this error too), ``unreadable_image``;
@@ -33,7 +38,8 @@ Bad input (DESIGN §6). Every problem is a ``DataError`` naming the file, the li
   ``too_many_images`` (more than the run's image budgets hold), ``prompt_too_long`` (a prompt
   longer than the run's token budget), ``corrupt_image`` (an image whose size cannot be read).
 
-Images of any mode (grey, palette, RGBA, 16-bit, ...) are converted to RGB, not refused.
+Images of any mode (grey, palette, RGBA, 16-bit, ...) are converted to RGB, not refused, and
+their EXIF orientation is applied (as transformers' ``load_image`` does).
 
 ``on_error="raise"`` (default) raises the first ``DataError``. ``on_error="skip"`` leaves the
 record out and counts it (``error_counts`` by kind, ``skipped`` in total, the first
@@ -44,7 +50,6 @@ one found bad when read returns None, which the grain pipeline drops.
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import math
@@ -52,12 +57,12 @@ import os
 import threading
 from typing import Any, Callable, Optional, Sequence, Union
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from imagent_jax.processing import images as images_lib
 
 ERROR_KINDS = ("invalid_json", "not_an_object", "missing_field", "wrong_type", "bad_value", "missing_image",
-               "empty_image", "corrupt_image", "decompression_bomb", "unreadable_image", "too_many_images",
+               "outside_root", "empty_image", "corrupt_image", "decompression_bomb", "unreadable_image", "too_many_images",
                "prompt_too_long")
 ON_ERROR = ("raise", "skip")
 MAX_KEPT_ERRORS = 1000
@@ -149,12 +154,21 @@ class _Bad(Exception):
     self.kind, self.message = kind, message
 
 
-def _parse_line(text: str, folder: str) -> dict[str, Any]:
-  """The fields of one non-blank line, validated; raises ``_Bad``."""
+def _inside(path: str, root: str) -> bool:
+  return os.path.commonpath([path, root]) == root
+
+
+def _parse_line(text: str, folder: str, root: str) -> dict[str, Any]:
+  """The fields of one non-blank line, validated; raises ``_Bad``. Image paths are resolved from
+  ``folder`` (the JSONL file's) and, symlinks followed, must lie under ``root`` (real path)."""
   try:
     obj = json.loads(text)
   except json.JSONDecodeError as e:
     raise _Bad("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}") from None
+  except RecursionError:
+    raise _Bad("invalid_json", "JSON nested too deeply to read") from None
+  except ValueError as e:  # e.g. an integer of more than 4,300 digits
+    raise _Bad("invalid_json", f"not readable JSON ({e})") from None
   if not isinstance(obj, dict):
     raise _Bad("not_an_object", f"each line must be a JSON object, got {type(obj).__name__}")
   missing = [k for k in ("images", "question", "answer") if k not in obj]
@@ -195,25 +209,34 @@ def _parse_line(text: str, folder: str) -> dict[str, Any]:
       raise _Bad("bad_value", f"target_box {box} needs 0 <= x0 < x1 and 0 <= y0 < y1")
     if target_image < 0:
       raise _Bad("bad_value", "target_box needs target_image")
-  paths = [os.path.normpath(os.path.join(folder, p)) for p in images]
-  for p, rel in zip(paths, images):
+  paths = []
+  for rel in images:
+    if "\x00" in rel:
+      raise _Bad("bad_value", f"image path {rel[:60]!r} holds a NUL byte")
+    p = os.path.normpath(os.path.join(folder, rel))
+    real = os.path.realpath(p)
+    if not _inside(real, root):
+      raise _Bad("outside_root", f"image {rel!r} resolves to {real}, outside the dataset folder {root} (images must "
+                                 "lie under it, symlinks followed; config.data.image_root widens it)")
     try:
       size = os.stat(p).st_size
     except FileNotFoundError:
       raise _Bad("missing_image", f"image {rel!r} not found (looked for {p})") from None
-    except OSError as e:
-      raise _Bad("unreadable_image", f"image {rel!r}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:
+      raise _Bad("unreadable_image", f"image {rel!r}: {getattr(e, 'strerror', None) or e}") from None
     if not os.path.isfile(p):
       raise _Bad("missing_image", f"image {rel!r} is not a file ({p})")
     if size == 0:
       raise _Bad("empty_image", f"image {rel!r} is an empty file (0 bytes)")
+    paths.append(real)
   return {"id": None if record_id is None else str(record_id), "images": paths, "question": question.strip(),
           "options": options, "answer": answer, "category": category,
           "target_image": target_image, "target_box": None if box is None else [float(v) for v in box]}
 
 
 def load_image(path: str, max_pixels: Optional[int] = None) -> Image.Image:
-  """Opens an image file as RGB, with the size checked before any pixel is decoded.
+  """Opens an image file as RGB, its EXIF orientation applied, with the size checked before any
+  pixel is decoded (``processing.images.decode_image``).
 
   Args:
     path: the file.
@@ -226,34 +249,15 @@ def load_image(path: str, max_pixels: Optional[int] = None) -> Image.Image:
   Raises:
     _Bad: ``empty_image``, ``corrupt_image``, ``decompression_bomb``, ``unreadable_image``.
   """
-  limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
   try:
     with open(path, "rb") as f:
       data = f.read()
-  except OSError as e:
-    raise _Bad("unreadable_image", f"cannot read {path}: {e.strerror or e}") from None
-  if not data:
-    raise _Bad("empty_image", f"{path} is an empty file (0 bytes)")
+  except (OSError, ValueError) as e:
+    raise _Bad("unreadable_image", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
   try:
-    image = Image.open(io.BytesIO(data))
-  except Image.DecompressionBombError as e:
-    raise _Bad("decompression_bomb", f"{path}: {e}") from None
-  except UnidentifiedImageError:
-    raise _Bad("corrupt_image", f"{path} is not an image Pillow can read (unknown or broken format)") from None
-  except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for bad files.
-    raise _Bad("corrupt_image", f"{path} is not an image Pillow can read ({type(e).__name__}: {e})") from None
-  width, height = image.size
-  if width <= 0 or height <= 0:
-    raise _Bad("empty_image", f"{path} has zero pixels ({width}x{height})")
-  if limit is not None and width * height > limit:
-    raise _Bad("decompression_bomb", f"{path} is {width}x{height} = {width * height} pixels, more than the "
-                                     f"{limit} allowed (possible decompression bomb; raise max_image_pixels if "
-                                     "it is genuine)")
-  try:
-    image.load()
-    return images_lib.to_rgb(image)
-  except Exception as e:  # noqa: BLE001
-    raise _Bad("corrupt_image", f"{path} cannot be decoded ({type(e).__name__}: {e})") from None
+    return images_lib.decode_image(data, max_pixels)
+  except images_lib.ImageDecodeError as e:
+    raise _Bad(e.kind, f"{path}: {e.message}") from None
 
 
 def _jsonl_files(path: str) -> list[str]:
@@ -280,13 +284,15 @@ class JsonlSource:
   """
 
   def __init__(self, path: Union[str, os.PathLike], *, on_error: str = "raise",
-               max_image_pixels: Optional[int] = None):
+               max_image_pixels: Optional[int] = None, image_root: Optional[str] = None):
     """Reads and validates every record (images are opened later, when read).
 
     Args:
       path: a ``.jsonl`` file, or a folder whose ``*.jsonl`` files are read in sorted order.
       on_error: ``"raise"``: stop at the first bad record; ``"skip"``: leave it out and count it.
       max_image_pixels: most pixels an image may have (None: ``PIL.Image.MAX_IMAGE_PIXELS``).
+      image_root: the folder every image must lie in, symlinks followed (None: each JSONL file's
+        own folder); an image outside it is a bad record (``outside_root``).
 
     Raises:
       DataError: a bad record under ``"raise"``.
@@ -297,6 +303,7 @@ class JsonlSource:
       raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     self.on_error = on_error
     self.max_image_pixels = max_image_pixels
+    self.image_root = None if not image_root else os.path.realpath(os.path.expanduser(image_root))
     self.name = os.fspath(path)
     self.files = _jsonl_files(self.name)
     self.error_counts: collections.Counter = collections.Counter()
@@ -308,6 +315,7 @@ class JsonlSource:
 
   def _read_file(self, file: str) -> None:
     folder = os.path.dirname(os.path.abspath(file))
+    root = self.image_root or os.path.realpath(folder)
     stem = os.path.basename(file)
     with open(file, "rb") as f:
       for line_number, raw in enumerate(f, start=1):
@@ -319,9 +327,12 @@ class JsonlSource:
         if not text.strip():
           continue
         try:
-          fields = _parse_line(text, folder)
+          fields = _parse_line(text, folder, root)
         except _Bad as e:
           self._fail(DataError(file, line_number, e.kind, e.message))
+          continue
+        except Exception as e:  # noqa: BLE001 - whatever a line holds, the error names its file and line
+          self._fail(DataError(file, line_number, "bad_value", f"unreadable record ({type(e).__name__}: {e})"))
           continue
         if fields["id"] is None:
           fields["id"] = f"{stem}:{line_number}"

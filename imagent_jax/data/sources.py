@@ -46,6 +46,7 @@ class SourceRequest:
     data_dir: the folder of built datasets (``synthetic_mifg``).
     path: the split's file or folder (``jsonl``).
     on_error: bad records of file sources: ``"raise"`` or ``"skip"`` (counted).
+    image_root: the folder a file source's images must lie in ("": each file's own folder).
   """
   split: str = "train"
   sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -54,6 +55,7 @@ class SourceRequest:
   data_dir: str = ""
   path: str = ""
   on_error: str = "raise"
+  image_root: str = ""
 
 
 def register_source(name: str):
@@ -90,7 +92,7 @@ def _synthetic_mifg(request: SourceRequest) -> Any:
 def _jsonl(request: SourceRequest) -> Any:
   if not request.path:
     raise ValueError(f"config.data.source='jsonl' needs config.data.{request.split}_path")
-  return JsonlSource(os.path.expanduser(request.path), on_error=request.on_error)
+  return JsonlSource(os.path.expanduser(request.path), on_error=request.on_error, image_root=request.image_root or None)
 
 
 __all__ = ["JsonlSource", "SOURCES", "SourceRequest", "make_source", "register_source"]

@@ -33,11 +33,12 @@ already-open image have accepted its size.
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,6 +143,57 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     alpha = array[:, :, 3:4] / 255
     array = np.round(alpha * array[:, :, :3] + (1 - alpha) * 255).astype(np.uint8)
   return Image.fromarray(np.ascontiguousarray(array))
+
+
+class ImageDecodeError(ValueError):
+  """An encoded image that cannot be used: ``kind`` is ``empty_image``, ``corrupt_image`` or
+  ``decompression_bomb``; ``message`` says what it is ("an empty file (0 bytes)", "not an image
+  Pillow can read (...)"), without naming the file: callers do."""
+
+  def __init__(self, kind: str, message: str):
+    super().__init__(message)
+    self.kind, self.message = kind, message
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+  """Decodes an encoded image (PNG, JPEG, ...) to RGB, its EXIF orientation applied.
+
+  The size is read from the header and checked before any pixel is decoded. A phone photo stored
+  100x50 with orientation "rotate 90" becomes 50x100, as transformers' ``load_image`` shows it.
+
+  Args:
+    data: the file's bytes.
+    max_pixels: most pixels allowed (None: Pillow's ``Image.MAX_IMAGE_PIXELS``; Pillow's own hard
+      limit, twice that, applies as well).
+
+  Returns:
+    A mode ``"RGB"`` image.
+
+  Raises:
+    ImageDecodeError: empty, not an image Pillow reads, too many pixels, truncated or undecodable.
+  """
+  if not data:
+    raise ImageDecodeError("empty_image", "an empty file (0 bytes)")
+  limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+  try:
+    image = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise ImageDecodeError("decompression_bomb", str(e)) from None
+  except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for bad files
+    raise ImageDecodeError("corrupt_image", f"not an image Pillow can read ({type(e).__name__}: {e})") from None
+  width, height = image.size
+  if width <= 0 or height <= 0:
+    raise ImageDecodeError("empty_image", f"an image of zero pixels ({width}x{height})")
+  if limit is not None and width * height > limit:
+    raise ImageDecodeError("decompression_bomb", f"{width}x{height} = {width * height} pixels, more than the "
+                                                 f"{limit} allowed (possible decompression bomb; raise the limit if "
+                                                 "it is genuine)")
+  try:
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+  except Exception as e:  # noqa: BLE001
+    raise ImageDecodeError("corrupt_image", f"an image that cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 def to_rgb(image: ImageLike) -> Image.Image:

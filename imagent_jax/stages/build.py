@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from PIL import Image
 
 from imagent_jax import parallel
@@ -28,6 +30,8 @@ from imagent_jax.agent import tools
 from imagent_jax.models import hf_io, registry, tree
 from imagent_jax.processing import Processor, build_tiny_tokenizer
 from imagent_jax.processing import images as images_lib
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -406,7 +410,8 @@ def data_source(config, workdir: str, split: str):
       split=split, sizes={"train": d.train_size, "validation": d.validation_size, "test": d.test_size},
       seed=d.seed, difficulty=difficulty(config),
       data_dir=os.path.expanduser(d.data_dir) if d.data_dir else os.path.join(workdir, "data"),
-      path={"train": d.train_path, "validation": d.validation_path, "test": d.test_path}[split], on_error=d.on_error)
+      path={"train": d.train_path, "validation": d.validation_path, "test": d.test_path}[split], on_error=d.on_error,
+      image_root=d.image_root)
   source = sources.make_source(d.source, request)
   if hasattr(source, "check_records"):
     tok_dir = tokenizer_dir(config, workdir)
@@ -438,7 +443,10 @@ def eval_examples(config, workdir: str, split: str = "validation", count: int | 
 
 
 def checkpoint_manager(config, workdir: str):
-  """Orbax manager of ``<workdir>/checkpoints`` keeping the last ``config.rl.keep_checkpoints``."""
+  """Orbax manager of ``<workdir>/checkpoints`` keeping the last ``config.rl.keep_checkpoints``.
+
+  Orbax writes each step to a temporary folder and renames it when complete, so a run killed
+  mid-save leaves no half-written step in the manager's view."""
   import orbax.checkpoint as ocp
   options = ocp.CheckpointManagerOptions(max_to_keep=config.rl.keep_checkpoints, create=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
@@ -452,32 +460,109 @@ def save_checkpoint(manager, step: int, state, meta: dict) -> None:
 
 
 def restore_checkpoint(manager, like):
-  """``(state, meta)`` of the latest checkpoint, restored with the shapes/shardings of ``like``; or None."""
+  """``(state, meta)`` of the newest intact checkpoint, restored with the shapes/shardings of
+  ``like``; None when there is none.
+
+  A step that does not restore (truncated or zeroed array file, broken JSON metadata, a missing
+  manifest: any error reading it) is logged in one line and the next newest is tried. Once one
+  restores, the newer steps that did not are set aside to ``<checkpoints>_corrupt/<step>`` (moved,
+  never deleted; by process 0 only) and ``manager`` is reloaded, so later saves and restores no
+  longer see them. When no step restores, nothing is moved (a changed model config fails every
+  step the same way) and a ``RuntimeError`` names the steps tried and how to start fresh. Every
+  process tries the same steps in the same order and they agree on each outcome."""
   import orbax.checkpoint as ocp
-  step = manager.latest_step()
-  if step is None:
-    return None
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                          meta=ocp.args.JsonRestore()))
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+  found = _restore_newest_intact(manager, lambda step: manager.restore(step, args=args), set_aside=True)
+  if found is None:
+    return None
+  restored, _ = found
   return restored["state"], restored["meta"]
 
 
 def restore_params(directory: str, like):
-  """``(params, step)`` of the latest checkpoint under ``directory`` (a run's ``checkpoints``
+  """``(params, step)`` of the newest intact checkpoint under ``directory`` (a run's ``checkpoints``
   folder), only the parameters read (partial restore: no optimiser state is built), with the
-  shapes and shardings of ``like``; None when there is no checkpoint."""
+  shapes and shardings of ``like``; None when there is no checkpoint.
+
+  Like ``restore_checkpoint`` a step that does not restore is skipped with a warning, but nothing
+  is moved: evaluating a run never changes it."""
   import orbax.checkpoint as ocp
   if not os.path.isdir(directory):
     return None
   manager = ocp.CheckpointManager(os.path.abspath(directory))
-  step = manager.latest_step()
-  if step is None:
-    return None
   abstract = {"params": jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
+  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+  found = _restore_newest_intact(manager, lambda step: manager.restore(step, args=args), set_aside=False)
+  if found is None:
+    return None
+  restored, step = found
   return restored["state"]["params"], int(step)
+
+
+def _restore_newest_intact(manager, restore: Callable[[int], Any], *, set_aside: bool):
+  """``(restore(step), step)`` for the newest step of ``manager`` that restores; None when it has
+  no step. See ``restore_checkpoint``."""
+  directory = os.fspath(manager.directory)
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  failed: list[tuple[int, str]] = []
+  for step in steps:
+    try:
+      restored, error = restore(step), None
+    except Exception as e:  # noqa: BLE001 - orbax, tensorstore, json and OS errors all mean "unreadable"
+      restored, error = None, _one_line(e)
+    # Every process must take the same branch: a step any of them cannot read counts as unreadable.
+    failures = parallel.allgather(np.int32(error is not None))
+    if error is None and failures.any():
+      error = "it did not restore on another process"
+    if error is None:
+      break
+    log.warning("checkpoint %s does not restore (%s); trying an older one",
+                os.path.join(directory, str(step)), error)
+    failed.append((step, error))
+  else:
+    tried = ", ".join(f"{s} ({e})" for s, e in failed)
+    raise RuntimeError(
+        f"no checkpoint in {directory} restores: tried steps {tried}; nothing was moved. If the run's model or "
+        f"optimiser config changed since they were written, restore it; else start fresh with a new --workdir "
+        f"or after removing {directory}")
+  if failed and set_aside:
+    _set_aside(manager, [s for s, _ in failed])
+  return restored, step
+
+
+def _set_aside(manager, steps: Sequence[int]) -> None:
+  """Moves step folders of ``manager`` to ``<its directory>_corrupt/`` (process 0; the others wait)
+  and reloads ``manager`` so that it no longer lists them."""
+  import time
+  directory = os.fspath(manager.directory).rstrip(os.sep)
+  aside = directory + "_corrupt"
+  if parallel.is_primary():
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      src = os.path.join(directory, str(step))
+      if not os.path.exists(src):
+        continue
+      dst = os.path.join(aside, str(step))
+      if os.path.exists(dst):  # set aside before: keep both
+        dst += time.strftime(".%Y%m%d-%H%M%S")
+      os.rename(src, dst)
+      log.warning("set aside the unreadable checkpoint %s as %s", src, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("imagent_jax.build.set_aside_checkpoints")
+  manager.reload()
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  """``Type: first line of the message``, without tensorstore's spec dump, at most ``limit`` characters."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text.split(" [tensorstore_spec=")[0]
+  text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def wait_for_checkpoints(manager) -> None:

@@ -36,7 +36,7 @@ RECIPE_FILE = "warmup_recipe.json"  # beside the base's weights: the config entr
 _NOT_IN_RECIPE = {"model": ("checkpoint", "export_hf", "from_warmup_base", "attention", "attention_block",
                             "scan_layers"),
                   "data": ("source", "data_dir", "train_size", "validation_size", "test_size", "train_path",
-                           "validation_path", "test_path", "on_error", "max_images_per_question"),
+                           "validation_path", "test_path", "on_error", "max_images_per_question", "image_root"),
                   "warmup": ("progress_bar", "log_every", "probe_examples")}
 
 

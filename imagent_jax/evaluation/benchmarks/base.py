@@ -12,12 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from imagent_jax.processing import images as images_lib
 
@@ -73,7 +72,7 @@ class ImageRef:
       raise BenchmarkError(self.path, None, f"cannot read the image ({e.strerror or e})") from None
 
   def open(self, max_pixels: Optional[int] = None) -> Image.Image:
-    """The image, decoded, as RGB.
+    """The image, decoded as RGB with its EXIF orientation applied (``processing.images.decode_image``).
 
     Args:
       max_pixels: most pixels allowed before decoding (None: Pillow's ``MAX_IMAGE_PIXELS``).
@@ -81,22 +80,10 @@ class ImageRef:
     Raises:
       BenchmarkError: empty, not an image, truncated, or over ``max_pixels``.
     """
-    data = self.encoded()
-    if not data:
-      raise BenchmarkError(self.name, None, "the image is empty (0 bytes)")
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-      image = Image.open(io.BytesIO(data))
-      width, height = image.size
-      if limit is not None and width * height > limit:
-        raise BenchmarkError(self.name, None, f"the image is {width}x{height} pixels, more than the {limit} "
-                                              "allowed (possible decompression bomb)")
-      image.load()
-    except BenchmarkError:
-      raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-      raise BenchmarkError(self.name, None, f"not an image Pillow can decode ({type(e).__name__}: {e})") from None
-    return images_lib.to_rgb(image)
+      return images_lib.decode_image(self.encoded(), max_pixels)
+    except images_lib.ImageDecodeError as e:
+      raise BenchmarkError(self.name, None, e.message) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,7 +135,7 @@ def test_bad_files_and_undecodable_images(tmp_path):
   rows[3]["image"] = "QUJD" * 20 + "Q"  # base64 letters, broken padding
   _write(path, rows)
   examples = benchmarks.load("hrbench_4k", str(tmp_path))  # images are decoded when read
-  with pytest.raises(base.BenchmarkError, match=r"hr_bench_4k.tsv: record 2: .*not an image Pillow can decode"):
+  with pytest.raises(base.BenchmarkError, match=r"hr_bench_4k.tsv: record 2: .*not an image Pillow can read"):
     examples[1].images  # pylint: disable=pointless-statement
   with pytest.raises(base.BenchmarkError, match=r"hr_bench_4k.tsv: record 4: the image is not valid base64"):
     examples[3].images  # pylint: disable=pointless-statement

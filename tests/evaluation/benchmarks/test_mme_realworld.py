@@ -177,5 +177,5 @@ def test_bad_files(tmp_path):
   _full(tmp_path)
   (root / "diagram_and_table" / "d.png").write_bytes(b"")
   e = benchmarks.load("mme_realworld", str(root))[5]
-  with pytest.raises(base.BenchmarkError, match="d.png: the image is empty"):
+  with pytest.raises(base.BenchmarkError, match="d.png: an empty file"):
     e.images  # pylint: disable=pointless-statement
