@@ -56,3 +56,31 @@ def test_target_boxes_and_cover():
   assert evaluator.target_boxes({"target_image": 1, "target_box": [0, 0, 4, 4]}) == (1, [[0.0, 0.0, 4.0, 4.0]])
   assert evaluator.target_boxes({"target_image": -1, "target_box": None}) == (-1, [])
   assert evaluator._covers([0, 0, 3, 4], [0, 0, 4, 4]) and not evaluator._covers([0, 0, 1, 4], [0, 0, 4, 4])
+
+
+class _FakeRollout:
+  """Answers every question with its gold letter; records the row ids it was asked to sample."""
+
+  def __init__(self, g):
+    self.cfg = type("Cfg", (), {"group_size": g})()
+    self.row_ids = None
+
+  def __call__(self, params, prompts, images, rng, row_ids=None):
+    from imagent_jax.agent.trajectory import Trajectory
+    self.row_ids = row_ids
+    g = self.cfg.group_size
+    trajs = [Trajectory(prompt_index=i // g, status=0, response="", turns=[f"<answer>{p}</answer>"], answer=p,
+                        calls=[], context=None) for i, p in enumerate(a for a in prompts for _ in range(g))]
+    return {}, trajs
+
+
+def test_answer_batch_records_and_row_ids_follow_the_questions_place():
+  examples = [{"id": "x", "options": ["a", "b"], "answer": "B", "category": "c", "images": []},
+              {"id": "y", "options": ["a", "b"], "answer": "A", "category": "c", "images": []}]
+  rollout = _FakeRollout(3)
+  records, trajs = evaluator.answer_batch(rollout, None, lambda e: "B", examples, positions=[5, 9])
+  assert rollout.row_ids.tolist() == [15, 16, 17, 27, 28, 29]  # question p, sample j: p * G + j
+  assert [(r["id"], r["sample"], r["correct"]) for r in records] == [
+      ("x", 0, True), ("x", 1, True), ("x", 2, True), ("y", 0, False), ("y", 1, False), ("y", 2, False)]
+  assert records[0]["answer"] == "B" and records[0]["status"] == "answered" and len(trajs) == 6
+  assert evaluator.aggregate(records, base.by_category)["scores"]["overall"] == 50.0
