@@ -80,6 +80,15 @@ class RolloutConfig:
   insert_wait: int = 0
 
   def __post_init__(self):
+    for name, low in (("group_size", 1), ("max_prompt_len", 1), ("prompt_patches", 0), ("max_prompt_images", 0),
+                      ("max_new_tokens", 1), ("max_tool_calls", 0), ("top_k", 0)):
+      if getattr(self, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}"
+                         + (" (0: no top-k filter)" if name == "top_k" else ""))
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must lie in (0, 1] (1: no nucleus filter), got {self.top_p}")
     if self.insert_wait < 0:
       raise ValueError(f"insert_wait must be >= 0, got {self.insert_wait}")
     if self.view_max_patches % 4:

@@ -56,6 +56,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   for name in ("call_share", "confirm_share", "zoom_request_share"):
     if not 0.0 <= config.warmup[name] <= 1.0:
       errors.append(f"config.warmup.{name}={config.warmup[name]} must lie in [0, 1]")
+  if config.seed < 0:
+    errors.append(f"config.seed={config.seed} must be >= 0")
+  from imagent_jax.rl import warmup_tasks
+  unknown_tasks = [t.strip() for t in str(config.warmup.tasks).split(",") if t.strip() not in warmup_tasks.TASKS]
+  if unknown_tasks or not str(config.warmup.tasks).strip():
+    errors.append(f"config.warmup.tasks={config.warmup.tasks!r}: unknown or empty task(s) {unknown_tasks}; "
+                  f"registered: {list(warmup_tasks.TASKS.names())}")
+  if config.warmup.steps < 1 and "warmup" in names:
+    errors.append(f"config.warmup.steps={config.warmup.steps} must be >= 1 (drop 'warmup' from config.stages to skip it)")
+  if config.warmup.batch_size < 1:
+    errors.append(f"config.warmup.batch_size={config.warmup.batch_size} must be >= 1")
+  if config.rl.keep_checkpoints < 1:
+    errors.append(f"config.rl.keep_checkpoints={config.rl.keep_checkpoints} must be >= 1 (a resume needs one)")
+  if config.rl.checkpoint_every < 0:
+    errors.append(f"config.rl.checkpoint_every={config.rl.checkpoint_every} must be >= 0 (0: only at the end)")
   if config.rl.logprob_gap_every < 0:
     errors.append("config.rl.logprob_gap_every must be >= 0 (0: never check)")
   if config.rl.length_bucket < 0:
@@ -77,6 +92,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     protocol.system_prompt(tools.tool_schemas(), config.tools.prompt_style)
   except (ValueError, KeyError) as e:
     errors.append(f"config.tools: {e}")
+  try:
+    sources.SourceRequest(on_error=config.data.on_error, seed=config.data.seed)
+  except ValueError as e:
+    errors.append(f"config.data: {e}")
   if config.data.source not in sources.SOURCES:
     errors.append(f"config.data.source={config.data.source!r} is not one of {list(sources.SOURCES.names())}")
   try:
@@ -124,6 +143,17 @@ def _stage_errors(config, names: list[str]) -> list[str]:
     errors.append(f"config.stages {started} with config.model.preset={m.preset!r} and no config.model.checkpoint "
                   "would roll out and train random weights; set config.model.checkpoint to the local folder of the "
                   "released model")
+  if d.source == "jsonl":
+    needed = {"train": "rl" in names,
+              "validation": "rollout" in names or ("rl" in names and config.rl.eval_every > 0
+                                                   and config.rl.eval_examples > 0),
+              "test": "rl" in names and config.rl.test_examples > 0}
+    for name, path in _eval_data_splits(config, names):
+      needed[path] = True
+    missing = [s for s, need in needed.items() if need and not d[f"{s}_path"]]
+    if missing:
+      errors.append(f"config.data.source='jsonl' needs {', '.join(f'config.data.{s}_path' for s in missing)} "
+                    f"(the stages {names} read those splits)")
   for split in ("train", "validation", "test"):
     path = d[f"{split}_path"]
     if d.source == "jsonl" and path and not os.path.exists(os.path.expanduser(path)):
@@ -237,6 +267,17 @@ def _model_config(config, errors: list[str]):
     if m[name] not in build.DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} is not one of {tuple(build.DTYPES)}")
   return model_config
+
+
+def _eval_data_splits(config, names: list[str]) -> list[tuple[str, str]]:
+  """The ``data=<split>`` entries of ``config.eval.benchmarks`` when the eval stage runs."""
+  if "eval" not in names:
+    return []
+  from imagent_jax.stages import eval as eval_stage
+  try:
+    return [(n, p) for n, p in eval_stage.parse_benchmarks(config.eval.benchmarks) if n == eval_stage.DATA]
+  except ValueError:
+    return []  # reported by _eval_errors
 
 
 def _eval_errors(config, names: list[str]) -> list[str]:

@@ -58,6 +58,16 @@ class SourceRequest:
   image_root: str = ""
 
 
+  def __post_init__(self):
+    from imagent_jax.data.jsonl import ON_ERROR  # pylint: disable=g-import-not-at-top
+    if self.split not in ("train", "validation", "test"):
+      raise ValueError(f"split must be train, validation or test, got {self.split!r}")
+    if self.on_error not in ON_ERROR:
+      raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+    if self.seed < 0:
+      raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
 def register_source(name: str):
   """Decorator registering ``factory(request: SourceRequest) -> source`` under ``name``."""
   return SOURCES.register(name)

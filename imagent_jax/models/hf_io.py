@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -43,6 +44,8 @@ from imagent_jax.models import registry
 from imagent_jax.models.safetensors import NP_TO_ST, SafetensorsReader, write_safetensors
 from imagent_jax.models.tree import flatten, unflatten
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -52,6 +55,18 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SHARD_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 # Buffers some exporters write that carry no learned weights (recomputed from the config).
 _HARMLESS_RE = re.compile(r"(^|\.)(inv_freq|rotary_emb\.[A-Za-z_]+)$")
+# Checkpoint dtypes a floating-point parameter is read from (float64 is cast down). Float8 is not:
+# such checkpoints are quantised and need their scales, which a plain cast would drop.
+_FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, np.float16, jnp.bfloat16, np.float64))
+# config.json's size fields (Hugging Face names, at the top level or in a ``*_config`` section):
+# each must be a positive integer at most this large. The bounds sit far above any released model
+# and far below sizes that would exhaust memory or overflow int32 shapes before a tensor is read.
+CONFIG_SIZE_LIMITS = {
+    "vocab_size": 2**24, "hidden_size": 2**16, "out_hidden_size": 2**16, "intermediate_size": 2**18,
+    "num_hidden_layers": 1024, "depth": 1024, "num_attention_heads": 2**12, "num_key_value_heads": 2**12,
+    "num_heads": 2**12, "head_dim": 2**12, "in_channels": 64, "in_chans": 64, "patch_size": 1024,
+    "spatial_merge_size": 64, "temporal_patch_size": 64, "window_size": 2**16, "max_position_embeddings": 2**24,
+}
 
 # --------------------------------------------------------------------------- the name table
 
@@ -198,6 +213,7 @@ class _Tensor:
   kind: str
   shape: tuple[int, ...]
   hf_shape: tuple[int, ...]
+  dtype: np.dtype | None = None  # the param's dtype in the model
 
 
 def _expected_tensors(family, config) -> dict[str, _Tensor]:
@@ -206,7 +222,8 @@ def _expected_tensors(family, config) -> dict[str, _Tensor]:
   out = {}
   for path, leaf in flatten(family.abstract_params(config)).items():
     row, hf_name = pmap.match_ours(path)
-    out[path] = _Tensor(path, hf_name, row.kind, tuple(leaf.shape), _hf_shape(row.kind, leaf.shape, geometry))
+    out[path] = _Tensor(path, hf_name, row.kind, tuple(leaf.shape), _hf_shape(row.kind, leaf.shape, geometry),
+                        np.dtype(leaf.dtype))
   return out
 
 
@@ -238,10 +255,48 @@ def load_config(path: str | os.PathLike):
     raise ValueError(f"{filename} is not valid JSON: {e}") from None
   if not isinstance(d, dict):
     raise ValueError(f"{filename} must hold a JSON object, got {type(d).__name__}")
+  check_config_sizes(d, filename)
   try:
     return registry.family_for_hf(d).config_from_hf(d)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{filename}: {e}") from e
+
+
+def check_config_sizes(d: Mapping[str, Any], filename: str = CONFIG_NAME) -> None:
+  """Refuses a ``config.json`` dict whose sizes no model could have, before any config or array is
+  built from it: every field of ``CONFIG_SIZE_LIMITS`` present (at the top level or in a
+  ``*_config`` section such as ``text_config``, ``vision_config``) must be a positive integer within
+  its bound, and the attention heads must divide their sizes. A ``ValueError`` names ``filename``
+  and the field."""
+  sections = [("", d)] + [(f"{k}.", v) for k, v in d.items() if k.endswith("_config") and isinstance(v, Mapping)]
+  for prefix, section in sections:
+    for name, limit in CONFIG_SIZE_LIMITS.items():
+      value = section.get(name)
+      if value is None:
+        continue  # absent: the config class's default
+      field = prefix + name
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{filename}: {field} must be a positive integer, got {value!r}")
+      if not 0 < value <= limit:
+        raise ValueError(f"{filename}: {field} = {value} is outside [1, {limit}], the sizes this loader accepts; "
+                         "is the config.json corrupt or for another model?")
+    hidden, kv = section.get("hidden_size"), section.get("num_key_value_heads")
+    for heads_name in ("num_attention_heads", "num_heads"):
+      heads = section.get(heads_name)
+      if heads and hidden and section.get("head_dim") is None and hidden % heads:
+        raise ValueError(f"{filename}: {prefix}hidden_size = {hidden} is not divisible by "
+                         f"{prefix}{heads_name} = {heads}")
+    heads = section.get("num_attention_heads")
+    if heads and kv and heads % kv:
+      raise ValueError(f"{filename}: {prefix}num_attention_heads = {heads} is not a multiple of "
+                       f"{prefix}num_key_value_heads = {kv} (grouped-query attention)")
+
+
+def _count_nonfinite(x: np.ndarray, chunk: int = 2**22) -> int:
+  """How many NaN and Inf values ``x`` (floating) holds, counted in chunks (bounded extra memory)."""
+  flat = x.reshape(-1)
+  return sum(int(flat[k:k + chunk].size - np.count_nonzero(np.isfinite(flat[k:k + chunk])))
+             for k in range(0, flat.size, chunk))
 
 
 def _weight_files(folder: str) -> list[str]:
@@ -304,10 +359,13 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
   ``mesh`` each tensor goes straight into its shards (``imagent_jax.parallel.param_shardings``);
   without one it goes to the default device.
 
-  Every check runs before any tensor is read: a mismatch with the model that ``config.json``
-  describes raises one ``ValueError`` naming every missing, unexpected, duplicated and mis-shaped
-  tensor. Rotary ``inv_freq`` buffers are ignored, and so is ``lm_head.weight`` when the config ties
-  the embeddings (the model then has no ``lm_head`` params).
+  Every check runs before any tensor is read: ``config.json``'s sizes are checked first
+  (``check_config_sizes``), then a mismatch with the model it describes raises one ``ValueError``
+  naming every missing, unexpected, duplicated and mis-shaped tensor, and every tensor of a float
+  parameter stored as anything but float32, float16, bfloat16 or float64 (integers, bool, float8).
+  Rotary ``inv_freq`` buffers are ignored, and so is ``lm_head.weight`` when the config ties the
+  embeddings (the model then has no ``lm_head`` params). A tensor holding NaN or Inf values is
+  loaded with a warning naming it and the count.
 
   Args:
     path: local folder with ``config.json`` and ``*.safetensors``.
@@ -324,8 +382,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
 
   Raises:
     FileNotFoundError: the folder, its ``config.json`` or its weights are missing.
-    ValueError: pickle-only checkpoint (refused, never unpickled), corrupt files, or tensors that
-      do not match the config.
+    ValueError: pickle-only checkpoint (refused, never unpickled), corrupt files, sizes in
+      ``config.json`` out of bounds, or tensors that do not match the config (names, shapes, dtypes).
   """
   folder = _check_folder(path)
   config = load_config(folder)
@@ -335,7 +393,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
   expected = _expected_tensors(family, config)
 
   found: dict[str, tuple[SafetensorsReader, str]] = {}
-  unexpected, duplicated, misshaped = [], [], []
+  unexpected, duplicated, misshaped, mistyped = [], [], [], []
   for reader in readers:
     for key in reader.entries:
       name = pmap.canonical(key)
@@ -357,15 +415,21 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
       want = expected[our_path].hf_shape
       if reader.shape(key) != want:
         misshaped.append(f"{key}: expected {_format_shape(want)}, got {_format_shape(reader.shape(key))}")
+      have, param_dtype = reader.entries[key][0], expected[our_path].dtype
+      if param_dtype is not None and jnp.issubdtype(param_dtype, jnp.floating) and have not in _FLOAT_DTYPES:
+        mistyped.append(f"{key} ({os.path.basename(reader.filename)}): {have.name}, but the parameter is "
+                        f"floating point (float32, float16, bfloat16 or float64 expected)")
   missing = [f"{t.hf_name} {_format_shape(t.hf_shape)}" for p, t in expected.items() if p not in found]
-  if missing or unexpected or duplicated or misshaped:
+  if missing or unexpected or duplicated or misshaped or mistyped:
     counts = ", ".join(f"{len(v)} {k}" for k, v in (("missing", missing), ("unexpected", unexpected),
-                                                      ("duplicated", duplicated), ("mis-shaped", misshaped)) if v)
+                                                      ("duplicated", duplicated), ("mis-shaped", misshaped),
+                                                      ("with a wrong dtype", mistyped)) if v)
     lines = [f"checkpoint {folder!r} does not match the model its config.json describes ({counts}):"]
     lines += [f"  missing: {m}" for m in missing]
     lines += [f"  unexpected: {u}" for u in unexpected]
     lines += [f"  duplicated: {d}" for d in duplicated]
     lines += [f"  wrong shape: {s}" for s in misshaped]
+    lines += [f"  wrong dtype: {t}" for t in mistyped]
     raise ValueError("\n".join(lines))
 
   shardings = None
@@ -385,7 +449,14 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
     src = _to_ours(t.kind, reader.read(key))
     out_dtype = target if target is not None and jnp.issubdtype(src.dtype, jnp.inexact) else src.dtype
     host = np.empty(src.shape, out_dtype)
-    np.copyto(host, src, casting="unsafe")  # the single host copy: mmap -> converted, cast tensor
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow to Inf is counted and reported below
+      np.copyto(host, src, casting="unsafe")  # the single host copy: mmap -> converted, cast tensor
+    if jnp.issubdtype(host.dtype, jnp.inexact):
+      bad = _count_nonfinite(host)
+      if bad:
+        cast = f" (after the cast from {src.dtype.name} to {host.dtype.name})" if src.dtype != host.dtype else ""
+        log.warning("%s: tensor %s has %d non-finite (NaN or Inf) value(s) of %d%s",
+                    reader.filename, key, bad, host.size, cast)
     del src
     if shardings is None:
       flat[our_path] = jax.device_put(host)

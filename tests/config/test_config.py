@@ -170,6 +170,12 @@ def test_released_config_is_valid_with_a_checkpoint_and_refuses_what_makes_no_se
                                        r"config.model.checkpoint would roll out and train random weights"):
     validate.validate(config)
   config.model.checkpoint = _checkpoint(tmp_path / "ckpt")
+  with pytest.raises(ValueError, match=r"config.data.source='jsonl' needs config.data.train_path, "
+                                       r"config.data.validation_path"):
+    validate.validate(config, num_devices=8)
+  data = tmp_path / "data.jsonl"
+  data.write_text("")
+  config.data.train_path = config.data.validation_path = str(data)
   validate.validate(config, num_devices=8)
   config.stages = "warmup,rl"
   with pytest.raises(ValueError, match=r"config.stages has 'warmup' with config.model.checkpoint=.*ckpt': the warmup "
