@@ -58,6 +58,28 @@ def _parse_flags(argv):
     _exit_unknown_key(e, argv)
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises ``ValueError`` ("invalid workdir: ...") unless ``workdir`` is, or can be made, a folder
+  this process can write a file in (a probe file is written and removed: a read-only or full disk
+  is found before any stage starts)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"invalid workdir: {workdir} exists and is not a folder")
+  probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"\0" * 65536)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    raise ValueError(f"invalid workdir: cannot write in {workdir} ({e.strerror or e})") from None
+  finally:
+    try:
+      os.remove(probe)
+    except OSError:
+      pass
+
+
 def run(config, workdir: str) -> dict:
   """Validates ``config`` and runs its stages in ``workdir``; returns each stage's summary."""
   import jax
@@ -68,7 +90,7 @@ def run(config, workdir: str) -> dict:
 
   validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   primary = jax.process_index() == 0  # process 0 writes the run's files; every process computes
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir)
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -100,7 +122,7 @@ def main(argv):
   try:
     results = run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
   except ValueError as e:
-    if str(e).startswith("invalid config"):
+    if str(e).startswith(("invalid config", "invalid workdir")):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     raise

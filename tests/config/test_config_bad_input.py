@@ -37,3 +37,22 @@ def test_bad_values_are_invalid_config(overrides, message):
 def test_the_defaults_pass():
   schema.validate(schema.get_config())
   schema.validate(schema.get_config("smoke"))
+
+
+def test_workdir_checks(tmp_path, monkeypatch):
+  from imagent_jax import main
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match="invalid workdir: .*file exists and is not a folder"):
+    main.check_workdir(str(tmp_path / "file"))
+  with pytest.raises(ValueError, match="invalid workdir: cannot write in .*file/run"):
+    main.check_workdir(str(tmp_path / "file" / "run"))
+
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr("builtins.open", full)
+  with pytest.raises(ValueError, match="invalid workdir: cannot write in .*No space left on device"):
+    main.check_workdir(str(tmp_path / "ok"))
+  monkeypatch.undo()
+  main.check_workdir(str(tmp_path / "ok"))
+  assert list((tmp_path / "ok").iterdir()) == []  # the probe is gone
