@@ -67,6 +67,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     errors.append(f"config.warmup.steps={config.warmup.steps} must be >= 1 (drop 'warmup' from config.stages to skip it)")
   if config.warmup.batch_size < 1:
     errors.append(f"config.warmup.batch_size={config.warmup.batch_size} must be >= 1")
+  if config.rl.steps < 1 and "rl" in names:
+    errors.append(f"config.rl.steps={config.rl.steps} must be >= 1 (drop 'rl' from config.stages to skip it)")
   if config.rl.keep_checkpoints < 1:
     errors.append(f"config.rl.keep_checkpoints={config.rl.keep_checkpoints} must be >= 1 (a resume needs one)")
   if config.rl.checkpoint_every < 0:

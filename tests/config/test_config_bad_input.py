@@ -16,6 +16,7 @@ CASES = [  # (overrides, what the message says)
     ({"warmup.steps": -1}, "config.warmup.steps=-1 must be >= 1"),
     ({"warmup.batch_size": 0}, "config.warmup.batch_size=0 must be >= 1"),
     ({"seed": -1}, "config.seed=-1 must be >= 0"),
+    ({"rl.steps": 0}, "config.rl.steps=0 must be >= 1"),
     ({"rl.keep_checkpoints": 0}, "config.rl.keep_checkpoints=0 must be >= 1"),
     ({"rl.checkpoint_every": -2}, "config.rl.checkpoint_every=-2 must be >= 0"),
     ({"data.source": "jsonl", "data.train_path": "/", "data.validation_path": "/", "data.test_path": "/",
