@@ -83,7 +83,7 @@ def test_unknown_config_key_is_refused(tmp_path):
 
 def test_stages_come_from_the_registry():
   from imagent_jax import stages
-  assert stages.STAGES.names() == ("model", "warmup", "rollout", "rl")
+  assert stages.STAGES.names() == ("model", "warmup", "rollout", "rl", "eval")
   assert stages.configured(" model, rl,,") == ["model", "rl"]
   from imagent_jax.stages import rollout_demo
   assert stages.run_function("rollout") is rollout_demo.run
@@ -92,7 +92,7 @@ def test_stages_come_from_the_registry():
 
 
 @pytest.mark.parametrize("name,arg", [("synthetic_tiny", None), ("smoke", None), ("qwen2_5_vl", "3b"),
-                                      ("qwen2_5_vl", "7b")])
+                                      ("qwen2_5_vl", "7b"), ("eval", None), ("eval", "7b")])
 def test_every_config_file_is_valid(tmp_path, name, arg):
   import importlib.util
 
@@ -101,10 +101,20 @@ def test_every_config_file_is_valid(tmp_path, name, arg):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()  # as ml_collections calls it for name.py[:arg]
-  if name.startswith("qwen"):
-    assert config.model.preset == f"{name}_{arg}" and config.model.dtype == "bfloat16"
-    with pytest.raises(ValueError, match="needs config.model.tokenizer"):  # the checkpoint is the user's
+  if arg:  # a released size: the checkpoint, the data and the benchmarks are the user's
+    assert config.model.preset == f"qwen2_5_vl_{arg}" and config.model.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="needs config.model.tokenizer"):
       validate.validate(config)
     (tmp_path / "config.json").write_text("{}")
     config.model.checkpoint = str(tmp_path)
+    if name == "eval":
+      assert config.stages == "eval"
+      with pytest.raises(ValueError, match="config.eval.benchmarks is empty"):
+        validate.validate(config, num_devices=8)
+      config.eval.benchmarks = f"vstar={tmp_path}"
+    else:
+      with pytest.raises(ValueError, match="needs config.data.train_path, config.data.validation_path"):
+        validate.validate(config, num_devices=8)
+      (tmp_path / "data.jsonl").write_text("")
+      config.data.train_path = config.data.validation_path = str(tmp_path / "data.jsonl")
   validate.validate(config, num_devices=8)
