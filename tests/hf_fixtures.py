@@ -164,3 +164,27 @@ def torch_logits(model, input_ids, attention_mask=None, pixel_values=None, image
                   mm_token_type_ids=(ids == model.config.image_token_id).long())
   with torch.no_grad():
     return model(**kwargs).logits.float().numpy()
+
+
+def token_row(config, rng, parts) -> list[int]:
+  """Token ids of a row described by ``parts``: ints are random text lengths, arrays are image grids
+  (each becomes vision start, its image placeholders, vision end)."""
+  ids = []
+  for part in parts:
+    if isinstance(part, int):
+      ids += list(rng.randint(0, config.vocab_size - 16, size=part))
+    else:
+      n = int(np.prod(part)) // config.vision.merge_unit
+      ids += [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id]
+  return ids
+
+
+def padded_batch(config, rows, side="left"):
+  """``(input_ids, attention_mask)`` int64 ``[B, width]`` of token rows padded on ``side``."""
+  width = max(len(r) for r in rows)
+  ids = np.full((len(rows), width), config.pad_token_id, np.int64)
+  mask = np.zeros((len(rows), width), np.int64)
+  for i, r in enumerate(rows):
+    sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+    ids[i, sl], mask[i, sl] = r, 1
+  return ids, mask

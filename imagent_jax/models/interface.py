@@ -109,7 +109,7 @@ class VLMFamily(abc.ABC):
   @abc.abstractmethod
   def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool | str = "none",
              max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512,
-             scan_layers: bool = False):
+             scan_layers: bool = False, record_attention: bool = False):
     """The Flax module (see the module docstring for its methods).
 
     Args:
@@ -126,6 +126,8 @@ class VLMFamily(abc.ABC):
       scan_layers: run the decoder layers of a pass without a KV cache as one ``lax.scan``
         (same parameter tree, same values; flat compile time, one layer's gathered weights at
         a time).
+      record_attention: the attention-analysis variant: every decoder layer's softmax
+        probabilities are sown as ``intermediates`` (``analysis.attention.attention_probs``).
     """
 
   @abc.abstractmethod

@@ -105,12 +105,32 @@ def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section: Sequenc
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def _gqa_softmax_attention(q, k, v, mask, scale: float, k_axes: str, v_axes: str):
-  """The one grouped-query attention; ``k_axes`` / ``v_axes`` name the key and value layouts."""
+def attention_weights(q, k, mask, *, scale: float, k_axes: str = "bskd"):
+  """The softmax attention probabilities of grouped-query attention (float32).
+
+  Args:
+    q: ``[B, Lq, Hkv, G, hd]`` queries (``G`` query heads share one kv head).
+    k: ``[B, S, Hkv, hd]`` keys (``k_axes`` names another layout).
+    mask: ``[B, Lq, S]`` boolean; True where query may attend to key.
+    scale: logit multiplier (``hd ** -0.5``).
+    k_axes: the einsum letters of ``k``'s layout.
+
+  Returns:
+    ``[B, Hkv, G, Lq, S]`` float32; query head ``h`` is ``[:, h // G, h % G]``.
+  """
   logits = jnp.einsum(f"bqkgd,{k_axes}->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum(f"bkgqs,{v_axes}->bqkgd", probs, v)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def weighted_values(probs, v, *, v_axes: str = "bskd"):
+  """``attention_weights``' probabilities ``[B, Hkv, G, Lq, S]`` applied to values -> ``[B, Lq, Hkv, G, hd]``."""
+  return jnp.einsum(f"bkgqs,{v_axes}->bqkgd", probs.astype(v.dtype), v)
+
+
+def _gqa_softmax_attention(q, k, v, mask, scale: float, k_axes: str, v_axes: str):
+  """The one grouped-query attention; ``k_axes`` / ``v_axes`` name the key and value layouts."""
+  return weighted_values(attention_weights(q, k, mask, scale=scale, k_axes=k_axes), v, v_axes=v_axes)
 
 
 def cached_attention(q, k, v, mask, *, scale: float):

@@ -53,26 +53,8 @@ def images():
   return [(out["pixel_values"][bounds[i]:bounds[i + 1]], grid[i]) for i in range(len(pil))]
 
 
-def _row(config, rng, parts):
-  """Token ids for a row described by parts: ints are text lengths, arrays are image grids."""
-  ids = []
-  for part in parts:
-    if isinstance(part, int):
-      ids += list(rng.randint(0, config.vocab_size - 16, size=part))
-    else:
-      n = int(np.prod(part)) // config.vision.merge_unit
-      ids += [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id]
-  return ids
-
-
-def _batch(config, rows, side="left"):
-  width = max(len(r) for r in rows)
-  ids = np.full((len(rows), width), config.pad_token_id, np.int64)
-  mask = np.zeros((len(rows), width), np.int64)
-  for i, r in enumerate(rows):
-    sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-    ids[i, sl], mask[i, sl] = r, 1
-  return ids, mask
+_row = hf_fixtures.token_row
+_batch = hf_fixtures.padded_batch
 
 
 def _torch_logits(model, config, ids, mask, pixel_values, grid):

@@ -23,13 +23,13 @@ class Qwen25VLFamily(VLMFamily):
 
   def module(self, config, *, dtype: Any = None, param_dtype: Any = None, remat: bool | str = "none",
              max_frame_patches: int = 0, attention: str = "dense", attention_block: int = 512,
-             scan_layers: bool = False):
+             scan_layers: bool = False, record_attention: bool = False):
     dtype = dtype or jnp.float32
     layers.check_attention(attention, dtype=dtype)
     return model_lib.Qwen25VL(config, dtype=dtype, param_dtype=param_dtype or jnp.float32,
                               remat=layers.remat_name(remat), max_frame_patches=max_frame_patches,
                               attention=attention, attention_block=attention_block,
-                              scan_layers=scan_layers)
+                              scan_layers=scan_layers, record_attention=record_attention)
 
   def init_cache(self, config, batch: int, max_len: int, dtype: Any):
     return model_lib.init_cache(config, batch, max_len, dtype)

@@ -25,6 +25,7 @@ import numpy as np
 
 from imagent_jax.models.qwen2_5_vl.config import ModelConfig, VisionConfig
 from imagent_jax.models.layers import (REMAT_POLICIES, GatedMLP, RMSNorm, apply_rotary, attention,
+                                       attention_weights, weighted_values,
                                        cached_attention, check_attention, dense, local_segment_attention,
                                        masked_softmax_attention, mrope_cos_sin, layer_scan, remat_name, rope_inv_freq)
 from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
@@ -312,6 +313,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention: str = "dense"
   attention_block: int = 512
+  record_probs: bool = False  # sow the softmax probabilities (dense math) as intermediates/attention_probs
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
@@ -327,7 +329,11 @@ class Attention(nn.Module):
     q = q.reshape(b, l, hkv, hq // hkv, hd)
     if cache is None:
       new_cache = None
-      if self.attention == "dense":
+      if self.record_probs:  # the analysis path (analysis.attention): the dense math, its probabilities kept
+        probs = attention_weights(q, k, mask, scale=hd ** -0.5)
+        self.sow("intermediates", "attention_probs", probs)
+        out = weighted_values(probs, v)
+      elif self.attention == "dense":
         out = masked_softmax_attention(q, k, v, mask, scale=hd ** -0.5)
       else:
         out = attention(q, k, v, mask, scale=hd ** -0.5, implementation=self.attention, block=self.attention_block)
@@ -350,13 +356,14 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention: str = "dense"
   attention_block: int = 512
+  record_probs: bool = False
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h, new_cache = Attention(c, attention=self.attention, attention_block=self.attention_block,
-                             name="self_attn", **kw)(
+                             record_probs=self.record_probs, name="self_attn", **kw)(
         RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, cache, cache_index)
     x = x + h
     mlp = GatedMLP(c.hidden_size, c.intermediate_size, use_bias=False, name="mlp", **kw)
@@ -469,6 +476,10 @@ class Qwen25VL(nn.Module):
       its gradients reduced inside its own iteration (FSDP parameters are never whole on a device
       at once), and one iteration's buffers serve the next. Decoder passes with a KV cache (the
       rollout's prefill and decode steps) loop as before.
+    record_attention: the analysis path (``analysis.attention``): each decoder layer's softmax
+      probabilities ``[B, Hkv, G, L, L]`` (dense math, whatever ``attention`` says) are sown as
+      ``intermediates/layers_<i>/self_attn/attention_probs``; layers loop. Off (the default), the
+      program is the normal one.
   """
 
   config: ModelConfig
@@ -479,6 +490,7 @@ class Qwen25VL(nn.Module):
   attention: str = "dense"
   attention_block: int = 512
   scan_layers: bool = False
+  record_attention: bool = False
 
   def setup(self):
     c = self.config
@@ -497,8 +509,8 @@ class Qwen25VL(nn.Module):
     layer = DecoderLayer
     if remat != "none":
       layer = nn.remat(DecoderLayer, static_argnums=(5,), policy=REMAT_POLICIES[remat])
-    self.layers = [layer(c, attention=self.attention, attention_block=self.attention_block, **kw)
-                   for _ in range(c.num_hidden_layers)]
+    self.layers = [layer(c, attention=self.attention, attention_block=self.attention_block,
+                         record_probs=self.record_attention, **kw) for _ in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_word_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
@@ -551,7 +563,7 @@ class Qwen25VL(nn.Module):
     cos, sin = mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
     mask = causal_mask(attention_mask, x.shape[1], cache_index)
     new_cache = [] if cache is not None else None
-    if self.scan_layers and cache is None and not self.is_initializing():
+    if self.scan_layers and cache is None and not self.is_initializing() and not self.record_attention:
       x = self._scan_decoder(x, cos, sin, mask)
     else:
       for i, layer in enumerate(self.layers):
