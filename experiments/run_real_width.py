@@ -19,6 +19,8 @@
    resumes from the checkpoint. It prints each command's wall time and stage times (parsed from the
    main job's ``=== stage X done in Ys ===`` lines), the steps' rollout and update times from
    ``metrics.jsonl``, and the peak RSS of the runs (``resource.getrusage(RUSAGE_CHILDREN)``).
+4. The eval stage (``configs/eval.py:7b``) on the run's latest RL checkpoint, the dataset as a
+   ``jsonl`` benchmark (``eval_overrides``).
 
 ``tests/test_released_run.py`` runs the same functions at ``--widths small``.
 """
@@ -136,6 +138,18 @@ def overrides(checkpoint: str, data: str, *, steps: int, dtype: str = "float32")
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 
+def eval_overrides(checkpoint: str, data: str, run_dir: str, *, dtype: str = "float32") -> list[str]:
+  """The flags of the eval stage (``configs/eval.py:7b``) on the run's latest RL checkpoint: the JSONL
+  dataset as a benchmark, greedy, with the run's shrunk image and length settings."""
+  values = {
+      "model.checkpoint": checkpoint, "model.dtype": dtype, "model.param_dtype": dtype,
+      "processor.max_pixels": 28 * 28 * 16, "tools.view_max_pixels": 28 * 28 * 16, "rollout.max_new_tokens": 48,
+      "rollout.max_tool_calls": 2, "eval.benchmarks": f"jsonl={data}", "eval.run_dir": run_dir,
+      "eval.batch_size": 2, "eval.progress_bar": False,
+  }
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
 def run_main(workdir: str, flags: list[str], *, config: str = "configs/qwen2_5_vl.py:7b", timeout: float = 3600,
              env: dict | None = None) -> dict:
   """Runs ``python -m imagent_jax.main --config config --workdir workdir *flags`` in a subprocess.
@@ -195,6 +209,17 @@ def main(argv=None) -> int:
   for row in step_times(workdir):
     print("  step {step}: rollout {time/rollout_s:.1f}s, prepare {time/prepare_s:.1f}s, update {time/update_s:.1f}s"
           .format(**row))
+  out = run_main(os.path.join(root, "eval"), eval_overrides(checkpoint, data, workdir, dtype=args.dtype),
+                 config="configs/eval.py:7b")
+  print(f"\n$ {' '.join(out['command'][1:])}\n  exit {out['returncode']}, {out['seconds']:.0f}s wall; stages "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in out["stages"].items())
+        + f"; peak RSS of the runs so far {out['peak_rss_gb']:.2f} GB")
+  if out["returncode"] != 0:
+    print(out["stdout"][-3000:] + out["stderr"][-5000:])
+    return out["returncode"]
+  summary = json.load(open(os.path.join(root, "eval", "eval", "summary.json")))
+  print(f"  {summary['weights']}: jsonl overall {summary['benchmarks']['jsonl']['scores']['overall']:.1f}% "
+        f"({summary['benchmarks']['jsonl']['questions']} questions; random weights: the number means nothing)")
   return 0
 
 

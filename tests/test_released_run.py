@@ -1,7 +1,7 @@
 """The released-checkpoint path as shipped, through the command line: ``configs/qwen2_5_vl.py:7b`` on a
 transformers checkpoint in the released layout (small widths here; ``experiments/run_real_width.py``
 runs the same functions at the 7B's widths) and a JSONL dataset: rl only, two GRPO steps and a
-checkpoint, then a resume."""
+checkpoint, then a resume, then the eval stage on the result."""
 
 import importlib.util
 import json
@@ -76,3 +76,14 @@ def test_released_config_trains_from_the_checkpoint_and_resumes(real_width, chec
   assert f"Resumed from {os.path.join(workdir, 'checkpoints')} at step 2" in second["stdout"]
   assert list(second["stages"]) == ["rl"] and rl_steps() == [1, 2, 3]
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+
+  evaluation = str(tmp_path / "eval")  # the eval stage, released config, on the run's latest RL checkpoint
+  third = real_width.run_main(evaluation, real_width.eval_overrides(checkpoint, data, workdir), timeout=300, env=env,
+                              config="configs/eval.py:7b")
+  assert third["returncode"] == 0, third["stderr"][-3000:]
+  assert list(third["stages"]) == ["eval"]
+  summary = json.load(open(os.path.join(evaluation, "eval", "summary.json")))
+  assert summary["weights"] == f"RL checkpoint step 3 of {workdir}"
+  assert summary["benchmarks"]["jsonl"]["questions"] == 4
+  records = [json.loads(line) for line in open(os.path.join(evaluation, "eval", "jsonl", "results.jsonl"))]
+  assert sorted(r["id"] for r in records) == ["q0", "q1", "q2", "q3"]
