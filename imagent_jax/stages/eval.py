@@ -38,6 +38,7 @@ from imagent_jax import parallel
 from imagent_jax.agent.rollout import Rollout
 from imagent_jax.evaluation import benchmarks, evaluator, published
 from imagent_jax.evaluation.benchmarks import base as bench_base
+from imagent_jax.evaluation.scoring import field
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
 from imagent_jax.stages import build
 
@@ -171,7 +172,7 @@ def evaluate_benchmark(config, workdir: str, name: str, path: str, *, model, par
   done_records, done = _read_done(results, e.samples)
   with open(results, "w") as f:  # rewritten without a cut line or a partial batch
     f.writelines(json.dumps(r) + "\n" for r in done_records)
-  ids = [str(evaluator.score_lib.field(x, "id")) for x in examples]
+  ids = [str(field(x, "id")) for x in examples]
   todo = [k for k, i in enumerate(ids) if i not in done]
   if done:
     print(f"eval {name}: resuming, {len(done)} of {len(examples)} questions already answered ({results})")
@@ -191,8 +192,7 @@ def evaluate_benchmark(config, workdir: str, name: str, path: str, *, model, par
       bar.update(len(chunk))
     bar.close()
   records, _ = _read_done(results, e.samples)
-  meta = {str(evaluator.score_lib.field(x, "id")): dict(evaluator.score_lib.field(x, "meta") or {}) for x in examples}
-  meta = {evaluator.question_id(k): v for k, v in meta.items()}
+  meta = {evaluator.question_id(i): dict(field(x, "meta") or {}) for i, x in zip(ids, examples)}
   summary = evaluator.aggregate(records, bench.aggregate, meta)
   summary.update(name=name, path=path, seconds=time.perf_counter() - t0, source=bench.source,
                  option_order=f"as config.data.option_order ({config.data.option_order})" if name == DATA

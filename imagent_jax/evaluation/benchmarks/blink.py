@@ -99,16 +99,8 @@ def read(path: str, split: Optional[str] = None) -> list[base.Example]:
   for subtask in SUBTASKS:
     for file in parquet.split_files(os.path.join(path, subtask), split):
       for row, r in enumerate(parquet.read_records(file, COLUMNS, OPTIONAL)):
-        qid = str(r["idx"]).strip() if r["idx"] is not None else ""
-        record = f"idx {qid}" if qid else f"row {row}"
-        if not qid:
-          raise base.BenchmarkError(file, record, "idx is empty")
-        if qid in seen:
-          raise base.BenchmarkError(file, record, f"idx repeats (first in {seen[qid]}); ids must be unique")
-        seen[qid] = file
-        choices = r["choices"]
-        if not isinstance(choices, list) or any(not isinstance(c, str) for c in choices):
-          raise base.BenchmarkError(file, record, f"choices must be a list of strings, got {choices!r}")
+        qid, record = parquet.record_id(r["idx"], path=file, row=row, seen=seen)
+        choices = parquet.string_list(r["choices"], path=file, record=record, what="choices")
         letter = answer_letter(r["answer"])
         if letter is None:
           raise base.BenchmarkError(file, record, f"answer {r['answer']!r} is not an option letter like '(A)'"

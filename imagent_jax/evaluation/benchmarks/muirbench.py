@@ -79,17 +79,9 @@ def read(path: str, split: Optional[str] = None) -> list[base.Example]:
   out, seen = [], {}
   for file in parquet.split_files(_data_folder(path), split):
     for row, r in enumerate(parquet.read_records(file, COLUMNS, OPTIONAL)):
-      record = f"idx {r['idx']}" if r["idx"] is not None else f"row {row}"
+      qid, record = parquet.record_id(r["idx"], path=file, row=row, seen=seen)
       where = (file, record)
-      if r["idx"] is None or not str(r["idx"]).strip():
-        raise base.BenchmarkError(file, record, "idx is empty")
-      qid = str(r["idx"]).strip()
-      if qid in seen:
-        raise base.BenchmarkError(file, record, f"idx repeats (first in {seen[qid]}); ids must be unique")
-      seen[qid] = file
-      options = r["options"]
-      if not isinstance(options, list) or any(not isinstance(o, str) for o in options):
-        raise base.BenchmarkError(file, record, f"options must be a list of strings, got {options!r}")
+      options = parquet.string_list(r["options"], path=file, record=record, what="options")
       if not isinstance(r["question"], str):
         raise base.BenchmarkError(file, record, f"question must be a string, got {r['question']!r}")
       images = r["image_list"]

@@ -57,6 +57,26 @@ def read_records(path: str, columns: Sequence[str], optional: Sequence[str] = ()
     raise base.BenchmarkError(path, None, f"not a parquet file pyarrow can read ({type(e).__name__}: {e})") from None
 
 
+def record_id(value: Any, *, path: str, row: int, seen: dict[str, str], column: str = "idx") -> tuple[str, str]:
+  """``(id, record name)`` of a row whose id is in ``column``: the id stripped, unique across the
+  split (``seen`` maps the ids read so far to their file); ``BenchmarkError`` when empty or repeated."""
+  qid = "" if value is None else str(value).strip()
+  record = f"{column} {qid}" if qid else f"row {row}"
+  if not qid:
+    raise base.BenchmarkError(path, record, f"{column} is empty")
+  if qid in seen:
+    raise base.BenchmarkError(path, record, f"{column} repeats (first in {seen[qid]}); ids must be unique")
+  seen[qid] = path
+  return qid, record
+
+
+def string_list(value: Any, *, path: str, record: str, what: str) -> list[str]:
+  """``value`` when it is a list of strings (a parquet list column), else ``BenchmarkError``."""
+  if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
+    raise base.BenchmarkError(path, record, f"{what} must be a list of strings, got {value!r}")
+  return value
+
+
 def image_ref(value: Any, *, path: str, record: Any, what: str, root: Optional[str] = None) -> base.ImageRef:
   """The ``ImageRef`` of one stored ``Image`` value: ``{"bytes": ..., "path": ...}`` (or raw bytes).
 
