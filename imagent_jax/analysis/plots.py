@@ -61,3 +61,115 @@ def plot_training_curves(train: list[dict], evals: list[dict], path: str, smooth
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
+
+
+# --------------------------------------------------------------------------- attention analysis
+
+_CATEGORY_COLORS = {"text": "tab:blue", "image": "tab:red", "generated": "tab:green", "tool_views": "tab:purple",
+                    "tool_text": "tab:gray", "all_images": "tab:orange", "asked_image": "darkred",
+                    "other_images": "salmon", "asked_views": "indigo"}
+
+
+def plot_attention_progress(curves: dict, path: str, *, categories=("text", "image", "generated", "tool_views"),
+                            title: str = "") -> str:
+  """The paper's Figure 1: share of each generated token's attention per category against generation progress.
+
+  Args:
+    curves: ``{(checkpoint, subset): {category: [bins]}}`` (``trajectory_attention.progress_curves``);
+      one panel per subset (columns) and checkpoint (rows).
+    path: the PNG to write.
+    categories: the lines drawn.
+    title: the figure title.
+  """
+  plt = _pyplot()
+  checkpoints = list(dict.fromkeys(k[0] for k in curves))
+  subsets = list(dict.fromkeys(k[1] for k in curves))
+  fig, axes = plt.subplots(len(checkpoints), len(subsets), figsize=(4.2 * len(subsets), 3.2 * len(checkpoints)),
+                           squeeze=False, sharey=True)
+  for i, ckpt in enumerate(checkpoints):
+    for j, subset in enumerate(subsets):
+      ax = axes[i][j]
+      data = curves.get((ckpt, subset), {})
+      for name in categories:
+        values = np.asarray(data.get(name, []), np.float64)
+        if values.size and np.isfinite(values).any():
+          xs = (np.arange(values.size) + 0.5) / values.size
+          ax.plot(xs, values, marker="o", ms=3, color=_CATEGORY_COLORS.get(name), label=name)
+      ax.set_title(f"{ckpt}, {subset}", fontsize=10)
+      ax.set_xlim(0, 1)
+      ax.set_ylim(0, 1)
+      ax.grid(alpha=0.3)
+      if i == len(checkpoints) - 1:
+        ax.set_xlabel("generation progress")
+      if j == 0:
+        ax.set_ylabel("share of attention")
+      if ax.lines:
+        ax.legend(fontsize=7)
+  fig.suptitle(title or "Where each generated token's attention goes (mean over layers and heads)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def plot_layer_progress(maps: dict, path: str, *, category: str = "all_images") -> str:
+  """Heatmaps of one category's share per layer (rows) against generation progress (columns).
+
+  Args:
+    maps: ``{(checkpoint, subset): [layers, bins]}`` (``trajectory_attention.layer_progress``).
+    path: the PNG to write.
+    category: what the maps show (for the title).
+  """
+  plt = _pyplot()
+  keys = list(maps)
+  fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.6 * max(len(keys), 1), 3.2), squeeze=False)
+  vmax = max([float(np.nanmax(m)) for m in maps.values() if np.size(m) and np.isfinite(m).any()] or [1.0])
+  for ax, key in zip(axes[0], keys):
+    m = np.asarray(maps[key], np.float64)
+    if not m.size:
+      ax.set_axis_off()
+      continue
+    im = ax.imshow(m, aspect="auto", origin="lower", vmin=0.0, vmax=vmax, cmap="viridis",
+                   extent=(0, 1, -0.5, m.shape[0] - 0.5))
+    ax.set_title(f"{key[0]}, {key[1]}", fontsize=9)
+    ax.set_xlabel("generation progress")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(m.shape[0]))
+    fig.colorbar(im, ax=ax, fraction=0.046)
+  fig.suptitle(f"Share of attention on {category.replace('_', ' ')}, per layer", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def plot_around_views(around: dict, path: str, *, categories=("image", "all_images", "asked_image", "generated")) -> str:
+  """Bars of the attention shares just before and just after a tool view enters the context.
+
+  Args:
+    around: ``{label: {category: {"before", "after", "views"}}}`` (``trajectory_attention.around_views``).
+    path: the PNG to write.
+    categories: the bar groups.
+  """
+  plt = _pyplot()
+  labels = list(around)
+  fig, axes = plt.subplots(1, max(len(labels), 1), figsize=(4.2 * max(len(labels), 1), 3.2), squeeze=False,
+                           sharey=True)
+  for ax, label in zip(axes[0], labels):
+    data = around[label]
+    xs = np.arange(len(categories))
+    before = [data.get(c, {}).get("before", np.nan) for c in categories]
+    after = [data.get(c, {}).get("after", np.nan) for c in categories]
+    ax.bar(xs - 0.2, before, width=0.4, label="before the view", color="tab:gray")
+    ax.bar(xs + 0.2, after, width=0.4, label="after the view", color="tab:purple")
+    ax.set_xticks(xs, [c.replace("_", " ") for c in categories], fontsize=8)
+    views = max([data.get(c, {}).get("views", 0) for c in categories] or [0])
+    ax.set_title(f"{label} ({views} views)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel("share of attention")
+  fig.suptitle("Attention of the generated tokens just before / after a tool view enters", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path

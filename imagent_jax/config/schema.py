@@ -206,6 +206,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.answer_fallback = "text"  # responses without <answer>: "text" (the response's own words), "none", "boxed"
   c.eval.progress_bar = True
 
+  c.analyze = ml_collections.ConfigDict()  # the analyze stage (imagent_jax/stages/analyze.py; configs/analyze.py)
+  c.analyze.checkpoints = "base,rl"  # compared: "base" (model source / warmup base), "rl" (last RL checkpoint), "latest"
+  c.analyze.run_dir = ""  # the run whose checkpoints/ "rl" and "latest" read (default: the workdir)
+  c.analyze.split = "test"  # the run's own data split the questions come from
+  c.analyze.subsets = "single,multi"  # questions with one image / several ("all": every question)
+  c.analyze.questions = 16  # per subset, the first of the split
+  c.analyze.batch_size = 4  # questions per rollout batch
+  c.analyze.rows_per_pass = 4  # trajectories per attention-shares pass (memory: one pass's activations)
+  c.analyze.query_chunk = 256  # queries per attention block of that pass: [rows, heads, chunk, length] probabilities
+  c.analyze.bins = 10  # generation-progress bins of the curves
+  c.analyze.window = 8  # generated tokens before / after a tool view enters that are compared
+  c.analyze.progress_bar = True
+
   if arg == "smoke":
     c.model.preset = "micro"  # tiny with one decoder layer and two vision blocks: half the compile time
     c.demo.num_images = 2

@@ -79,6 +79,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
 
   errors += _eval_errors(config, names)
+  errors += _analyze_errors(config, names)
 
   # The components, each checking its own section (and the keys it derives from).
   for section in build.COMPONENT_SECTIONS:
@@ -140,7 +141,7 @@ def _stage_errors(config, names: list[str]) -> list[str]:
     errors.append(f"config.stages has 'warmup' with config.model.preset={m.preset!r}: the warmup trains the tiny "
                   f"presets ({', '.join(TINY_TOKENIZER_PRESETS)}) from random weights, not a released-size model; "
                   "start from its checkpoint (config.model.checkpoint) instead")
-  started = [s for s in ("rollout", "rl", "eval") if s in names]
+  started = [s for s in ("rollout", "rl", "eval", "analyze") if s in names]
   if started and released_size:
     errors.append(f"config.stages {started} with config.model.preset={m.preset!r} and no config.model.checkpoint "
                   "would roll out and train random weights; set config.model.checkpoint to the local folder of the "
@@ -152,6 +153,8 @@ def _stage_errors(config, names: list[str]) -> list[str]:
               "test": "rl" in names and config.rl.test_examples > 0}
     for name, path in _eval_data_splits(config, names):
       needed[path] = True
+    if "analyze" in names and config.analyze.split in needed:
+      needed[config.analyze.split] = True
     missing = [s for s, need in needed.items() if need and not d[f"{s}_path"]]
     if missing:
       errors.append(f"config.data.source='jsonl' needs {', '.join(f'config.data.{s}_path' for s in missing)} "
@@ -280,6 +283,26 @@ def _eval_data_splits(config, names: list[str]) -> list[tuple[str, str]]:
     return [(n, p) for n, p in eval_stage.parse_benchmarks(config.eval.benchmarks) if n == eval_stage.DATA]
   except ValueError:
     return []  # reported by _eval_errors
+
+
+def _analyze_errors(config, names: list[str]) -> list[str]:
+  """``config.analyze``: known checkpoints and subsets, a data split, positive sizes."""
+  from imagent_jax.stages import analyze
+
+  a, errors = config.analyze, []
+  for what, allowed in (("checkpoints", analyze.CHECKPOINTS), ("subsets", analyze.SUBSETS)):
+    try:
+      analyze.parse_list(a[what], allowed, what)
+    except ValueError as e:
+      errors.append(str(e))
+  if a.split not in ("train", "validation", "test"):
+    errors.append(f"config.analyze.split={a.split!r} must be train, validation or test")
+  for key in ("questions", "batch_size", "rows_per_pass", "query_chunk", "bins", "window"):
+    if a[key] < 1:
+      errors.append(f"config.analyze.{key}={a[key]} must be >= 1")
+  if "analyze" in names and a.run_dir and not os.path.isdir(os.path.expanduser(a.run_dir)):
+    errors.append(f"config.analyze.run_dir={a.run_dir!r} is not a folder")
+  return errors
 
 
 def _eval_errors(config, names: list[str]) -> list[str]:

@@ -12,7 +12,10 @@ entry points, called with ``module.apply({'params': p}, ..., method=NAME)``:
 * ``__call__(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
   return_hidden=False)`` -> logits ``[B, L, V]`` float32: the inputs transformers' forward takes
   (DESIGN.md §5). With ``return_hidden=True`` it returns the final (normed) hidden states
-  ``[B, L, D]`` instead, the input of ``logits``.
+  ``[B, L, D]`` instead, the input of ``logits``. ``key_segments [B, L, C]`` (one-hot, the
+  attention analysis only) makes every decoder layer sow
+  ``intermediates/layers_<i>/self_attn/attention_shares [B, L, C]``: the head-mean share of each
+  query's attention on each key segment, computed a chunk of queries at a time.
 * ``logits(hidden [..., D])`` -> ``[..., V]`` float32: the vocabulary projection the forward pass
   ends with. The training log-prob pass (``rl.logprobs.token_logprobs``) applies it to chunks of
   positions so that ``[B, L, V]`` float32 logits never exist at once.

@@ -128,6 +128,52 @@ def weighted_values(probs, v, *, v_axes: str = "bskd"):
   return jnp.einsum(f"bkgqs,{v_axes}->bqkgd", probs.astype(v.dtype), v)
 
 
+def attention_shares(q, k, v, mask, key_segments, *, scale: float, chunk: int = 512):
+  """Grouped-query attention that also says where each query's attention goes, a chunk of queries at a time.
+
+  For each chunk of ``chunk`` queries it takes ``attention_weights`` (float32), applies them to
+  the values, and sums them over the keys of each segment, averaged over the query heads. Only one
+  chunk's ``[B, Hkv, G, chunk, S]`` probabilities exist at once (``jax.lax.map``), never the
+  ``[B, H, Lq, S]`` of the whole sequence: the attention analysis of a long trajectory
+  (``analysis.attention.attention_shares``). Forward only (no custom backward).
+
+  Args:
+    q: ``[B, Lq, Hkv, G, hd]`` queries.
+    k, v: ``[B, S, Hkv, hd]`` keys and values.
+    mask: ``[B, Lq, S]`` boolean; True where query may attend to key.
+    key_segments: ``[B, S, C]`` float32 one-hot: which of ``C`` segments each key belongs to (a
+      row of zeros: counted nowhere, e.g. padding, which takes no weight anyway).
+    scale: logit multiplier.
+    chunk: queries per chunk (the last chunk is padded; padding is dropped).
+
+  Returns:
+    ``(out [B, Lq, Hkv, G, hd]`` in ``q``'s dtype, equal to ``masked_softmax_attention``;
+    ``shares [B, Lq, C]`` float32: ``shares[b, i, c]`` is the head-mean of query ``i``'s attention
+    mass on the keys of segment ``c``; over ``c`` it sums to 1 for a query that may attend to
+    something when every key it may attend to is in a segment).
+  """
+  b, lq, hkv, g, hd = q.shape
+  c = max(1, min(int(chunk), lq))
+  n = -(-lq // c)
+  pad = n * c - lq
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * 3)
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  segments = key_segments.astype(jnp.float32)
+
+  def one(i):
+    qi = jax.lax.dynamic_slice_in_dim(q, i * c, c, axis=1)
+    mi = jax.lax.dynamic_slice_in_dim(mask, i * c, c, axis=1)
+    probs = attention_weights(qi, k, mi, scale=scale)  # [B, Hkv, G, c, S]
+    shares = jnp.einsum("bkgqs,bsc->bqc", probs, segments, preferred_element_type=jnp.float32) / (hkv * g)
+    return weighted_values(probs, v), shares
+
+  out, shares = jax.lax.map(one, jnp.arange(n))  # [n, B, c, Hkv, G, hd], [n, B, c, C]
+  out = jnp.moveaxis(out, 0, 1).reshape((b, n * c) + out.shape[3:])[:, :lq]
+  shares = jnp.moveaxis(shares, 0, 1).reshape(b, n * c, -1)[:, :lq]
+  return out, shares
+
+
 def _gqa_softmax_attention(q, k, v, mask, scale: float, k_axes: str, v_axes: str):
   """The one grouped-query attention; ``k_axes`` / ``v_axes`` name the key and value layouts."""
   return weighted_values(attention_weights(q, k, mask, scale=scale, k_axes=k_axes), v, v_axes=v_axes)

@@ -13,12 +13,13 @@ from typing import Callable
 
 from imagent_jax.registry import Registry
 
-STAGES: Registry[str] = Registry("stage")  # config name -> module path; analyze comes next
+STAGES: Registry[str] = Registry("stage")  # config name -> module path
 STAGES.add("model", "imagent_jax.stages.model_check")  # load or init the model, check it, export it
 STAGES.add("warmup", "imagent_jax.stages.warmup")  # train the tool-naive base from scratch
 STAGES.add("rollout", "imagent_jax.stages.rollout_demo")  # a readable agent rollout with tool calls
 STAGES.add("rl", "imagent_jax.stages.rl")  # GRPO
 STAGES.add("eval", "imagent_jax.stages.eval")  # benchmarks, judge-free and resumable
+STAGES.add("analyze", "imagent_jax.stages.analyze")  # attention shares of generated tokens (Figure 1)
 
 
 def configured(stages: str) -> list[str]:

@@ -73,19 +73,21 @@ def parse_benchmarks(spec: str) -> list[tuple[str, str]]:
   return out
 
 
-def load_weights(config, workdir: str, mesh):
-  """``(model_config, params, processor, label)`` of ``config.eval.weights`` (module docstring)."""
+def load_weights(config, workdir: str, mesh, weights: str | None = None, run_dir: str | None = None):
+  """``(model_config, params, processor, label)`` of ``weights`` (default ``config.eval.weights``;
+  module docstring) read from ``run_dir`` (default ``config.eval.run_dir``, else the workdir)."""
+  weights = config.eval.weights if weights is None else weights
   model_config, params, processor, _ = build.load_model_and_processor(config, workdir, mesh)
   source = build.model_source(config, workdir) or f"random init ({config.model.preset})"
   label = f"model source {source}"
-  if config.eval.weights in ("latest", "rl"):
-    run_dir = os.path.expanduser(config.eval.run_dir or workdir)
+  if weights in ("latest", "rl"):
+    run_dir = os.path.expanduser(run_dir or config.eval.run_dir or workdir)
     restored = build.restore_params(os.path.join(run_dir, "checkpoints"), params)
     if restored is not None:
       params, step = restored
       label = f"RL checkpoint step {step} of {run_dir}"
-    elif config.eval.weights == "rl":
-      raise FileNotFoundError(f"config.eval.weights='rl' but {run_dir}/checkpoints has no checkpoint")
+    elif weights == "rl":
+      raise FileNotFoundError(f"weights 'rl' but {run_dir}/checkpoints has no checkpoint")
   return model_config, params, processor, label
 
 
@@ -109,12 +111,15 @@ def _num_images(example) -> int:
   return len(example["images"]) if isinstance(example, dict) else len(example.image_refs)
 
 
-def rollout_config(config, model_config, processor, examples: Sequence[Any]):
-  """The evaluation ``RolloutConfig`` of a benchmark: greedy (or ``eval.samples`` sampled rollouts
-  per question), the training limits, and prompt budgets sized from ``examples``: the most images
-  of a question at ``processor.max_pixels`` each, times ``eval.batch_size`` questions, and the
-  longest prompt (its text measured with the tokenizer)."""
-  e = config.eval
+def rollout_config(config, model_config, processor, examples: Sequence[Any], *, samples: int | None = None,
+                   batch_size: int | None = None):
+  """The evaluation ``RolloutConfig`` of a benchmark: greedy (or ``samples``, default
+  ``eval.samples``, sampled rollouts per question), the training limits, and prompt budgets sized
+  from ``examples``: the most images of a question at ``processor.max_pixels`` each, times
+  ``batch_size`` (default ``eval.batch_size``) questions, and the longest prompt (its text
+  measured with the tokenizer)."""
+  samples = config.eval.samples if samples is None else samples
+  batch_size = config.eval.batch_size if batch_size is None else batch_size
   geometry = build._geometry(config, model_config)  # pylint: disable=protected-access
   images = max(_num_images(x) for x in examples)
   at_most = config.processor.max_pixels // geometry.pixels_per_token
@@ -122,11 +127,11 @@ def rollout_config(config, model_config, processor, examples: Sequence[Any]):
   text = max(len(processor.tokenizer.encode(processor.render(prompt(x)))) for x in _distinct_prompts(examples))
   length = text + images * (at_most - 1)
   cfg = build.rollout_config(config, model_config)
-  sampled = e.samples > 1
+  sampled = samples > 1
   return dataclasses.replace(
-      cfg, group_size=e.samples, temperature=cfg.temperature if sampled else 0.0, top_k=cfg.top_k if sampled else 0,
+      cfg, group_size=samples, temperature=cfg.temperature if sampled else 0.0, top_k=cfg.top_k if sampled else 0,
       top_p=cfg.top_p if sampled else 1.0, max_prompt_len=-(-length // 64) * 64,
-      max_prompt_images=e.batch_size * images, prompt_patches=e.batch_size * images * at_most * geometry.merge_unit)
+      max_prompt_images=batch_size * images, prompt_patches=batch_size * images * at_most * geometry.merge_unit)
 
 
 def _distinct_prompts(examples):

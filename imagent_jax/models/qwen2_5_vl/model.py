@@ -25,7 +25,7 @@ import numpy as np
 
 from imagent_jax.models.qwen2_5_vl.config import ModelConfig, VisionConfig
 from imagent_jax.models.layers import (REMAT_POLICIES, GatedMLP, RMSNorm, apply_rotary, attention,
-                                       attention_weights, weighted_values,
+                                       attention_shares, attention_weights, weighted_values,
                                        cached_attention, check_attention, dense, local_segment_attention,
                                        masked_softmax_attention, mrope_cos_sin, layer_scan, remat_name, rope_inv_freq)
 from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
@@ -316,7 +316,7 @@ class Attention(nn.Module):
   record_probs: bool = False  # sow the softmax probabilities (dense math) as intermediates/attention_probs
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, key_segments=None):
     c = self.cfg
     b, l, _ = x.shape
     hd, hq, hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
@@ -329,7 +329,10 @@ class Attention(nn.Module):
     q = q.reshape(b, l, hkv, hq // hkv, hd)
     if cache is None:
       new_cache = None
-      if self.record_probs:  # the analysis path (analysis.attention): the dense math, its probabilities kept
+      if key_segments is not None:  # the analysis path (analysis.attention): shares per key segment, chunked
+        out, shares = attention_shares(q, k, v, mask, key_segments, scale=hd ** -0.5, chunk=self.attention_block)
+        self.sow("intermediates", "attention_shares", shares)
+      elif self.record_probs:  # the analysis path (analysis.attention): the dense math, its probabilities kept
         probs = attention_weights(q, k, mask, scale=hd ** -0.5)
         self.sow("intermediates", "attention_probs", probs)
         out = weighted_values(probs, v)
@@ -359,12 +362,12 @@ class DecoderLayer(nn.Module):
   record_probs: bool = False
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, key_segments=None):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h, new_cache = Attention(c, attention=self.attention, attention_block=self.attention_block,
                              record_probs=self.record_probs, name="self_attn", **kw)(
-        RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, cache, cache_index)
+        RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, cache, cache_index, key_segments)
     x = x + h
     mlp = GatedMLP(c.hidden_size, c.intermediate_size, use_bias=False, name="mlp", **kw)
     x = x + mlp(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
@@ -537,7 +540,7 @@ class Qwen25VL(nn.Module):
     return x
 
   def decode(self, inputs_embeds, positions, attention_mask, cache=None, cache_index=0, logits_at=None,
-             return_hidden=False):
+             return_hidden=False, key_segments=None):
     """Runs the decoder.
 
     Args:
@@ -552,6 +555,10 @@ class Qwen25VL(nn.Module):
         vocabulary projection of every position would cost ``[B, Lq, V]``).
       return_hidden: return the final (normed) hidden states instead of the logits, for a caller
         that projects them itself in pieces (``logits``).
+      key_segments: the attention analysis (``analysis.attention.attention_shares``; no cache):
+        ``[B, L, C]`` one-hot key segments. Each layer then attends ``attention_block`` queries at
+        a time (``layers.attention_shares``) and sows ``intermediates/layers_<i>/self_attn/
+        attention_shares [B, L, C]``; layers loop.
 
     Returns:
       ``(logits, new cache or None)``: logits ``[B, Lq, V]`` float32, or ``[B, V]`` with
@@ -563,11 +570,14 @@ class Qwen25VL(nn.Module):
     cos, sin = mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
     mask = causal_mask(attention_mask, x.shape[1], cache_index)
     new_cache = [] if cache is not None else None
-    if self.scan_layers and cache is None and not self.is_initializing() and not self.record_attention:
+    if key_segments is not None and cache is not None:
+      raise ValueError("key_segments (the attention analysis) is for a pass without a KV cache")
+    analysis = self.record_attention or key_segments is not None
+    if self.scan_layers and cache is None and not self.is_initializing() and not analysis:
       x = self._scan_decoder(x, cos, sin, mask)
     else:
       for i, layer in enumerate(self.layers):
-        x, lc = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+        x, lc = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index, key_segments)
         if cache is not None:
           new_cache.append(lc)
     if logits_at is not None:
@@ -605,7 +615,7 @@ class Qwen25VL(nn.Module):
     return out.astype(jnp.float32)
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-               position_ids=None, return_hidden=False):
+               position_ids=None, return_hidden=False, key_segments=None):
     """Logits ``[B, L, V]`` (float32) for the inputs transformers' forward takes.
 
     Args:
@@ -618,6 +628,9 @@ class Qwen25VL(nn.Module):
       return_hidden: return the final (normed) hidden states ``[B, L, D]`` (compute dtype) instead
         of the logits; ``logits(hidden)`` turns them into exactly these logits. The training pass
         projects them a chunk of positions at a time and never holds ``[B, L, V]``.
+      key_segments: the attention analysis only: ``[B, L, C]`` one-hot key segments; every
+        decoder layer sows the head-mean share of each query's attention on each segment
+        (``decode``). None (the default): the normal program.
     """
     input_ids = jnp.asarray(input_ids) if not isinstance(input_ids, jax.core.Tracer) else input_ids
     if attention_mask is None:
@@ -633,7 +646,7 @@ class Qwen25VL(nn.Module):
       position_ids, _ = mrope_positions(input_ids, attention_mask, image_grid_thw,
                                         image_token_id=self.config.image_token_id,
                                         spatial_merge_size=self.config.vision.spatial_merge_size)
-    out, _ = self.decode(x, position_ids, attention_mask, return_hidden=return_hidden)
+    out, _ = self.decode(x, position_ids, attention_mask, return_hidden=return_hidden, key_segments=key_segments)
     return out
 
 
