@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -76,7 +77,23 @@ class Report:
     self.sections.append(f"## {heading}\n\n{body.strip()}\n")
 
   def write(self) -> str:
+    """Writes ``report.md``, merged with the one already there: a section of the same heading is
+    replaced in place, the others are kept (a stage run on its own in a finished run's workdir,
+    e.g. ``eval`` or ``analyze``, adds its section to the run's report instead of wiping it)."""
     path = os.path.join(self.workdir, "report.md")
+    new = dict(_split_sections(self.sections[1:]))
+    out = [self.sections[0]]
+    if os.path.isfile(path):
+      with open(path) as f:
+        old = _split_sections(re.split(r"(?m)^(?=## )", f.read())[1:])
+      for heading, text in old:
+        out.append(new.pop(heading, text))
+    out += list(new.values())
     with open(path, "w") as f:
-      f.write("\n".join(self.sections))
+      f.write("\n".join(s if s.endswith("\n") else s + "\n" for s in out))
     return path
+
+
+def _split_sections(sections: Sequence[str]) -> list[tuple[str, str]]:
+  """``[(heading, section text)]`` of Markdown sections that each start with ``## heading``."""
+  return [(s.split("\n", 1)[0][3:].strip(), s) for s in sections]

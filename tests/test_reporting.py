@@ -33,3 +33,19 @@ def test_metrics_writer_keeps_key_order_and_writes_non_finite_as_null(tmp_path):
   assert [record[k] for k in ("eval/b", "eval/a", "eval/c", "eval/d", "eval/e")] == [None, None, None, 1.5, 2]
   writer.write(4, "rl", x=0.25)  # appends
   assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3, 4]
+
+
+def test_report_merges_with_the_report_already_in_the_workdir(tmp_path):
+  from imagent_jax.reporting import Report
+  first = Report(str(tmp_path), "run report")
+  first.add("Warmup", "base trained")
+  first.add("RL (GRPO)", "0.28 -> 0.69")
+  first.write()
+  again = Report(str(tmp_path), "run report")  # a stage run on its own later, in the same workdir
+  again.add("RL (GRPO)", "resumed: 0.70")
+  again.add("Attention analysis", "shares")
+  text = again.write() and (tmp_path / "report.md").read_text()
+  assert text.count("# run report") == 1
+  heads = [line for line in text.splitlines() if line.startswith("## ")]
+  assert heads == ["## Warmup", "## RL (GRPO)", "## Attention analysis"]
+  assert "base trained" in text and "resumed: 0.70" in text and "0.28 -> 0.69" not in text

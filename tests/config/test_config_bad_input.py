@@ -21,6 +21,12 @@ CASES = [  # (overrides, what the message says)
     ({"rl.checkpoint_every": -2}, "config.rl.checkpoint_every=-2 must be >= 0"),
     ({"data.source": "jsonl", "data.train_path": "/", "data.validation_path": "/", "data.test_path": "/",
       "data.image_root": "/no/such/root"}, "config.data.image_root='/no/such/root' is not a folder"),
+    ({"analyze.checkpoints": "base,final"}, "config.analyze.checkpoints: unknown ['final']"),
+    ({"analyze.checkpoints": ""}, "config.analyze.checkpoints is empty"),
+    ({"analyze.subsets": "single,single"}, "config.analyze.subsets='single,single' names one twice"),
+    ({"analyze.split": "dev"}, "config.analyze.split='dev' must be train, validation or test"),
+    ({"analyze.query_chunk": 0}, "config.analyze.query_chunk=0 must be >= 1"),
+    ({"stages": "analyze", "analyze.run_dir": "/no/such/run"}, "config.analyze.run_dir='/no/such/run' is not a folder"),
 ]
 
 
