@@ -165,6 +165,8 @@ def plot_around_views(around: dict, path: str, *, categories=("image", "all_imag
     ax.set_xticks(xs, [c.replace("_", " ") for c in categories], fontsize=8)
     views = max([data.get(c, {}).get("views", 0) for c in categories] or [0])
     ax.set_title(f"{label} ({views} views)", fontsize=9)
+    if not views:
+      ax.text(0.5, 0.5, "no tool view entered", ha="center", va="center", transform=ax.transAxes, color="gray")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
   axes[0][0].set_ylabel("share of attention")

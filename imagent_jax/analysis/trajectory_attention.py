@@ -107,7 +107,7 @@ def analyze_trajectories(model, params, out: Mapping[str, np.ndarray], trajs: Se
   """Attention shares at every generated token of finished trajectories.
 
   Rows go ``rows_per_pass`` at a time through ``attention.attention_shares``, each pass over the
-  columns its rows use (rounded up to ``length_multiple``) with exactly their images.
+  columns its rows use with exactly their images (padded to a few static sizes).
 
   Args:
     model: the family's module (``attention_block`` is the query chunk).
@@ -120,7 +120,8 @@ def analyze_trajectories(model, params, out: Mapping[str, np.ndarray], trajs: Se
     examples: the questions, indexed by ``Trajectory.prompt_index`` (for ``target_image``).
     correct: ``[R]`` whether each answer was right (kept on the records).
     rows_per_pass: rows per forward pass (memory: one pass's activations).
-    length_multiple: column granularity of a pass (fewer compiles).
+    length_multiple: the shortest pass; a pass's columns (and its patches and image slots) are
+      padded to this times a power of two, so a few compiled shapes serve every pass.
 
   Returns:
     one ``TrajectoryAttention`` per row, in order.
@@ -134,16 +135,18 @@ def analyze_trajectories(model, params, out: Mapping[str, np.ndarray], trajs: Se
   results = []
   for lo in range(0, len(trajs), rows_per_pass):
     rows = list(range(lo, min(lo + rows_per_pass, len(trajs))))
+    used = np.flatnonzero(np.asarray(out["attention_mask"])[rows].any(axis=0))
+    span = int(used[-1] - used[0] + 1) if used.size else 1
     batch = trim_padding_columns({"tokens": out["tokens"][rows], "attention_mask": out["attention_mask"][rows],
-                                  "segments": seg[rows]}, length_multiple)
+                                  "segments": seg[rows]}, _bucket(span, length_multiple))
     patches, grids = [], []
     for r in rows:
       p, g = trajectory_lib.trajectory_images(trajs[r], image_settings, view_max_pixels)
       patches += p
       grids += g
     total = sum(len(p) for p in patches)
-    pv, grid = images_lib.pack_patches(patches, grids, patch_budget=-(-max(total, 1) // (64 * merge_unit)) * 64 * merge_unit,
-                                       image_slots=-(-max(len(grids), 1) // 8) * 8, patch_dim=patch_dim,
+    pv, grid = images_lib.pack_patches(patches, grids, patch_budget=_bucket(total, 64 * merge_unit),
+                                       image_slots=_bucket(len(grids), 8), patch_dim=patch_dim,
                                        what="the trajectories' images")
     inputs = {"input_ids": batch["tokens"], "attention_mask": batch["attention_mask"]}
     if grids:
@@ -154,6 +157,14 @@ def analyze_trajectories(model, params, out: Mapping[str, np.ndarray], trajs: Se
                              -1 if examples is None else _asked_image(examples[trajs[r].prompt_index]),
                              None if correct is None else bool(correct[r])))
   return results
+
+
+def _bucket(n: int, smallest: int) -> int:
+  """The static size a pass pads ``n`` to: ``smallest`` times a power of two (few distinct sizes, few compiles)."""
+  size = max(int(smallest), 1)
+  while size < n:
+    size *= 2
+  return size
 
 
 def _record(shares, seg, traj: trajectory_lib.Trajectory, asked: int, correct) -> TrajectoryAttention:

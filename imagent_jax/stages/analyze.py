@@ -78,7 +78,8 @@ def select_questions(config, workdir: str) -> dict[str, list[dict]]:
 
 
 def analyze_checkpoint(config, workdir: str, weights: str, questions: dict, mesh) -> tuple[str, dict]:
-  """Rolls out and analyses every subset with one checkpoint: ``(label, {subset: (analyses, records)})``."""
+  """Rolls out and analyses every subset with one checkpoint: ``(label, {subset: (analyses, records)},
+  {"rollout_s", "shares_s"})`` (the seconds of the rollouts and of the attention-shares passes, compiles included)."""
   a = config.analyze
   model_config, params, processor, label = eval_stage.load_weights(config, workdir, mesh, weights, a.run_dir or None)
   params = parallel.local_params(params, model_config, mesh)
@@ -89,23 +90,27 @@ def analyze_checkpoint(config, workdir: str, weights: str, questions: dict, mesh
   everything = [x for xs in questions.values() for x in xs]
   rcfg = eval_stage.rollout_config(config, model_config, processor, everything, samples=1, batch_size=a.batch_size)
   rollout = Rollout(model, processor, rcfg, tool_cfg)
-  out = {}
+  out, timing = {}, {"rollout_s": 0.0, "shares_s": 0.0}
   for subset, examples in questions.items():
     analyses, records = [], []
     bar = tqdm(total=len(examples), desc=f"analyze {weights} {subset}", unit="question", disable=not a.progress_bar)
     for i in range(0, len(examples), a.batch_size):
       chunk = examples[i:i + a.batch_size]
+      t0 = time.perf_counter()
       arrays, trajs = rollout(params, [prompt(x) for x in chunk], [x["images"] for x in chunk], jax.random.key(0))
       recs = [evaluator.record(t, chunk[t.prompt_index]) for t in trajs]
+      t1 = time.perf_counter()
       analyses += ta.analyze_trajectories(shares_model, params, arrays, trajs, prompt_len=rcfg.max_prompt_len,
                                           image_settings=processor.image_settings,
                                           view_max_pixels=tool_cfg.view_max_pixels, examples=chunk,
                                           correct=[r["correct"] for r in recs], rows_per_pass=a.rows_per_pass)
+      timing["rollout_s"] += t1 - t0
+      timing["shares_s"] += time.perf_counter() - t1
       records += recs
       bar.update(len(chunk))
     bar.close()
     out[subset] = (analyses, records)
-  return label, out
+  return label, out, timing
 
 
 def summarize(analyses, records, *, bins: int, window: int) -> dict:
@@ -167,14 +172,15 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   checkpoints = parse_list(a.checkpoints, CHECKPOINTS, "checkpoints")
   questions = select_questions(config, workdir)
   mesh = parallel.make_mesh(dict(config.mesh))
-  summaries, labels, seconds = {}, {}, {}
+  summaries, labels, seconds, timing = {}, {}, {}, {}
   for weights in checkpoints:
     t1 = time.perf_counter()
-    labels[weights], results = analyze_checkpoint(config, workdir, weights, questions, mesh)
+    labels[weights], results, timing[weights] = analyze_checkpoint(config, workdir, weights, questions, mesh)
     for subset, (analyses, records) in results.items():
       summaries[(weights, subset)] = summarize(analyses, records, bins=a.bins, window=a.window)
     seconds[weights] = time.perf_counter() - t1
-    print(f"analyze {weights}: {labels[weights]}; {seconds[weights]:.0f} s")
+    print(f"analyze {weights}: {labels[weights]}; {seconds[weights]:.0f} s (rollouts {timing[weights]['rollout_s']:.0f} s, "
+          f"attention shares {timing[weights]['shares_s']:.0f} s)")
   if not parallel.is_primary():
     return {}
   out_dir = os.path.join(workdir, "analyze")
@@ -190,7 +196,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   total = time.perf_counter() - t0
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump({"checkpoints": labels, "split": a.split, "bins": a.bins, "window": a.window, "seconds": total,
-               "seconds_per_checkpoint": seconds,
+               "seconds_per_checkpoint": seconds, "timing": timing,
                "results": {f"{c}/{s}": v for (c, s), v in summaries.items()}}, f, indent=1,
               default=lambda v: None)
   metrics.write(0, "analyze", **metrics_of(summaries), **{"analyze/seconds": total})
