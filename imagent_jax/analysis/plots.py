@@ -5,11 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+def figure(nrows: int = 1, ncols: int = 1, *, figsize=None, **subplots_kw):
+  """``(fig, axes)`` of a ``matplotlib.figure.Figure`` of ``nrows x ncols`` panels (``Figure.subplots``).
+
+  No pyplot and no backend switch: the plots write PNGs anywhere (no display needed) and leave a
+  notebook's inline backend as it is. ``fig.savefig(path)`` writes it; nothing needs closing.
+  """
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(nrows, ncols, **subplots_kw)
 
 
 def trailing_mean(values, window: int):
@@ -28,14 +32,13 @@ def trailing_mean(values, window: int):
 def plot_training_curves(train: list[dict], evals: list[dict], path: str, smooth: int = 10) -> str:
   """Reward, accuracy, tool use and masks per RL step: each training-batch number faint, with its
   ``smooth``-step trailing mean (``trailing_mean``) drawn over it; evaluation points as markers."""
-  plt = _pyplot()
   panels = [("reward", ["reward", "reward/tool_gain"]), ("accuracy", ["accuracy", "eval/accuracy"]),
             ("tool calls per trajectory", ["tool_calls_per_trajectory", "image_calls_per_trajectory",
                                            "failed_calls_per_trajectory", "eval/tool_calls_per_trajectory"]),
             ("masks (fractions)", ["mask/kept_fraction", "status/truncated", "status/turn_limit"]),
             ("where zooms go (fractions)", ["confirm_on_target", "confirm_on_target_chance", "confirm_on_image",
                                             "confirm_on_image_chance"])]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6))
+  fig, axes = figure(1, len(panels), figsize=(4.0 * len(panels), 3.6))
   for ax, (title, keys) in zip(axes, panels):
     for key in keys:
       is_eval = key.startswith("eval/")
@@ -59,7 +62,6 @@ def plot_training_curves(train: list[dict], evals: list[dict], path: str, smooth
                fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
   return path
 
 
@@ -81,10 +83,9 @@ def plot_attention_progress(curves: dict, path: str, *, categories=("text", "ima
     categories: the lines drawn.
     title: the figure title.
   """
-  plt = _pyplot()
   checkpoints = list(dict.fromkeys(k[0] for k in curves))
   subsets = list(dict.fromkeys(k[1] for k in curves))
-  fig, axes = plt.subplots(len(checkpoints), len(subsets), figsize=(4.2 * len(subsets), 3.2 * len(checkpoints)),
+  fig, axes = figure(len(checkpoints), len(subsets), figsize=(4.2 * len(subsets), 3.2 * len(checkpoints)),
                            squeeze=False, sharey=True)
   for i, ckpt in enumerate(checkpoints):
     for j, subset in enumerate(subsets):
@@ -108,7 +109,6 @@ def plot_attention_progress(curves: dict, path: str, *, categories=("text", "ima
   fig.suptitle(title or "Where each generated token's attention goes (mean over layers and heads)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
   return path
 
 
@@ -120,9 +120,8 @@ def plot_layer_progress(maps: dict, path: str, *, category: str = "all_images") 
     path: the PNG to write.
     category: what the maps show (for the title).
   """
-  plt = _pyplot()
   keys = list(maps)
-  fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.6 * max(len(keys), 1), 3.2), squeeze=False)
+  fig, axes = figure(1, max(len(keys), 1), figsize=(3.6 * max(len(keys), 1), 3.2), squeeze=False)
   vmax = max([float(np.nanmax(m)) for m in maps.values() if np.size(m) and np.isfinite(m).any()] or [1.0])
   for ax, key in zip(axes[0], keys):
     m = np.asarray(maps[key], np.float64)
@@ -139,7 +138,6 @@ def plot_layer_progress(maps: dict, path: str, *, category: str = "all_images") 
   fig.suptitle(f"Share of attention on {category.replace('_', ' ')}, per layer", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
   return path
 
 
@@ -151,9 +149,8 @@ def plot_around_views(around: dict, path: str, *, categories=("image", "all_imag
     path: the PNG to write.
     categories: the bar groups.
   """
-  plt = _pyplot()
   labels = list(around)
-  fig, axes = plt.subplots(1, max(len(labels), 1), figsize=(4.2 * max(len(labels), 1), 3.2), squeeze=False,
+  fig, axes = figure(1, max(len(labels), 1), figsize=(4.2 * max(len(labels), 1), 3.2), squeeze=False,
                            sharey=True)
   for ax, label in zip(axes[0], labels):
     data = around[label]
@@ -173,5 +170,4 @@ def plot_around_views(around: dict, path: str, *, categories=("image", "all_imag
   fig.suptitle("Attention of the generated tokens just before / after a tool view enters", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
   return path

@@ -45,11 +45,11 @@ def plot_window_layout(images, grid_thw, vision_config, path: str, patch_size: i
   patches attend to each other in the windowed blocks (the full-attention blocks see the whole
   image).
   """
-  plt = plots._pyplot()  # pylint: disable=protected-access
+  import matplotlib
   patch_size = patch_size or vision_config.patch_size
   maps = window_layout_grid(grid_thw, vision_config)
-  fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 4), squeeze=False)
-  cmap = plt.get_cmap("tab20")
+  fig, axes = plots.figure(1, len(maps), figsize=(4 * len(maps), 4), squeeze=False)
+  cmap = matplotlib.colormaps["tab20"]
   for ax, img, wmap, (t, h, w) in zip(axes[0], images, maps, np.asarray(grid_thw)):
     img = np.asarray(img.convert("RGB").resize((w * patch_size, h * patch_size)))
     tint = cmap(wmap % 20)[..., :3].repeat(patch_size, 0).repeat(patch_size, 1)
@@ -60,5 +60,4 @@ def plot_window_layout(images, grid_thw, vision_config, path: str, patch_size: i
   fig.suptitle("Vision windows (window attention; full attention in fullatt blocks)")
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
   return path
