@@ -83,7 +83,7 @@ def test_unknown_config_key_is_refused(tmp_path):
 
 def test_stages_come_from_the_registry():
   from imagent_jax import stages
-  assert stages.STAGES.names() == ("model", "warmup", "rollout", "rl", "eval")
+  assert stages.STAGES.names() == ("model", "warmup", "rollout", "rl", "eval", "analyze")
   assert stages.configured(" model, rl,,") == ["model", "rl"]
   from imagent_jax.stages import rollout_demo
   assert stages.run_function("rollout") is rollout_demo.run

@@ -256,7 +256,7 @@ def test_validate_cross_section_and_stage_checks():
     validate.validate(config)
   text = str(e.value)
   for message in ("config.data.source='nope' is not one of ['synthetic', 'synthetic_mifg', 'jsonl']",
-                  "unknown stages ['fly']; available: ['model', 'warmup', 'rollout', 'rl', 'eval']",
+                  "unknown stages ['fly']; available: ['model', 'warmup', 'rollout', 'rl', 'eval', 'analyze']",
                   "config.rl: GRPOConfig: group_size=1", "exceeds config.processor.max_pixels"):
     assert message in text, (message, text)
 
