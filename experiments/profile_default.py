@@ -12,7 +12,7 @@ phase, the share of the step, compile time (JAX's own compile events) and the pr
 
 Warmup phases: ``examples`` (``warmup_tasks.make_example``: scenes, crops, prompts), ``encode``
 (``sft.encode_batch``: tokenising and image preprocessing), ``train_step`` (the jitted SFT step,
-waited for). RL phases (``rl.trainer.Trainer.train_step``): ``data`` (the next batch; prefetched
+waited for), one after the other (the stage itself draws the next batch while a step runs). RL phases (``rl.trainer.Trainer.train_step``): ``data`` (the next batch; prefetched
 in a thread), ``rollout`` (the jitted rollout: prompt preprocessing, the program, the records)
 with ``rollout.host_callback`` (the tools and observations, inside it), ``rewards``, ``masks``,
 ``advantages``, ``training_images`` (every image and view re-rendered and preprocessed),
@@ -160,6 +160,10 @@ def main(argv=None):
     step_fn = sft.make_step(model, optimizer, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=step_fn.opt_state_shardings)(params)
     pad = model_config.pad_token_id or 0
+    slot_patches = batch_lib.BatchConfig(patch_budget=w.patch_budget, image_slots=w.image_slots,
+                                         image_settings=dict(processor.image_settings,
+                                                             max_pixels=config.processor.max_pixels),
+                                         view_max_pixels=tcfg.view_max_pixels).image_patches
     index = 0
     c0 = compiles[0]
     for _ in range(args.warmup_steps):
@@ -170,6 +174,7 @@ def main(argv=None):
       with timers.phase("encode"):
         batch = sft.encode_batch(processor, examples, w.max_len, w.patch_budget, w.image_slots, pad,
                                  model_config.eos_token_id)
+        batch = batch_lib.trim_image_budget(batch, w.image_bucket, slot_patches)  # as the stage does
       with timers.phase("train_step"):
         params, opt_state, m = step_fn(params, opt_state, batch)
         jax.block_until_ready(m)

@@ -45,6 +45,7 @@ def released_qwen_config(preset: str, arg: str | None = None) -> ml_collections.
     # Memory at real scale (experiments/plan_memory.py): flash-style attention, the layers as
     # scans, each layer recomputed in the backward pass. On GPUs, model.attention="cudnn".
     c.model.attention = "blocked"
+    c.model.attention_block = 512  # the memory plan's block (the tiny default's 128 suits 2 CPU cores)
     c.model.scan_layers = True
     c.rl.remat = "full"
     c.tools.prompt_style = "full"

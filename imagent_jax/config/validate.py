@@ -77,6 +77,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     errors.append("config.rl.logprob_gap_every must be >= 0 (0: never check)")
   if config.rl.length_bucket < 0:
     errors.append("config.rl.length_bucket must be >= 0 (0: train on the full static length)")
+  if config.warmup.image_bucket < 0:
+    errors.append("config.warmup.image_bucket must be >= 0 (0: the static image_slots)")
+  if config.rl.image_bucket < 0:
+    errors.append("config.rl.image_bucket must be >= 0 (0: train with the static image budgets)")
 
   errors += _eval_errors(config, names)
   errors += _analyze_errors(config, names)

@@ -70,12 +70,24 @@ class BatchConfig:
     view_max_pixels: the pixel budget of a tool view (``ToolConfig.view_max_pixels``).
     length_bucket: the used token span is rounded up to a multiple of this; 0 keeps the
       rollout's static width (``trim_padding_columns``).
+    image_bucket: the image slots are cut to the images the batch has, rounded up to a multiple
+      of this, and the patches to what that many slots can hold (``trim_image_budget``); 0 keeps
+      the static budgets.
   """
   patch_budget: int
   image_slots: int
   image_settings: Mapping[str, Any] = dataclasses.field(hash=False)
   view_max_pixels: int
   length_bucket: int = 256
+  image_bucket: int = 0
+
+  @property
+  def image_patches(self) -> int:
+    """The most patches one image of the batch can have: a prompt image at the processor's
+    ``max_pixels`` or a tool view at ``view_max_pixels`` (what one vision-tower slot holds)."""
+    s = self.image_settings
+    unit = int(s["merge_size"]) ** 2
+    return max(int(s["max_pixels"]), int(self.view_max_pixels)) // int(s["patch_size"]) ** 2 // unit * unit
 
 
 class Prepared(NamedTuple):
@@ -144,6 +156,7 @@ def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Traject
     if combine is not None:
       batch = combine(batch)
     batch = trim_padding_columns(batch, batch_cfg.length_bucket)  # the used span only: less attention
+    batch = trim_image_budget(batch, batch_cfg.image_bucket, batch_cfg.image_patches)  # no empty vision slots
     sampled = batch.pop("action_mask").astype(bool)
   return Prepared(rew, loss_mask, mask_metrics, advantages, batch, sampled)
 
@@ -244,6 +257,36 @@ def row_image_spans(tokens, attention_mask, image_grid_thw, images_per_row, *, i
                        "contiguously, in row order")
     spans.append((int(starts[r]), int(ends[r]), int(patch_ends[starts[r]]), int(patch_ends[ends[r]])))
   return spans
+
+
+def trim_image_budget(batch: Batch, bucket: int, slot_patches: int) -> dict[str, np.ndarray]:
+  """Host-side: cuts ``image_grid_thw`` to the images the batch has and ``pixel_values`` to match.
+
+  The static budgets hold the worst case (every row with its most images); the vision tower runs
+  one slot per ``image_grid_thw`` row, used or not, so a batch with half its slots empty pays for
+  twice the images it has. The slots kept are the used ones rounded up to a multiple of
+  ``bucket`` (a run compiles a few sizes, not one per step), the patches ``slots * slot_patches``
+  (no more than before): enough for any images that fill those slots. Values do not change: the
+  images stay where they were and only all-padding rows go.
+
+  Args:
+    batch: ``pixel_values [P, D]``, ``image_grid_thw [N, 3]`` (used slots first) and any other fields.
+    bucket: slot granularity; 0 returns the batch as it is.
+    slot_patches: the most patches one image can have (a multiple of the merge unit).
+
+  Returns:
+    the batch with ``image_grid_thw [N', 3]`` and ``pixel_values [P', D]``, ``N' <= N``, ``P' <= P``.
+  """
+  if bucket <= 0:
+    return dict(batch)
+  grid, pv = np.asarray(batch["image_grid_thw"]), np.asarray(batch["pixel_values"])
+  used = int(np.sum(grid.prod(-1) > 0))
+  slots = min(len(grid), max(bucket, -(-used // bucket) * bucket))
+  patches = min(len(pv), slots * slot_patches)
+  if int(grid[:used].prod(-1).sum()) > patches:
+    raise ValueError(f"the batch's {used} images have {int(grid[:used].prod(-1).sum())} patches, more than "
+                     f"{slots} slots of {slot_patches} patches")
+  return {**batch, "image_grid_thw": grid[:slots], "pixel_values": pv[:patches]}
 
 
 def trim_padding_columns(batch: Batch, multiple: int = 256) -> dict[str, np.ndarray]:

@@ -150,7 +150,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "reward": (),
     "masks": (),
     "rl": ("steps", "batch_size", "remat", "patch_budget", "image_slots", "minibatch_patch_budget",
-           "minibatch_image_slots", "length_bucket", "logprob_gap_every", "eval_every", "eval_examples",
+           "minibatch_image_slots", "length_bucket", "image_bucket", "logprob_gap_every", "eval_every", "eval_examples",
            "test_examples", "checkpoint_every", "keep_checkpoints", "progress_bar", "prefetch"),
 }
 

@@ -44,7 +44,7 @@ def batch_config(config, image_settings) -> batch_lib.BatchConfig:
   settings = dict(image_settings, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels)
   return batch_lib.BatchConfig(patch_budget=config.rl.patch_budget, image_slots=config.rl.image_slots,
                                image_settings=settings, view_max_pixels=config.tools.view_max_pixels,
-                               length_bucket=config.rl.length_bucket)
+                               length_bucket=config.rl.length_bucket, image_bucket=config.rl.image_bucket)
 
 
 def loop_config(config) -> trainer_lib.LoopConfig:

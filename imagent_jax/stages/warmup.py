@@ -27,6 +27,7 @@ from imagent_jax.agent import protocol
 from imagent_jax.evaluation import probes
 from imagent_jax.models import hf_io
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table
+from imagent_jax.rl import batch as batch_lib
 from imagent_jax.rl import sft, warmup_tasks
 from imagent_jax.stages import build
 
@@ -37,7 +38,7 @@ _NOT_IN_RECIPE = {"model": ("checkpoint", "export_hf", "from_warmup_base", "atte
                             "scan_layers"),
                   "data": ("source", "data_dir", "train_size", "validation_size", "test_size", "train_path",
                            "validation_path", "test_path", "on_error", "max_images_per_question", "image_root"),
-                  "warmup": ("progress_bar", "log_every", "probe_examples")}
+                  "warmup": ("progress_bar", "log_every", "probe_examples", "image_bucket")}
 
 
 def recipe(config) -> dict:
@@ -109,21 +110,31 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   step_fn = sft.make_step(model, optimizer, mesh)
   opt_state = jax.jit(optimizer.init, out_shardings=step_fn.opt_state_shardings)(params)
   pad = model_config.pad_token_id if model_config.pad_token_id is not None else 0
+  slot_patches = batch_lib.BatchConfig(patch_budget=w.patch_budget, image_slots=w.image_slots,
+                                       image_settings=dict(processor.image_settings,
+                                                           max_pixels=config.processor.max_pixels),
+                                       view_max_pixels=tcfg.view_max_pixels).image_patches
+
+  def make_batch(step: int):
+    """Step ``step``'s examples and batch (its images in as few vision slots as hold them)."""
+    examples = [warmup_tasks.make_example(config, step * w.batch_size + i, tcfg, system) for i in range(w.batch_size)]
+    batch = sft.encode_batch(processor, examples, w.max_len, w.patch_budget, w.image_slots, pad,
+                             model_config.eos_token_id)
+    return examples, batch_lib.trim_image_budget(batch, w.image_bucket, slot_patches)
+
   t0 = time.perf_counter()
   history = []
   bar = tqdm(range(w.steps), desc="warmup", disable=not w.progress_bar)
-  index = 0
+  examples, batch = make_batch(0)
   for step in bar:
-    examples = []
-    for _ in range(w.batch_size):
-      examples.append(warmup_tasks.make_example(config, index, tcfg, system))
-      index += 1
-    batch = sft.encode_batch(processor, examples, w.max_len, w.patch_budget, w.image_slots, pad, model_config.eos_token_id)
-    params, opt_state, m = step_fn(params, opt_state, batch)
+    params, opt_state, m = step_fn(params, opt_state, batch)  # dispatched: the device works while ...
+    current = examples
+    if step + 1 < w.steps:
+      examples, batch = make_batch(step + 1)  # ... the host draws and encodes the next batch
     row_loss = np.asarray(m.pop("row_loss"))
     m = {k: float(v) for k, v in m.items()}
-    for name in sorted({e[3] for e in examples}):  # each task's mean loss: which skill lags
-      m[f"loss/{name}"] = float(np.mean([l for l, e in zip(row_loss, examples) if e[3] == name]))
+    for name in sorted({e[3] for e in current}):  # each task's mean loss: which skill lags
+      m[f"loss/{name}"] = float(np.mean([l for l, e in zip(row_loss, current) if e[3] == name]))
     history.append(m)
     bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_accuracy']:.2f}")
     if step % max(1, w.log_every) == 0 or step == w.steps - 1:

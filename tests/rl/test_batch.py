@@ -227,3 +227,21 @@ def test_prepare_batch_uses_the_masks_tolerance_and_group_size():
   with pytest.raises(ValueError, match="group_size"):
     batch_lib.prepare_batch(out, trajs, EXAMPLES, reward_cfg=rewards.RewardConfig(),
                             mask_cfg=masks.MaskConfig(group_size=4), grpo_cfg=grpo.GRPOConfig(group_size=2))
+
+
+def test_trim_image_budget_keeps_the_used_images_in_bucketed_slots():
+  from imagent_jax.rl.batch import trim_image_budget
+  grid = np.zeros((12, 3), np.int64)
+  grid[:5] = [1, 4, 4]  # 5 images of 16 patches
+  pv = np.arange(12 * 16 * 2, dtype=np.float32).reshape(-1, 2)  # 192 patch rows, 80 used
+  out = trim_image_budget({"image_grid_thw": grid, "pixel_values": pv, "tokens": np.ones((2, 3))}, 4, 16)
+  assert out["image_grid_thw"].shape == (8, 3) and out["pixel_values"].shape == (128, 2)  # 5 -> 8 slots of 16
+  np.testing.assert_array_equal(out["image_grid_thw"], grid[:8])
+  np.testing.assert_array_equal(out["pixel_values"], pv[:128])
+  assert out["tokens"].shape == (2, 3)
+  same = trim_image_budget({"image_grid_thw": grid, "pixel_values": pv}, 0, 16)
+  assert same["image_grid_thw"].shape == (12, 3) and same["pixel_values"].shape == (192, 2)
+  full = trim_image_budget({"image_grid_thw": grid, "pixel_values": pv}, 32, 16)  # never more than the budgets
+  assert full["image_grid_thw"].shape == (12, 3) and full["pixel_values"].shape == (192, 2)
+  with pytest.raises(ValueError, match="more than"):
+    trim_image_budget({"image_grid_thw": grid, "pixel_values": pv}, 1, 8)  # 16-patch images in 8-patch slots
