@@ -215,9 +215,11 @@ def main(argv=None):
 
   cpu = os.times()
   user, system = cpu.user - cpu_start.user, cpu.system - cpu_start.system
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (Linux)
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  rss = usage.ru_maxrss / 1e6  # KiB -> GB (Linux)
   print(f"\nwall {time.perf_counter() - t_start:.0f} s; CPU user {user:.0f} s, system {system:.0f} s "
-        f"({system / max(user + system, 1e-9):.0%} system); compiles {compiles[0]:.0f} s; peak RSS {rss:.2f} GB")
+        f"({system / max(user + system, 1e-9):.0%} system); {usage.ru_minflt / 1e6:.1f} million minor page faults; "
+        f"compiles {compiles[0]:.0f} s; peak RSS {rss:.2f} GB")
 
 
 if __name__ == "__main__":
