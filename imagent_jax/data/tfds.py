@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from imagent_jax.data import synthetic
+from imagent_jax.data import synthetic, tf_example
 from imagent_jax.processing import images as images_lib
 
 SPLITS, split_seed = synthetic.SPLITS, synthetic.split_seed  # defined beside the generator (no tfds needed)
@@ -223,8 +223,9 @@ class TfdsSource:
   decoded with Pillow to RGB, text as ``str``, ``target_box`` as a list of ints (None when the
   dataset has none; ``target_image`` is then -1). Any builder with ``images`` (a Sequence of
   Image), ``question``, ``options`` and ``answer`` features works; ``category``,
-  ``target_image``, ``target_box`` and ``index`` are optional. Records are read as
-  ``tf.train.Example`` protos and decoded here (tfds' NumPy image decoding is bypassed).
+  ``target_image``, ``target_box`` and ``index`` are optional. Records are read as raw bytes and
+  parsed here (``tf_example.parse_example``), so reading never imports TensorFlow (~0.5 GB of
+  resident memory and its thread pools); tfds' NumPy image decoding is bypassed.
   """
 
   def __init__(self, builder: Any, split: Optional[str] = None):
@@ -235,15 +236,15 @@ class TfdsSource:
         ``builder.as_data_source(split)`` (then ``split`` is taken from it).
       split: a tfds split spec (``"train"``, ``"train[:10%]"``, ...); needed with a builder.
     """
-    no_decode = tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE
+    raw = tfds.decode.DeserializeMethod.RAW_BYTES
     if isinstance(builder, tfds.core.DatasetBuilder):
       if split is None:
         raise ValueError("TfdsSource(builder, split) needs a split")
-      self._source = builder.as_data_source(split, deserialize_method=no_decode)
+      self._source = builder.as_data_source(split, deserialize_method=raw)
       info = builder.info
     elif hasattr(builder, "dataset_info") and hasattr(builder, "split"):
       info, split = builder.dataset_info, builder.split
-      self._source = type(builder)(dataset_info=info, split=split, deserialize_method=no_decode)
+      self._source = type(builder)(dataset_info=info, split=split, deserialize_method=raw)
     else:
       raise TypeError(f"TfdsSource needs a tfds builder or data source, got {type(builder).__name__}")
     self.name = f"{info.full_name}/{split}"
@@ -253,7 +254,10 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
-    features = self._source[index].features.feature
+    try:
+      features = tf_example.parse_example(self._source[index])
+    except ValueError as e:
+      raise ValueError(f"{self.name}[{index}]: the record is not a tf.train.Example: {e}") from e
     images = []
     for k, data in enumerate(_values(features, "images")):
       try:
@@ -274,15 +278,11 @@ class TfdsSource:
     return f"TfdsSource({self.name}, {len(self)} examples)"
 
 
-def _values(features, key: str) -> list:
-  """The values of one ``tf.train.Feature`` (empty when the key is absent)."""
-  if key not in features:
-    return []
-  feature = features[key]
-  kind = feature.WhichOneof("kind")
-  return list(getattr(feature, kind).value) if kind else []
+def _values(features: dict[str, list], key: str) -> list:
+  """The values of one feature (empty when the key is absent)."""
+  return features.get(key, [])
 
 
-def _text(features, key: str) -> str:
+def _text(features: dict[str, list], key: str) -> str:
   values = _values(features, key)
   return values[0].decode("utf-8") if values else ""

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from imagent_jax.models import hf_io
+from imagent_jax.models.registry import family_of
 from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 from imagent_jax.sampling import sampler
@@ -71,6 +72,35 @@ def test_greedy_equals_transformers_multi_image_left_padded(setup):
   inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)
   ours = sampler.generate(config, params, inputs, max_new_tokens=N_NEW)
   np.testing.assert_array_equal(np.asarray(ours["tokens"]), _hf_greedy(torch_model, config, ids, mask, pv, grid))
+
+
+def test_per_image_vision_slots_equal_one_slot(setup):
+  """The default (each image in a slot of the batch's largest image) samples what one slot over
+  every patch does, with less memory: the vision tower's scores grow with the images, not with the
+  square of the batch's patches."""
+  config, params, _, pv, grid = setup
+  ids, mask = _batch(config, np.random.RandomState(2), [[3, grid[0], 4, grid[1], 2], [2, grid[2], 2]])
+  inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)
+  slots = sampler.generate(config, params, inputs, max_new_tokens=N_NEW, temperature=1.0, rng=jax.random.key(3))
+  one = sampler.generate(config, params, inputs, max_new_tokens=N_NEW, temperature=1.0, rng=jax.random.key(3),
+                         max_image_patches=0)
+  np.testing.assert_array_equal(np.asarray(slots["tokens"]), np.asarray(one["tokens"]))
+  np.testing.assert_allclose(np.asarray(slots["logprobs"]), np.asarray(one["logprobs"]), atol=1e-5)
+  assert int(np.prod(grid, axis=-1).max()) < pv.shape[0]  # slots smaller than the batch: the test can tell
+
+  # XLA's plan for 16 images of 16x16 patches: one slot holds [heads, 4096, 4096] scores
+  n, side = 16, 16
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+  ids_spec = spec((2, n * side * side // 4 + 8), jnp.int32)
+  def temp_bytes(patches):
+    model = family_of(config).module(config, max_frame_patches=patches)
+    compiled = sampler._generate.lower(
+        model, params, ids_spec, ids_spec, spec((n * side * side, pv.shape[1]), jnp.float32), spec((n, 3), jnp.int32),
+        jax.random.key(0), max_new_tokens=2, temperature=0.0, top_k=0, top_p=1.0, stop_token_ids=(), pad_id=0,
+        group_size=1).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(side * side) * 4 < temp_bytes(0)
 
 
 def test_logprobs_equal_the_forward_pass_and_stop_tokens(setup):
