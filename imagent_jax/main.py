@@ -14,7 +14,7 @@ import re
 import sys
 import time
 
-# TensorFlow (read by tfds for the array_record data) prints info lines on import; keep warnings.
+# TensorFlow, where something imports it (our tfds reader does not), prints info lines; keep warnings.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags
@@ -131,4 +131,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from imagent_jax import hugepages
+  hugepages.reexec_with_hugepages()  # huge pages for XLA:CPU's per-step buffers (imagent_jax/hugepages.py)
   app.run(main, flags_parser=_parse_flags)
