@@ -5,9 +5,10 @@ step of the embedded default takes 0.6-0.8 GB of them, a warmup step a few hundr
 that large are ``mmap``-ed and unmapped again, so every step touches them afresh one 4 KiB page
 at a time: README command 1 took ~75 million minor page faults and spent 11% of its CPU time in
 the kernel. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35) malloc asks for
-transparent huge pages (``madvise(MADV_HUGEPAGE)``): 2 MiB pages, 512 times fewer faults. In a
-shortened default run (30 warmup + 30 RL steps, `experiments/README.md`) minor faults fell from
-12.0 to 0.8 million and system time from 19 to 10 s, at the same peak RSS.
+transparent huge pages (``madvise(MADV_HUGEPAGE)``): 2 MiB pages, up to 512 times fewer faults.
+README command 1 on an idle 2-core VM went from 76 to 1.9 million minor faults, from 112 to 52 s
+of system time and from 10:28 to 9:31 of wall time, at the same peak RSS
+(``experiments/README.md``, "Memory and system time").
 
 Tunables are read when a process starts, so ``python -m imagent_jax.main`` re-executes itself
 once with the tunable added (``reexec_with_hugepages``) before it imports JAX. Nothing happens
