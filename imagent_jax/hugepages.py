@@ -6,7 +6,7 @@ that large are ``mmap``-ed and unmapped again, so every step touches them afresh
 at a time: README command 1 took ~75 million minor page faults and spent 11% of its CPU time in
 the kernel. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35) malloc asks for
 transparent huge pages (``madvise(MADV_HUGEPAGE)``): 2 MiB pages, up to 512 times fewer faults.
-README command 1 on an idle 2-core VM went from 76 to 1.9 million minor faults, from 112 to 52 s
+README command 1 on an idle 2-core VM went from 74 to 1.9 million minor faults, from 114 to 52 s
 of system time and from 10:28 to 9:31 of wall time, at the same peak RSS
 (``experiments/README.md``, "Memory and system time").
 
