@@ -68,37 +68,41 @@ def _signed64(value: int) -> int:
   return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _int64_list(buf: bytes) -> list[int]:
+def _packed_varints(buf: bytes):
+  pos = 0
+  while pos < len(buf):
+    v, pos = _varint(buf, pos)
+    yield _signed64(v)
+
+
+def _scalars(buf: bytes, name: str, single_wire: int, packed, single) -> list:
+  """The values of a ``repeated`` scalar field 1 (``Int64List``, ``FloatList``): packed (one
+  length-delimited run, decoded by ``packed``) or one value per field (``single_wire``, ``single``)."""
   out = []
   for number, wire, value in _fields(buf):
     if number != 1:
       continue
-    if wire == _LENGTH:  # packed
-      pos = 0
-      while pos < len(value):
-        v, pos = _varint(value, pos)
-        out.append(_signed64(v))
-    elif wire == _VARINT:
-      out.append(_signed64(value))
+    if wire == _LENGTH:
+      out.extend(packed(value))
+    elif wire == single_wire:
+      out.append(single(value))
     else:
-      raise ValueError(f"Int64List value with wire type {wire}")
+      raise ValueError(f"{name} value with wire type {wire}")
   return out
+
+
+def _unpack_floats(buf: bytes) -> tuple[float, ...]:
+  if len(buf) % 4:
+    raise ValueError("packed FloatList whose length is not a multiple of 4")
+  return struct.unpack(f"<{len(buf) // 4}f", buf)
+
+
+def _int64_list(buf: bytes) -> list[int]:
+  return _scalars(buf, "Int64List", _VARINT, _packed_varints, _signed64)
 
 
 def _float_list(buf: bytes) -> list[float]:
-  out = []
-  for number, wire, value in _fields(buf):
-    if number != 1:
-      continue
-    if wire == _LENGTH:  # packed
-      if len(value) % 4:
-        raise ValueError("packed FloatList whose length is not a multiple of 4")
-      out.extend(struct.unpack(f"<{len(value) // 4}f", value))
-    elif wire == _FIXED32:
-      out.append(struct.unpack("<f", value)[0])
-    else:
-      raise ValueError(f"FloatList value with wire type {wire}")
-  return out
+  return _scalars(buf, "FloatList", _FIXED32, _unpack_floats, lambda b: struct.unpack("<f", b)[0])
 
 
 def _bytes_list(buf: bytes) -> list[bytes]:
@@ -131,7 +135,7 @@ def parse_example(record: bytes) -> dict[str, list]:
   Raises:
     ValueError: the record is not a well-formed ``tf.train.Example``.
   """
-  record = memoryview(record).tobytes() if not isinstance(record, bytes) else record
+  record = bytes(record)  # bytes stay as they are; a memoryview or bytearray is copied once
   out: dict[str, list] = {}
   for number, wire, features in _fields(record):
     if number != 1 or wire != _LENGTH:

@@ -259,30 +259,25 @@ class TfdsSource:
     except ValueError as e:
       raise ValueError(f"{self.name}[{index}]: the record is not a tf.train.Example: {e}") from e
     images = []
-    for k, data in enumerate(_values(features, "images")):
+    for k, data in enumerate(features.get("images", [])):
       try:
         image = Image.open(io.BytesIO(data))
         image.load()
         images.append(images_lib.to_rgb(image))
       except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{self.name}[{index}]: image {k} cannot be decoded: {e}") from e
-    box = _values(features, "target_box")
-    number = _values(features, "index") or [index]
-    options = [o.decode("utf-8") for o in _values(features, "options")]
+    box = features.get("target_box", [])
+    number = features.get("index", []) or [index]
+    options = [o.decode("utf-8") for o in features.get("options", [])]
     return {"id": f"{self.name}/{number[0]}", "images": images, "question": _text(features, "question"),
             "options": options or None, "answer": _text(features, "answer"), "category": _text(features, "category"),
-            "target_image": int((_values(features, "target_image") or [-1])[0]),
+            "target_image": int((features.get("target_image", []) or [-1])[0]),
             "target_box": [int(v) for v in box] if len(box) == 4 else None}
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name}, {len(self)} examples)"
 
 
-def _values(features: dict[str, list], key: str) -> list:
-  """The values of one feature (empty when the key is absent)."""
-  return features.get(key, [])
-
-
 def _text(features: dict[str, list], key: str) -> str:
-  values = _values(features, key)
+  values = features.get(key)
   return values[0].decode("utf-8") if values else ""

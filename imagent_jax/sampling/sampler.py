@@ -216,14 +216,14 @@ def generate(config, params, inputs, *, max_new_tokens: int, temperature: float 
   if (attention_mask[:, -1] == 0).any():
     raise ValueError("generate expects left padding: the last position of every row must be a real token")
   grid = inputs.get("image_grid_thw")
+  grid = None if grid is None else np.asarray(grid, np.int32).reshape(-1, 3)
   family = family_of(config)
   family.check_image_tokens(config, input_ids, grid)
   pad = config.pad_token_id if pad_id is None else pad_id
-  if max_image_patches is None:
-    max_image_patches = int(np.prod(np.asarray(grid).reshape(-1, 3), axis=-1).max(initial=0)) if grid is not None else 0
+  if max_image_patches is None:  # the batch's largest image
+    max_image_patches = 0 if grid is None else int(np.prod(grid, axis=-1).max(initial=0))
   model = family.module(config, dtype=dtype, param_dtype=dtype, max_frame_patches=int(max_image_patches))
-  return _generate(model, params, input_ids, attention_mask, inputs.get("pixel_values"),
-                   None if grid is None else np.asarray(grid, np.int32),
+  return _generate(model, params, input_ids, attention_mask, inputs.get("pixel_values"), grid,
                    jax.random.key(0) if rng is None else rng, max_new_tokens=int(max_new_tokens),
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    stop_token_ids=tuple(int(t) for t in stop_token_ids), pad_id=int(pad or 0),
