@@ -18,7 +18,8 @@ Features:
 
 The images are 4-bit palette PNGs (4x cheaper to write than RGB). ``tf.io.decode_png(...,
 channels=3)`` and Pillow decode them right; tfds' own NumPy decoding without OpenCV does not
-(it returns palette indices), so read with ``TfdsSource`` (Pillow, RGB) or through ``tf.data``.
+(it returns palette indices), so read with ``TfdsSource`` (Pillow, RGB; no TensorFlow) or through
+``tf.data`` (TensorFlow is not installed with the package: ``pip install tensorflow-cpu``).
 
 Every configuration gets its own folder, named after its sizes, seed and a digest of the
 difficulty and the generator version (``synthetic.GENERATOR_VERSION``), so changing any of them
