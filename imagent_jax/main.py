@@ -84,7 +84,7 @@ def run(config, workdir: str) -> dict:
   """Validates ``config`` and runs its stages in ``workdir``; returns each stage's summary."""
   import jax
 
-  from imagent_jax import stages
+  from imagent_jax import host_memory, stages
   from imagent_jax.config.validate import validate
   from imagent_jax.reporting import MetricsWriter, Report
 
@@ -102,6 +102,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     print(f"\n=== stage: {stage} ===")
     results[stage] = run_stage(config, workdir, report, metrics)
+    host_memory.release()  # the stage's programs and freed heap pages (imagent_jax/host_memory.py)
     print(f"=== stage {stage} done in {time.perf_counter() - t0:.1f}s ===")
   if primary:
     path = report.write()

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import jax
 
-from imagent_jax import parallel
+from imagent_jax import host_memory, parallel
 from imagent_jax.agent.rollout import Rollout
 from imagent_jax.analysis import plots
 from imagent_jax.reporting import MetricsWriter, Report, markdown_table, text_table
@@ -99,16 +99,25 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   ``stopped``, the last step's float metrics)."""
   t0 = time.perf_counter()
   trainer = build_trainer(config, workdir, metrics=metrics)
-  test = (build.eval_examples(config, workdir, "test", config.rl.test_examples)
-          if config.rl.test_examples > 0 else [])
-  if test and trainer.step == 0:  # the base, before any update (a resumed run logged it already)
-    trainer.log(trainer.evaluate(test, prefix="test"), stage="test")
+  n_test = 0
+
+  def test_split():
+    """The test examples, read at each use and let go after it: their decoded images (64
+    questions of the default: 0.38 GB) would otherwise stay resident through every RL step."""
+    nonlocal n_test
+    examples = build.eval_examples(config, workdir, "test", config.rl.test_examples)
+    n_test = len(examples)
+    return examples
+
+  if config.rl.test_examples > 0 and trainer.step == 0:  # the base, before any update (a resumed run logged it)
+    trainer.log(trainer.evaluate(test_split(), prefix="test"), stage="test")
+    host_memory.trim()
   last = trainer.train()
   if trainer.stopped:  # preempted: exit quickly; the same command resumes from the checkpoint
     print(f"Stopped by SIGTERM after step {trainer.step} (checkpoint saved); run the same command again to "
           f"resume. The test of the result is left for the finished run.")
-  elif test:
-    trainer.log(trainer.evaluate(test, prefix="test"), stage="test")
+  elif config.rl.test_examples > 0:
+    trainer.log(trainer.evaluate(test_split(), prefix="test"), stage="test")
   seconds = time.perf_counter() - t0
   if not parallel.is_primary():  # process 0 writes the metrics and the report
     return {"steps": trainer.step, "seconds": seconds, "stopped": trainer.stopped}
@@ -122,7 +131,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
     body += f" **Stopped by SIGTERM before step {config.rl.steps}**: run again to resume."
   if len(tests) >= 2:
     rows = [(k, _fmt(tests[0].get(f"test/{k}")), _fmt(tests[-1].get(f"test/{k}"))) for k in _TEST_KEYS]
-    head = [f"test split, greedy ({len(test)} questions)", f"base (step {tests[0]['step']})",
+    head = [f"test split, greedy ({n_test} questions)", f"base (step {tests[0]['step']})",
             f"after RL (step {tests[-1]['step']})"]
     print("\n" + text_table(head, rows))
     body += "\n\n" + markdown_table(head, rows)
