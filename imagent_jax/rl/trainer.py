@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from imagent_jax import parallel
+from imagent_jax import compile_clock, parallel
 from imagent_jax.agent.rollout import Rollout
 from imagent_jax.evaluation import evaluator
 from imagent_jax.evaluation.metrics import trajectory_stats
@@ -170,6 +170,7 @@ class Trainer:
     """One RL step; returns its metrics."""
     loop, temperature = self.loop, self.rollout.cfg.temperature
     times = {}
+    compiling = compile_clock.seconds()
     t_step = t0 = time.perf_counter()
     examples, prompts, inputs = self._take_batch()
     times["data_wait_s"] = time.perf_counter() - t0
@@ -233,6 +234,7 @@ class Trainer:
     step_s = time.perf_counter() - t_step
     metrics["time/host_wait_fraction"] = (times["data_wait_s"] + rollout_host + times["batch_s"]) / max(step_s, 1e-9)
     metrics["time/step_s"] = step_s
+    metrics["time/compile_s"] = compile_clock.seconds() - compiling  # new batch shapes: programs made this step
     metrics["rollout_inserts"] = int(out["inserts"])  # see rollout.insert_wait
     if upd.get("skipped", 0):
       log.warning("step %d: %d update(s) skipped: non-finite loss or gradient", self.step, int(upd["skipped"]))
@@ -334,7 +336,7 @@ class Trainer:
         self.log(last)
         bar.update(1)
         bar.set_postfix(reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}",
-                        tools=f"{last['tool_calls_per_trajectory']:.2f}")
+                        tools=f"{last['tool_calls_per_trajectory']:.2f}", **compile_clock.postfix(last["time/compile_s"]))
         if r.eval_every > 0 and self.step % r.eval_every == 0:
           ev = self.evaluate()
           self.log(ev, stage="eval")

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from imagent_jax import parallel
+from imagent_jax import compile_clock, parallel
 from imagent_jax.agent import protocol
 from imagent_jax.evaluation import probes
 from imagent_jax.models import hf_io
@@ -127,7 +127,9 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   bar = tqdm(range(w.steps), desc="warmup", disable=not w.progress_bar)
   examples, batch = make_batch(0)
   for step in bar:
+    compiling = compile_clock.seconds()
     params, opt_state, m = step_fn(params, opt_state, batch)  # dispatched: the device works while ...
+    compile_s = compile_clock.seconds() - compiling  # a new batch shape compiles before it dispatches
     current = examples
     if step + 1 < w.steps:
       examples, batch = make_batch(step + 1)  # ... the host draws and encodes the next batch
@@ -136,7 +138,7 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
     for name in sorted({e[3] for e in current}):  # each task's mean loss: which skill lags
       m[f"loss/{name}"] = float(np.mean([l for l, e in zip(row_loss, current) if e[3] == name]))
     history.append(m)
-    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_accuracy']:.2f}")
+    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_accuracy']:.2f}", **compile_clock.postfix(compile_s))
     if step % max(1, w.log_every) == 0 or step == w.steps - 1:
       metrics.write(step, "warmup", **m, learning_rate=float(schedule(step)))
   seconds = time.perf_counter() - t0
