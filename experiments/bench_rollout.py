@@ -58,6 +58,7 @@ import numpy as np
 
 import bench_models  # experiments/bench_models.py (the script's folder is on sys.path)
 
+from imagent_jax import compile_clock
 from imagent_jax.agent import protocol
 from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools as tools_lib
@@ -101,33 +102,6 @@ def _round_up(x: int, m: int) -> int:
   return -(-int(x) // m) * m
 
 
-class CompileClock:
-  """Seconds JAX spends tracing, lowering and compiling, from its ``jax.monitoring`` events.
-
-  The first call of a workload also pays one-off costs that are not compilation (first touch of
-  buffers, thread pools, load from other processes), so ``first call - steady call`` overstates
-  compile time; these events count only the compiler's work.
-  """
-
-  EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
-            "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
-            "/jax/core/compile/backend_compile_duration": "compile"}
-
-  def __init__(self):
-    self.seconds = dict.fromkeys(self.EVENTS.values(), 0.0)
-    jax.monitoring.register_event_duration_secs_listener(self._record)
-
-  def _record(self, event: str, duration: float, **_):
-    if event in self.EVENTS:
-      self.seconds[self.EVENTS[event]] += duration
-
-  def total(self) -> float:
-    return sum(self.seconds.values())
-
-
-CLOCK = CompileClock()
-
-
 def torch_device() -> str:
   """Where transformers runs: ``cuda`` when JAX's default backend is a GPU (and torch sees one)."""
   import torch  # pylint: disable=import-outside-toplevel
@@ -151,9 +125,9 @@ def _timed_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int,
   timed calls), and the same for ``b``. A timed call that compiled anything raises.
   """
   def once(fn):
-    c0, t = CLOCK.total(), time.perf_counter()
+    c0, t = compile_clock.seconds(), time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - t, CLOCK.total() - c0
+    return out, time.perf_counter() - t, compile_clock.seconds() - c0
 
   res = {}
   res["out_a"], res["first_a"], res["compile_a"] = once(fn_a)

@@ -44,8 +44,7 @@ from imagent_jax.stages import build
 def anon_mb() -> float:
   """``RssAnon`` of this process in MB after returning free heap pages (``host_memory.trim``)."""
   host_memory.trim()
-  with open("/proc/self/status") as f:
-    return next(int(l.split()[1]) for l in f if l.startswith("RssAnon:")) / 1e3
+  return host_memory.resident_bytes("RssAnon") / 1e6
 
 
 def main():

@@ -72,19 +72,6 @@ class Timers:
     self.current = collections.defaultdict(float)
 
 
-def compile_seconds():
-  """A running total of JAX's backend compile time (its monitoring events)."""
-  import jax
-  total = [0.0]
-
-  def listener(event, duration, **_):
-    if event.endswith("backend_compile_duration"):
-      total[0] += duration
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  return total
-
-
 def table(title, steps, order, skip):
   """Prints mean seconds per phase over ``steps[skip:]`` and each phase's share of the step."""
   kept = steps[skip:] or steps
@@ -117,7 +104,7 @@ def main(argv=None):
   import jax
   import numpy as np
 
-  from imagent_jax import parallel
+  from imagent_jax import compile_clock, parallel
   from imagent_jax.agent import rollout as rollout_lib
   from imagent_jax.agent import trajectory as trajectory_lib
   from imagent_jax.config import schema
@@ -140,7 +127,6 @@ def main(argv=None):
   if args.base:
     config.model.checkpoint = os.path.abspath(os.path.expanduser(args.base))
   workdir = tempfile.mkdtemp(prefix="profile_default_")
-  compiles = compile_seconds()
   t_start, cpu_start = time.perf_counter(), os.times()
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} devices, {os.cpu_count()} CPUs); "
         f"workdir {workdir}")
@@ -165,7 +151,7 @@ def main(argv=None):
                                                              max_pixels=config.processor.max_pixels),
                                          view_max_pixels=tcfg.view_max_pixels).image_patches
     index = 0
-    c0 = compiles[0]
+    c0 = compile_clock.seconds('compile')
     for _ in range(args.warmup_steps):
       t0 = time.perf_counter()
       with timers.phase("examples"):
@@ -180,7 +166,7 @@ def main(argv=None):
         jax.block_until_ready(m)
       timers.close_step(time.perf_counter() - t0)
     per_step = table("warmup", timers.steps, ["examples", "encode", "train_step"], args.skip)
-    print(f"warmup compile time: {compiles[0] - c0:.1f} s; {config.warmup.steps} steps at this rate: "
+    print(f"warmup compile time: {compile_clock.seconds('compile') - c0:.1f} s; {config.warmup.steps} steps at this rate: "
           f"{per_step * config.warmup.steps:.0f} s")
 
   # ---------------------------------------------------------------- RL
@@ -200,7 +186,7 @@ def main(argv=None):
     trainer = rl_stage.build_trainer(config, workdir)
     wrap(trainer, "step_fn", "train_step", block=True)
     wrap(trainer, "_take_batch", "data")
-    c0 = compiles[0]
+    c0 = compile_clock.seconds('compile')
     for _ in range(args.rl_steps):
       t0 = time.perf_counter()
       m = trainer.train_step()
@@ -210,7 +196,7 @@ def main(argv=None):
     per_step = table("rl", timers.steps, ["data", "rollout", "  rollout.host_callback", "rewards", "masks",
                                           "advantages", "training_images", "trim", "logprob_passes", "minibatches",
                                           "train_step", "metrics"], args.skip)
-    print(f"rl compile time: {compiles[0] - c0:.1f} s; {config.rl.steps} steps at this rate: "
+    print(f"rl compile time: {compile_clock.seconds('compile') - c0:.1f} s; {config.rl.steps} steps at this rate: "
           f"{per_step * 100:.0f} s for the default's 100")
 
   cpu = os.times()
@@ -219,7 +205,7 @@ def main(argv=None):
   rss = usage.ru_maxrss / 1e6  # KiB -> GB (Linux)
   print(f"\nwall {time.perf_counter() - t_start:.0f} s; CPU user {user:.0f} s, system {system:.0f} s "
         f"({system / max(user + system, 1e-9):.0%} system); {usage.ru_minflt / 1e6:.1f} million minor page faults; "
-        f"compiles {compiles[0]:.0f} s; peak RSS {rss:.2f} GB")
+        f"compiles {compile_clock.seconds('compile'):.0f} s; peak RSS {rss:.2f} GB")
 
 
 if __name__ == "__main__":

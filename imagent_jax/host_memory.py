@@ -1,13 +1,13 @@
 """Hands a finished stage's host memory back to the system before the next stage starts.
 
 A stage leaves two kinds of memory behind in the process. Its compiled programs stay in JAX's
-caches (XLA:CPU keeps 40-110 MB of code and metadata per executable; the warmup of the embedded
-default compiles a dozen), although the next stage compiles its own. And the heap keeps the
-pages of the buffers it freed: glibc returns them to the system only from the top of the heap,
-so after the warmup the process holds about 1 GB it no longer uses. ``release`` drops the caches
-and asks glibc to give back every free page (``malloc_trim(0)``), so that the next stage starts
-from what is live, not from the high-water mark of the one before; ``trim`` only gives the pages
-back, for a stage that has let go of large host data and goes on.
+caches (XLA:CPU keeps 60-100 MB of code and runtime state per GRPO-step executable of the
+embedded default, ``experiments/compile_memory.py``), although the next stage compiles its own.
+And the heap keeps the pages of the buffers it freed: glibc returns them to the system only from
+the top of the heap, so after the warmup the process holds about 1 GB it no longer uses.
+``release`` drops the caches and asks glibc to give back every free page (``malloc_trim(0)``), so
+that the next stage starts from what is live, not from the high-water mark of the one before;
+``trim`` only gives the pages back, for a stage that has let go of large host data and goes on.
 """
 
 from __future__ import annotations
@@ -28,12 +28,17 @@ def _malloc_trim():
     return None
 
 
-def resident_bytes() -> int | None:
-  """This process's resident set size in bytes (``VmRSS``), or None where ``/proc`` has none."""
+def resident_bytes(field: str = "VmRSS") -> int | None:
+  """This process's resident memory in bytes, or None where ``/proc`` has none.
+
+  Args:
+    field: the ``/proc/self/status`` line: ``VmRSS`` (all resident pages), ``RssAnon`` (heap and
+      other anonymous memory: what compiled programs and arrays hold), ``RssFile``, ``VmHWM`` (peak).
+  """
   try:
     with open("/proc/self/status") as f:
       for line in f:
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
           return int(line.split()[1]) * 1024
   except OSError:
     pass

@@ -50,5 +50,6 @@ def test_resident_bytes():
   rss = host_memory.resident_bytes()
   if platform.system() == "Linux":
     assert 50e6 < rss < 50e9
+    assert 0 < host_memory.resident_bytes("RssAnon") <= rss <= host_memory.resident_bytes("VmHWM")
   else:
     assert rss is None

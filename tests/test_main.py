@@ -44,8 +44,9 @@ def test_smoke_config_end_to_end(tmp_path):
   rl_rows = [r for r in records if r["stage"] == "rl"]
   assert [r["step"] for r in rl_rows] == [1, 2]
   for key in ("reward", "accuracy", "tool_calls_per_trajectory", "mask/kept_fraction", "logprob_gap_max",
-              "train/grad_norm", "time/rollout_s", "time/update_s"):
+              "train/grad_norm", "time/rollout_s", "time/update_s", "time/compile_s"):
     assert key in rl_rows[-1], key
+  assert rl_rows[0]["time/compile_s"] > 0  # the first step compiles its programs
   assert rl_rows[-1]["logprob_gap_max"] < 1e-3  # rollout and training see the same tokens and positions
   assert [r["step"] for r in records if r["stage"] == "eval"] == [0, 2]
   assert [r["step"] for r in records if r["stage"] == "test"] == [0, 2]  # base and result on the test split

@@ -100,24 +100,15 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   t0 = time.perf_counter()
   trainer = build_trainer(config, workdir, metrics=metrics)
   n_test = 0
-
-  def test_split():
-    """The test examples, read at each use and let go after it: their decoded images (64
-    questions of the default: 0.38 GB) would otherwise stay resident through every RL step."""
-    nonlocal n_test
-    examples = build.eval_examples(config, workdir, "test", config.rl.test_examples)
-    n_test = len(examples)
-    return examples
-
   if config.rl.test_examples > 0 and trainer.step == 0:  # the base, before any update (a resumed run logged it)
-    trainer.log(trainer.evaluate(test_split(), prefix="test"), stage="test")
+    n_test = _test(trainer, config, workdir)
     host_memory.trim()
   last = trainer.train()
   if trainer.stopped:  # preempted: exit quickly; the same command resumes from the checkpoint
     print(f"Stopped by SIGTERM after step {trainer.step} (checkpoint saved); run the same command again to "
           f"resume. The test of the result is left for the finished run.")
   elif config.rl.test_examples > 0:
-    trainer.log(trainer.evaluate(test_split(), prefix="test"), stage="test")
+    n_test = _test(trainer, config, workdir)
   seconds = time.perf_counter() - t0
   if not parallel.is_primary():  # process 0 writes the metrics and the report
     return {"steps": trainer.step, "seconds": seconds, "stopped": trainer.stopped}
@@ -148,6 +139,16 @@ def run(config, workdir: str, report: Report, metrics: MetricsWriter) -> dict:
   report.add("RL (GRPO)", body + f"\n\n![training curves]({os.path.basename(curves)})")
   return {"steps": trainer.step, "seconds": seconds, "stopped": trainer.stopped,
           **{k: v for k, v in last.items() if isinstance(v, float)}}
+
+
+def _test(trainer: trainer_lib.Trainer, config, workdir: str) -> int:
+  """Greedy test of the trainer's policy on the first ``config.rl.test_examples`` of the test split,
+  logged as stage "test"; returns how many questions it had. The examples are read here and let go
+  after: their decoded images (0.38 GB for the default's 64 questions) would otherwise stay
+  resident through every RL step."""
+  examples = build.eval_examples(config, workdir, "test", config.rl.test_examples)
+  trainer.log(trainer.evaluate(examples, prefix="test"), stage="test")
+  return len(examples)
 
 
 def _nanmean(values):
