@@ -16,8 +16,8 @@ waited for), one after the other (the stage itself draws the next batch while a 
 in a thread), ``rollout`` (the jitted rollout: prompt preprocessing, the program, the records)
 with ``rollout.host_callback`` (the tools and observations, inside it), ``rewards``, ``masks``,
 ``advantages``, ``training_images`` (every image and view re-rendered and preprocessed),
-``trim``, ``logprob_passes`` (the reference policy's forward and the rollout/training gap check),
-``minibatches`` (host split) and ``train_step`` (the jitted GRPO step, waited for), ``metrics``
+``trim``, ``minibatches`` (host split) and ``train_step`` (the jitted GRPO step, waited for; it
+takes the KL reference's log-probs and the rollout/training gap check in the same program), ``metrics``
 (trajectory statistics, including the zoom-placement Monte Carlo), and ``other`` (the rest of
 the step: logging, checkpoints).
 """
@@ -102,14 +102,13 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   import jax
-  import numpy as np
 
   from imagent_jax import compile_clock, parallel
   from imagent_jax.agent import rollout as rollout_lib
   from imagent_jax.agent import trajectory as trajectory_lib
   from imagent_jax.config import schema
   from imagent_jax.rl import batch as batch_lib
-  from imagent_jax.rl import grpo, logprobs, masks, sft, trainer as trainer_lib, warmup_tasks
+  from imagent_jax.rl import grpo, masks, sft, trainer as trainer_lib, warmup_tasks
   from imagent_jax.stages import build
   from imagent_jax.stages import rl as rl_stage
 
@@ -179,7 +178,6 @@ def main(argv=None):
     wrap(batch_lib, "compute_advantages", "advantages")
     wrap(trajectory_lib, "training_images", "training_images")
     wrap(batch_lib, "trim_padding_columns", "trim")
-    wrap(logprobs, "sequence_logprobs", "logprob_passes", block=True)
     wrap(grpo, "split_minibatches", "minibatches")
     wrap(trainer_lib, "trajectory_stats", "metrics")
     wrap(rollout_lib.Rollout, "__call__", "rollout", block=True)
@@ -194,7 +192,7 @@ def main(argv=None):
       print(f"  step {trainer.step}: {timers.steps[-1]['step']:.2f} s, {m['sequence_tokens']:.0f} tokens per row, "
             f"{m['response_tokens']:.0f} response tokens, {m['rollout_inserts']} inserts")
     per_step = table("rl", timers.steps, ["data", "rollout", "  rollout.host_callback", "rewards", "masks",
-                                          "advantages", "training_images", "trim", "logprob_passes", "minibatches",
+                                          "advantages", "training_images", "trim", "minibatches",
                                           "train_step", "metrics"], args.skip)
     print(f"rl compile time: {compile_clock.seconds('compile') - c0:.1f} s; {config.rl.steps} steps at this rate: "
           f"{per_step * 100:.0f} s for the default's 100")

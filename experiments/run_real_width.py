@@ -170,9 +170,9 @@ def run_main(workdir: str, flags: list[str], *, config: str = "configs/qwen2_5_v
 
 
 def step_times(workdir: str) -> list[dict]:
-  """``{"step", "time/rollout_s", "time/prepare_s", "time/update_s"}`` of each logged rl step."""
+  """``{"step", "time/rollout_s", "time/batch_s", "time/update_s"}`` of each logged rl step."""
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  keys = ("step", "time/rollout_s", "time/prepare_s", "time/update_s")
+  keys = ("step", "time/rollout_s", "time/batch_s", "time/update_s")
   return [{k: r.get(k) for k in keys} for r in rows if r["stage"] == "rl"]
 
 
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
       print(out["stdout"][-3000:] + out["stderr"][-5000:])
       return out["returncode"]
   for row in step_times(workdir):
-    print("  step {step}: rollout {time/rollout_s:.1f}s, prepare {time/prepare_s:.1f}s, update {time/update_s:.1f}s"
+    print("  step {step}: rollout {time/rollout_s:.1f}s, batch {time/batch_s:.1f}s, update {time/update_s:.1f}s"
           .format(**row))
   out = run_main(os.path.join(root, "eval"), eval_overrides(checkpoint, data, workdir, dtype=args.dtype),
                  config="configs/eval.py:7b")

@@ -174,25 +174,24 @@ def optimizer_state_shardings(optimizer, config, mesh: Mesh, rules=None):
   return jax.tree_util.tree_map(lambda x: p_shard if like_params(x) else replicated, abstract, is_leaf=like_params)
 
 
-def batch_shardings(batch, mesh: Mesh, replicated_keys=("pixel_values", "image_grid_thw")):
+def batch_shardings(batch, mesh: Mesh, replicated_keys=("pixel_values", "image_grid_thw"), row_axis: int = 0):
   """Per-field ``NamedSharding`` of a dict batch of row-major arrays.
 
-  Rows go over ``('data', 'fsdp')`` when the row count (of the first field not in
-  ``replicated_keys``) divides that product; otherwise, and for ``replicated_keys`` (the packed
-  images, whose leading axis is patches, not rows), the field is replicated. ``None`` fields are
-  left out.
+  Rows (axis ``row_axis``: 0, or 1 for micro-batches stacked on a leading axis) go over
+  ``('data', 'fsdp')`` when the row count (of the first field not in ``replicated_keys``) divides
+  that product; otherwise, and for ``replicated_keys`` (the packed images, whose axis there is
+  patches, not rows), the field is replicated. ``None`` fields are left out.
   """
-  rows = next(int(np.shape(v)[0]) for k, v in batch.items() if v is not None and k not in replicated_keys)
+  rows = next(int(np.shape(v)[row_axis]) for k, v in batch.items() if v is not None and k not in replicated_keys)
   split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
   out = {}
   for k, v in batch.items():
     if v is None:
       continue
-    ndim = np.ndim(v)
-    if k in replicated_keys or not split:
-      out[k] = NamedSharding(mesh, PartitionSpec(*([None] * ndim)))
-    else:
-      out[k] = data_sharding(mesh, ndim)
+    spec = [None] * np.ndim(v)
+    if k not in replicated_keys and split:
+      spec[row_axis] = ("data", "fsdp")
+    out[k] = NamedSharding(mesh, PartitionSpec(*spec))
   return out
 
 
@@ -324,26 +323,28 @@ def to_global(tree, mesh: Mesh):
   return jax.tree_util.tree_map(lambda x: None if x is None else jax.device_put(np.asarray(x), replicated), tree)
 
 
-def sharded_state_step(fn, mesh: Mesh, param_sharding, opt_sharding, jit_kwargs=None):
-  """``fn(params, opt_state, batch) -> (params, opt_state, metrics)`` jitted on ``mesh``.
+def sharded_state_step(fn, mesh: Mesh, param_sharding, opt_sharding, jit_kwargs=None, row_axis: int = 0):
+  """``fn(params, opt_state, batch[, frozen]) -> (params, opt_state, metrics)`` jitted on ``mesh``.
 
   Params and optimizer state keep ``param_sharding`` / ``opt_sharding`` in and out and are
-  donated; batch fields are laid out by ``batch_shardings``; metrics come back replicated. One
-  compiled program per batch layout, cached. The returned step carries ``param_shardings`` and
-  ``opt_state_shardings`` (to ``jax.device_put`` or initialise a state onto).
+  donated; batch fields are laid out by ``batch_shardings`` (rows on axis ``row_axis``); metrics come back replicated. An
+  optional fourth argument (a frozen copy of the params, e.g. a KL reference) is sharded like the
+  params and not donated. One compiled program per batch layout, cached. The returned step carries
+  ``param_shardings`` and ``opt_state_shardings`` (to ``jax.device_put`` or initialise a state onto).
   """
   replicated = NamedSharding(mesh, PartitionSpec())
   compiled = {}
 
-  def step(params, opt_state, batch):
+  def step(params, opt_state, batch, frozen=None):
     batch = {k: v for k, v in batch.items() if v is not None}
-    b_shard = batch_shardings(batch, mesh)
-    key = tuple(sorted((k, s.spec) for k, s in b_shard.items()))
+    b_shard = batch_shardings(batch, mesh, row_axis=row_axis)
+    extra = () if frozen is None else (frozen,)
+    key = (tuple(sorted((k, s.spec) for k, s in b_shard.items())), bool(extra))
     if key not in compiled:
-      compiled[key] = jax.jit(fn, in_shardings=(param_sharding, opt_sharding, b_shard),
+      compiled[key] = jax.jit(fn, in_shardings=(param_sharding, opt_sharding, b_shard) + (param_sharding,) * len(extra),
                               out_shardings=(param_sharding, opt_sharding, replicated), donate_argnums=(0, 1),
                               **dict(jit_kwargs or {}))
-    return compiled[key](params, opt_state, jax.device_put(batch, b_shard))  # a no-op for arrays laid out so
+    return compiled[key](params, opt_state, jax.device_put(batch, b_shard), *extra)  # a no-op for arrays laid out so
 
   step.param_shardings, step.opt_state_shardings = param_sharding, opt_sharding
   return step

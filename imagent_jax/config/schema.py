@@ -166,6 +166,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.entropy_coef = 0.0
   c.rl.num_minibatches = 1
   c.rl.ppo_epochs = 1
+  # Micro-batches per optimiser step (gradient accumulation: the same update, 1/k of the rows'
+  # activations alive at once). 2 keeps the default's RL step under ~0.5 GB of temporaries.
+  c.rl.grad_accum = 2
   # The trainer's settings (rl.trainer, stages/rl.py).
   # What each decoder layer keeps for the backward pass (models.layers.REMAT_POLICIES): "none",
   # "full" (recompute the layer), "dots" (keep matmul results), "dots_no_batch" (keep the
@@ -180,7 +183,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.minibatch_image_slots = 0
   c.rl.length_bucket = 256  # training pass over the used token span, rounded up to this (0: full static length)
   c.rl.image_bucket = 16  # training pass over the batch's images, slots rounded up to this (0: the static budgets)
-  c.rl.logprob_gap_every = 10  # steps between checks that rollout and training log-probs agree (1 forward; 0: never)
+  c.rl.logprob_gap_every = 10  # steps between logging the rollout/training log-prob gap (measured by every update; 0: never)
   c.rl.eval_every = 25
   c.rl.eval_examples = 16
   c.rl.test_examples = 64  # rl stage: greedy test-split accuracy and tool use of the base and of the result

@@ -214,6 +214,10 @@ def _budget_errors(config, geometry, names: list[str]) -> list[str]:
     errors.append(f"config.rl.num_minibatches={r.num_minibatches} must divide the {rows} rows of a step "
                   "(rl.batch_size x rollout.group_size)")
     return errors
+  minibatch_rows = rows // r.num_minibatches
+  if r.get("grad_accum", 1) < 1 or minibatch_rows % r.get("grad_accum", 1):
+    errors.append(f"config.rl.grad_accum={r.grad_accum} must divide the {minibatch_rows} rows of a minibatch "
+                  "(rl.batch_size x rollout.group_size / rl.num_minibatches)")
   row_prompt_patches = images * per_image * geometry.merge_unit
   for prefix, count in (("", rows), ("minibatch_", rows // r.num_minibatches)):
     slots, patches = r[f"{prefix}image_slots"], r[f"{prefix}patch_budget"]

@@ -157,7 +157,7 @@ def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Traject
       batch = combine(batch)
     batch = trim_padding_columns(batch, batch_cfg.length_bucket)  # the used span only: less attention
     batch = trim_image_budget(batch, batch_cfg.image_bucket, batch_cfg.image_patches)  # no empty vision slots
-    sampled = batch.pop("action_mask").astype(bool)
+    sampled = np.asarray(batch["action_mask"]).astype(bool)  # kept in the batch: where the update checks its log-probs
   return Prepared(rew, loss_mask, mask_metrics, advantages, batch, sampled)
 
 
@@ -381,3 +381,32 @@ def split_minibatches(batch: Batch, num_minibatches: int, *, image_token_id: int
     mb["image_grid_thw"] = np.concatenate([mb_grid, np.zeros((image_slots - len(mb_grid), 3), grid.dtype)])
     out.append(mb)
   return out
+
+
+def stack_micro_batches(pieces: Sequence[Batch], *, image_bucket: int = 0, slot_patches: int = 0) -> dict[str, np.ndarray]:
+  """Host-side: micro-batches of one minibatch (``split_minibatches``' pieces) stacked on a new
+  leading axis, the layout ``grpo.train_step`` takes with ``grad_accum > 1``.
+
+  Each piece's images are first cut to the slots it uses (``trim_image_budget`` with
+  ``image_bucket`` and ``slot_patches``; ``image_bucket=0`` keeps the pieces' budgets), then every
+  piece is padded with empty slots and zero patches to the largest piece's budgets, so they stack.
+
+  Args:
+    pieces: ``k`` dicts of the same fields: per-row ``[r, ...]`` arrays of equal shapes, and
+      optionally ``pixel_values [P_i, D]`` and ``image_grid_thw [N_i, 3]`` (used slots first).
+    image_bucket, slot_patches: as ``trim_image_budget``.
+
+  Returns:
+    dict of ``[k, ...]`` numpy arrays: ``pixel_values [k, P, D]`` and ``image_grid_thw [k, N, 3]``
+    with ``P``, ``N`` the largest piece's budgets after the cut.
+  """
+  pieces = [{key: np.asarray(v) for key, v in p.items() if v is not None} for p in pieces]
+  if "pixel_values" in pieces[0]:
+    if image_bucket > 0:
+      pieces = [trim_image_budget(p, image_bucket, slot_patches) for p in pieces]
+    slots = max(len(p["image_grid_thw"]) for p in pieces)
+    patches = max(len(p["pixel_values"]) for p in pieces)
+    pad = lambda x, n: np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)])
+    pieces = [{**p, "image_grid_thw": pad(p["image_grid_thw"], slots), "pixel_values": pad(p["pixel_values"], patches)}
+              for p in pieces]
+  return {key: np.stack([p[key] for p in pieces]) for key in pieces[0]}

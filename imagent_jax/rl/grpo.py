@@ -9,7 +9,10 @@ batch and its minibatches (``rl.batch``) — and meet here:
   entropies come from ``imagent_jax.rl.logprobs.token_logprobs``, the one training forward pass
   (vocabulary projection in chunks of positions).
 * ``train_step`` — one optimiser step on one minibatch. A non-finite loss or gradient norm leaves
-  params and optimiser state bit-identical and reports ``skipped = 1``.
+  params and optimiser state bit-identical and reports ``skipped = 1``. Given the frozen
+  reference's parameters it takes the KL term's reference log-probs in the same program (one
+  compiled program per batch shape, not two), and it reports how far its own log-probs are from
+  the rollout's (``logprob_gap_max``).
 * ``jit_train_step`` / ``sharded_train_step`` — ``train_step`` jitted, the latter with
   shardings from ``imagent_jax.parallel`` and params / optimiser state donated.
 * ``update`` — several minibatch steps (``num_minibatches`` x ``ppo_epochs``) per rollout batch,
@@ -37,8 +40,8 @@ from imagent_jax import parallel
 from imagent_jax.models.registry import family_of
 from imagent_jax.rl import logprobs as logprobs_lib
 from imagent_jax.rl.advantages import ADVANTAGES
-from imagent_jax.rl.batch import split_minibatches
-from imagent_jax.rl.losses import LOSS_AGGREGATIONS, policy_loss
+from imagent_jax.rl.batch import split_minibatches, stack_micro_batches
+from imagent_jax.rl.losses import LOSS_AGGREGATIONS, loss_normalizer, policy_loss
 from imagent_jax.rl.optim import lr_schedule, make_optimizer, optimizer_step
 
 Batch = Mapping[str, Any]
@@ -74,6 +77,11 @@ class GRPOConfig:
     logprob_chunk: positions per row projected onto the vocabulary at once when the update and
       the old-policy pass take log-probs and entropies (``rl.logprobs.token_logprobs``); 0: all
       positions at once. Smaller chunks hold smaller ``[R, chunk, V]`` float32 blocks.
+    grad_accum: micro-batches per minibatch (gradient accumulation). Each optimiser step adds up
+      the gradients of ``grad_accum`` slices of its minibatch's rows, one after the other in one
+      program, each normalised by the whole minibatch's count (``losses.loss_normalizer``): the
+      same update as one pass over the minibatch up to float summation order, with the
+      activations of ``1 / grad_accum`` of the rows alive at once. Must divide the minibatch's rows.
   """
   group_size: int
   advantage: str = "grpo"
@@ -96,6 +104,7 @@ class GRPOConfig:
   num_minibatches: int = 1
   ppo_epochs: int = 1
   logprob_chunk: int = logprobs_lib.DEFAULT_CHUNK_SIZE
+  grad_accum: int = 1
 
   def __post_init__(self):
     def fail(msg):
@@ -136,7 +145,7 @@ class GRPOConfig:
       fail(f"need 0 <= b1, b2 < 1 and adam_eps > 0, got b1={self.b1}, b2={self.b2}, adam_eps={self.adam_eps}")
     if not self.adv_eps >= 0.0:
       fail(f"adv_eps must be >= 0, got {self.adv_eps!r}")
-    for name in ("num_minibatches", "ppo_epochs"):
+    for name in ("num_minibatches", "ppo_epochs", "grad_accum"):
       if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
         fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
     if int(self.logprob_chunk) != self.logprob_chunk or self.logprob_chunk < 0:
@@ -146,21 +155,25 @@ class GRPOConfig:
 # --------------------------------------------------------------------------------- train step
 
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "advantages", "old_logp")
-OPTIONAL_KEYS = ("ref_logp", "pixel_values", "image_grid_thw")
+OPTIONAL_KEYS = ("ref_logp", "pixel_values", "image_grid_thw", "action_mask")
 
 
-def _check_batch(batch: Batch, cfg: GRPOConfig) -> None:
+def _check_batch(batch: Batch, cfg: GRPOConfig, with_ref_params: bool = False) -> None:
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
     raise ValueError(f"the GRPO batch lacks {missing}; it needs {list(BATCH_KEYS)} (+ {list(OPTIONAL_KEYS)})")
   unknown = sorted(set(batch) - set(BATCH_KEYS) - set(OPTIONAL_KEYS))
   if unknown:
     raise ValueError(f"unknown GRPO batch fields {unknown}")
-  if cfg.kl_coef > 0 and batch.get("ref_logp") is None:
-    raise ValueError(f"kl_coef={cfg.kl_coef} needs batch['ref_logp'] (the frozen reference's log-probs)")
+  has_ref_logp = batch.get("ref_logp") is not None
+  if has_ref_logp and with_ref_params:
+    raise ValueError("give the reference as batch['ref_logp'] or as ref_params, not both")
+  if cfg.kl_coef > 0 and not (has_ref_logp or with_ref_params):
+    raise ValueError(f"kl_coef={cfg.kl_coef} needs the frozen reference: batch['ref_logp'] (its log-probs) or "
+                     "ref_params (its parameters)")
 
 
-def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch):
+def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch, normalizer=None):
   """``(loss, metrics)`` of ``params`` on one minibatch; log-probs from ``token_logprobs``.
 
   Log-probs and the policy's entropies come from one chunked projection of the final hidden
@@ -173,18 +186,35 @@ def grpo_loss(model, cfg: GRPOConfig, params, batch: Batch):
     cfg: the GRPO config.
     params: parameters (differentiated).
     batch: see ``train_step`` (``tokens [R, T]`` ...).
+    normalizer: ``(count, tokens)`` of the whole minibatch when ``batch`` is a micro-batch of it
+      (``losses.loss_normalizer``; see ``policy_loss``), else None.
 
   Returns:
-    ``(loss [], metrics)``: ``losses.policy_loss``'s.
+    ``(loss [], metrics)``: ``losses.policy_loss``'s, plus ``logprob_gap_max``: the largest
+    ``|logp - old_logp|`` over the sampled tokens (``batch['action_mask']``; the loss tokens when
+    it is absent), 0 when there are none. Before any update it checks that the training pass sees
+    what the rollout sampled from (the same tokens, positions, images and distribution).
   """
   logp, entropy = logprobs_lib.token_logprobs(model, params, batch["tokens"], batch["attention_mask"],
                                               batch.get("pixel_values"), batch.get("image_grid_thw"),
                                               temperature=cfg.temperature, with_entropy=True, chunk_size=cfg.logprob_chunk)
-  return policy_loss(logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg,
-                     ref_logp=batch.get("ref_logp"), entropy=entropy)
+  loss, metrics = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], cfg,
+                              ref_logp=batch.get("ref_logp"), entropy=entropy, normalizer=normalizer)
+  checked = jnp.asarray(batch.get("action_mask", batch["loss_mask"])) > 0
+  gap = jnp.where(checked, jnp.abs(jax.lax.stop_gradient(logp) - batch["old_logp"]), 0.0)
+  return loss, dict(metrics, logprob_gap_max=jnp.max(gap, initial=0.0))
 
 
-def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch):
+def reference_logprobs(model, cfg: GRPOConfig, ref_params, batch: Batch):
+  """``[R, T]`` log-probs of the batch's tokens under the frozen reference (the KL term's
+  ``ref_logp``): ``token_logprobs`` with ``ref_params``, no gradient. Not jitted (``train_step``
+  calls it in its own program)."""
+  return jax.lax.stop_gradient(logprobs_lib.token_logprobs(
+      model, ref_params, batch["tokens"], batch["attention_mask"], batch.get("pixel_values"),
+      batch.get("image_grid_thw"), temperature=cfg.temperature, chunk_size=cfg.logprob_chunk))
+
+
+def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch, ref_params=None):
   """One optimiser step on one minibatch; jit with ``static_argnums=(0, 1)`` (see ``jit_train_step``).
 
   A non-finite loss or gradient norm skips the update: the new params and optimiser state are
@@ -196,18 +226,31 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch):
     cfg: the GRPO config (static).
     params: parameters.
     opt_state: ``optim.make_optimizer(cfg).init(params)``.
-    batch: dict with ``tokens [R, T]`` int, ``attention_mask [R, T]``, ``loss_mask [R, T]`` float
+    batch: (with ``cfg.grad_accum = k > 1``: every field below stacked ``[k, ...]``, one slice per
+      micro-batch of ``R`` rows, see ``batch.stack_micro_batches``)
+      dict with ``tokens [R, T]`` int, ``attention_mask [R, T]``, ``loss_mask [R, T]`` float
       (``masks.loss_mask``), ``advantages [R]``, ``old_logp [R, T]`` (the rollout's sampling
       log-probs), optionally ``ref_logp [R, T]``, and the minibatch's images ``pixel_values [P, D]``
-      and ``image_grid_thw [N, 3]`` (absent or None for a text-only batch).
+      and ``image_grid_thw [N, 3]`` (absent or None for a text-only batch), and optionally
+      ``action_mask [R, T]`` (the sampled tokens, where ``logprob_gap_max`` is measured).
+    ref_params: the frozen reference's parameters, or None. Given (instead of
+      ``batch['ref_logp']``), this program takes the reference log-probs itself
+      (``reference_logprobs``): one forward pass more per step, and no separate program per
+      batch shape to compile and keep.
 
   Returns:
-    ``(params, opt_state, metrics)``; metrics are ``losses.policy_loss``'s (``entropy`` included)
-    plus ``grad_norm`` (before clipping), ``learning_rate`` (used by this step), ``skipped`` (1.0 when skipped, else 0.0).
+    ``(params, opt_state, metrics)``; metrics are ``grpo_loss``'s (``entropy`` and
+    ``logprob_gap_max`` included) plus ``grad_norm`` (before clipping), ``learning_rate`` (used by
+    this step), ``skipped`` (1.0 when skipped, else 0.0).
   """
-  _check_batch(batch, cfg)
+  _check_batch(batch, cfg, with_ref_params=ref_params is not None)
   tx = make_optimizer(cfg)
-  (loss, metrics), grads = jax.value_and_grad(lambda p: grpo_loss(model, cfg, p, batch), has_aux=True)(params)
+  if cfg.grad_accum == 1:
+    if ref_params is not None:
+      batch = dict(batch, ref_logp=reference_logprobs(model, cfg, ref_params, batch))
+    (loss, metrics), grads = jax.value_and_grad(lambda p: grpo_loss(model, cfg, p, batch), has_aux=True)(params)
+  else:
+    loss, metrics, grads = _accumulated_grads(model, cfg, params, batch, ref_params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -219,8 +262,29 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch):
           jax.tree_util.tree_map(keep_new, new_opt_state, opt_state), metrics)
 
 
+_MAX_METRICS = ("ratio_max", "logprob_gap_max")  # combined over micro-batches by max; the rest are shares, summed
+
+
+def _accumulated_grads(model, cfg: GRPOConfig, params, batch: Batch, ref_params):
+  """``(loss, metrics, grads)`` of a minibatch given as ``cfg.grad_accum`` micro-batches stacked
+  on a leading axis (``batch.stack_micro_batches``): a ``lax.scan`` over them, each part's loss
+  normalised by the whole minibatch's count, gradients and metric shares summed."""
+  normalizer = loss_normalizer(cfg.loss_agg, batch["loss_mask"])
+
+  def part(grads, micro):
+    if ref_params is not None:
+      micro = dict(micro, ref_logp=reference_logprobs(model, cfg, ref_params, micro))
+    (loss, metrics), g = jax.value_and_grad(lambda p: grpo_loss(model, cfg, p, micro, normalizer),
+                                            has_aux=True)(params)
+    return jax.tree_util.tree_map(jnp.add, grads, g), (loss, metrics)
+
+  grads, (losses, metrics) = jax.lax.scan(part, jax.tree_util.tree_map(jnp.zeros_like, params), dict(batch))
+  metrics = {k: jnp.max(v) if k in _MAX_METRICS else jnp.sum(v) for k, v in metrics.items()}
+  return jnp.sum(losses), metrics, grads
+
+
 def jit_train_step(model, cfg: GRPOConfig, donate: bool = False, jit_kwargs: Mapping[str, Any] | None = None):
-  """``train_step`` jitted for one model and config: ``step(params, opt_state, batch)``.
+  """``train_step`` jitted for one model and config: ``step(params, opt_state, batch, ref_params=None)``.
 
   Args:
     model: the model (the family's module).
@@ -241,10 +305,11 @@ def opt_state_shardings(cfg: GRPOConfig, model_config, mesh: Mesh, rules=None):
 
 
 def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None, jit_kwargs: Mapping[str, Any] | None = None):
-  """``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted with shardings.
+  """``step(params, opt_state, batch, ref_params=None) -> (params, opt_state, metrics)``, jitted with shardings.
 
-  Params and optimiser state are sharded by ``parallel.param_shardings`` (in and out) and donated;
-  batch rows go over ``('data', 'fsdp')`` when the row count divides that product (replicated
+  Params and optimiser state are sharded by ``parallel.param_shardings`` (in and out) and donated
+  (``ref_params``, when given, sharded like params and not donated);
+  batch rows (axis 1 of stacked micro-batches with ``grad_accum > 1``) go over ``('data', 'fsdp')`` when the row count divides that product (replicated
   otherwise), images are replicated, metrics come back replicated. One compiled program per
   batch layout (set of fields and row count), cached. Calls with equal ``model``, ``cfg``,
   ``mesh`` and ``rules`` (and no ``jit_kwargs``) return the same step
@@ -271,19 +336,21 @@ def sharded_train_step(model, cfg: GRPOConfig, mesh: Mesh, rules=None, jit_kwarg
 def _train_step_for(model, cfg: GRPOConfig, mesh: Mesh, rules, jit_kwargs):
   return parallel.sharded_state_step(functools.partial(train_step, model, cfg), mesh,
                                      parallel.param_shardings(model.config, mesh, rules),
-                                     opt_state_shardings(cfg, model.config, mesh, rules), jit_kwargs)
+                                     opt_state_shardings(cfg, model.config, mesh, rules), jit_kwargs,
+                                     row_axis=0 if cfg.grad_accum == 1 else 1)
 
 
 # ------------------------------------------------------------------------------------- update
 
 
 def update(model, cfg: GRPOConfig, params, opt_state, batch: Batch, rng, *, step_fn: Callable | None = None,
-           patch_budget: int | None = None, image_slots: int | None = None):
+           patch_budget: int | None = None, image_slots: int | None = None, ref_params=None,
+           image_bucket: int = 0, slot_patches: int = 0):
   """All optimiser steps for one rollout batch: ``ppo_epochs`` passes of ``num_minibatches`` steps.
 
   Host loop. Each epoch shuffles the rows (a permutation drawn from ``fold_in(rng, epoch)``),
-  ``split_minibatches`` builds each minibatch with its own images, and ``step_fn`` runs one
-  ``train_step`` on it. Every step is taken against the rollout's stored sampling log-probs
+  ``split_minibatches`` builds each minibatch with its own images (with ``grad_accum = k > 1``, its
+  k micro-batches, stacked by ``stack_micro_batches``), and ``step_fn`` runs one ``train_step`` on it. Every step is taken against the rollout's stored sampling log-probs
   (``old_logp``), so from the second step on the PPO ratio and clipping are active.
 
   Args:
@@ -294,14 +361,20 @@ def update(model, cfg: GRPOConfig, params, opt_state, batch: Batch, rng, *, step
     batch: the ``train_step`` fields for the whole rollout batch, images row by row with
       ``images_per_row [R]`` (``batch.prepare_batch``'s batch).
     rng: PRNG key for the shuffles.
-    step_fn: ``(params, opt_state, minibatch) -> (params, opt_state, metrics)``; default
+    step_fn: ``(params, opt_state, minibatch[, ref_params]) -> (params, opt_state, metrics)``; default
       ``jit_train_step(model, cfg)`` (build it once and pass it to avoid re-tracing per call, or
       pass ``sharded_train_step(...)``).
-    patch_budget, image_slots: static image budgets of a minibatch (see ``batch.split_minibatches``).
+    patch_budget, image_slots: static image budgets of a minibatch (see ``batch.split_minibatches``);
+      with ``grad_accum > 1``, of each micro-batch before ``stack_micro_batches`` cuts them.
+    ref_params: the frozen reference's parameters, passed to every step (see ``train_step``), or
+      None (then a KL term needs ``batch['ref_logp']``).
+    image_bucket, slot_patches: with ``grad_accum > 1``, each micro-batch's image slots are cut to
+      the used ones rounded up to ``image_bucket`` (``batch.stack_micro_batches``); 0: not cut.
 
   Returns:
     ``(params, opt_state, metrics)``: metrics averaged over the steps (numpy scalars), except
-    ``skipped``, the number of skipped steps, plus ``steps`` (steps taken).
+    ``skipped``, the number of skipped steps, and ``logprob_gap_max``, the first step's (the only
+    one taken before any update, on the first minibatch's rows), plus ``steps`` (steps taken).
   """
   step_fn = step_fn or jit_train_step(model, cfg)
   rows = int(np.shape(batch["tokens"])[0])
@@ -309,14 +382,21 @@ def update(model, cfg: GRPOConfig, params, opt_state, batch: Batch, rng, *, step
   history = []
   for epoch in range(cfg.ppo_epochs):
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), rows))
-    minibatches = split_minibatches(batch, cfg.num_minibatches, image_token_id=family.image_token_id(model.config),
+    k = cfg.grad_accum
+    minibatches = split_minibatches(batch, cfg.num_minibatches * k, image_token_id=family.image_token_id(model.config),
                                     merge_unit=family.geometry(model.config).merge_unit, perm=perm,
                                     patch_budget=patch_budget, image_slots=image_slots)
+    if k > 1:  # each minibatch as its k micro-batches, stacked
+      minibatches = [stack_micro_batches(minibatches[i:i + k], image_bucket=image_bucket, slot_patches=slot_patches)
+                     for i in range(0, len(minibatches), k)]
     for mb in minibatches:
-      params, opt_state, metrics = step_fn(params, opt_state, mb)
+      extra = () if ref_params is None else (ref_params,)
+      params, opt_state, metrics = step_fn(params, opt_state, mb, *extra)
       history.append(metrics)
   history = jax.device_get(history)
   out = {k: np.mean([m[k] for m in history]) for k in history[0]}
   out["skipped"] = np.sum([m["skipped"] for m in history])
+  if "logprob_gap_max" in history[0]:
+    out["logprob_gap_max"] = np.asarray(history[0]["logprob_gap_max"])
   out["steps"] = np.float32(len(history))
   return params, opt_state, out

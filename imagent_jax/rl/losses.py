@@ -15,14 +15,20 @@ import jax.numpy as jnp
 
 from imagent_jax.registry import Registry
 
-LossAggregation = Callable[[jax.Array, jax.Array], jax.Array]  # (per_token [R, T], mask [R, T] float) -> []
+# (per_token [R, T], mask [R, T] float) -> (total [], count []): the loss is total / max(count, 1).
+LossAggregation = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 LOSS_AGGREGATIONS: Registry[LossAggregation] = Registry("loss aggregation")
+
+# An aggregation is a ratio whose count depends on the mask only: a minibatch cut into micro-batches
+# (gradient accumulation) sums each part's total over the whole minibatch's count, and both
+# registered aggregations are row-separable, so the count of the whole is the count of its rows
+# stacked (``loss_normalizer``).
 
 
 @LOSS_AGGREGATIONS.register("token_mean")
 def _token_mean(per_token, mask):
   """Mean over every loss token of the minibatch: each token weighs the same (DAPO)."""
-  return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(per_token * mask), jnp.sum(mask)
 
 
 @LOSS_AGGREGATIONS.register("seq_mean")
@@ -35,10 +41,27 @@ def _seq_mean(per_token, mask):
   row_tokens = jnp.sum(mask, axis=1)
   row_mean = jnp.sum(per_token * mask, axis=1) / jnp.maximum(row_tokens, 1.0)
   rows = (row_tokens > 0).astype(per_token.dtype)
-  return jnp.sum(row_mean * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+  return jnp.sum(row_mean * rows), jnp.sum(rows)
 
 
-def policy_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, entropy=None):
+def aggregate(name: str, per_token, mask, count=None):
+  """``LOSS_AGGREGATIONS[name]``'s mean of ``per_token [R, T]`` over ``mask [R, T]``: its total over
+  ``max(count, 1)``; ``count`` defaults to the aggregation's own (pass a whole minibatch's,
+  ``loss_normalizer``, when ``per_token`` is one part of it)."""
+  total, own = LOSS_AGGREGATIONS[name](per_token, mask)
+  return total / jnp.maximum(own if count is None else count, 1.0)
+
+
+def loss_normalizer(name: str, mask) -> tuple[jax.Array, jax.Array]:
+  """``(count, tokens)`` of a whole minibatch: the aggregation's count and the number of loss
+  tokens, for ``policy_loss(normalizer=...)``. ``mask`` is ``[R, T]`` or micro-batches stacked
+  ``[k, R, T]`` (counted as their ``k * R`` rows)."""
+  mask = jnp.asarray(mask, jnp.float32)
+  mask = mask.reshape(-1, mask.shape[-1])
+  return LOSS_AGGREGATIONS[name](jnp.zeros_like(mask), mask)[1], jnp.sum(mask > 0).astype(jnp.float32)
+
+
+def policy_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, entropy=None, normalizer=None):
   """PPO-clip (clip-higher) GRPO loss with optional k3 KL and entropy terms.
 
   Per loss token, with ``ratio = exp(logp - old_logp)`` and ``A`` its row's advantage::
@@ -63,6 +86,10 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, entropy=No
       to be meaningful — with a positive ``kl_coef`` it is an error).
     entropy: ``[R, T]`` entropies of the sampling distributions, or None. Given, it is reported
       (``entropy``) whatever ``entropy_coef``; it enters the loss only when ``entropy_coef != 0``.
+    normalizer: ``(count, tokens)`` of the whole minibatch this is a part of
+      (``loss_normalizer``), or None (this is the whole minibatch). Given, the loss and every
+      metric but ``ratio_max`` are this part's share: summed over the parts, they are the whole
+      minibatch's (gradient accumulation).
 
   Returns:
     ``(loss, metrics)``: the scalar loss and, as float32 scalars, ``loss``, ``pg_loss`` (the
@@ -97,9 +124,10 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, entropy=No
     if cfg.entropy_coef != 0:
       per_token = per_token - cfg.entropy_coef * ent
 
-  agg = LOSS_AGGREGATIONS[cfg.loss_agg]
+  count, tokens = (None, jnp.sum(valid).astype(jnp.float32)) if normalizer is None else normalizer
+  agg = lambda x, m: aggregate(cfg.loss_agg, x, m, count)
   loss = agg(per_token, mask)
-  n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+  n = jnp.maximum(tokens, 1.0)
   tok_mean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n
   sg = jax.lax.stop_gradient
   high = valid & (adv > 0) & (ratio > 1.0 + cfg.clip_eps_high)

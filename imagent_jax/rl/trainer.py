@@ -35,7 +35,7 @@ from imagent_jax.evaluation import evaluator
 from imagent_jax.evaluation.metrics import trajectory_stats
 from imagent_jax.reporting import MetricsWriter
 from imagent_jax.rl import batch as batch_lib
-from imagent_jax.rl import grpo, logprobs, masks, optim, rewards
+from imagent_jax.rl import grpo, masks, optim, rewards
 from imagent_jax.stages import build
 
 log = logging.getLogger("imagent_jax")
@@ -52,8 +52,9 @@ class LoopConfig:
     eval_batch_size: questions per evaluation rollout.
     eval_every: steps between greedy evaluations (0: never, no base evaluation either).
     checkpoint_every: steps between checkpoints (0: only at the end and on SIGTERM).
-    logprob_gap_every: steps between checks that the training forward pass gives the rollout's
-      sampling log-probs (0: never).
+    logprob_gap_every: steps between logging ``logprob_gap_max``, the check that the training
+      forward pass gives the rollout's sampling log-probs (measured by every update's first
+      minibatch step at no extra cost; 0: never logged).
     minibatch_patch_budget, minibatch_image_slots: static image budgets of a minibatch (None:
       the batch's; see ``batch.split_minibatches``).
     progress_bar: show a tqdm bar.
@@ -168,7 +169,7 @@ class Trainer:
 
   def train_step(self) -> dict[str, float]:
     """One RL step; returns its metrics."""
-    loop, temperature = self.loop, self.rollout.cfg.temperature
+    loop = self.loop
     times = {}
     compiling = compile_clock.seconds()
     t_step = t0 = time.perf_counter()
@@ -192,26 +193,22 @@ class Trainer:
     prep = batch_lib.prepare_batch(out, trajs, examples, reward_cfg=self.reward_cfg, mask_cfg=self.mask_cfg,
                                    grpo_cfg=self.grpo_cfg, batch_cfg=self.batch_cfg, combine=combine)
     times["batch_s"] = time.perf_counter() - t0  # rewards, masks, advantages, training images: host only
-    rew, batch, act = prep.rewards, prep.batch, prep.sampled
-    forward = parallel.to_global((batch["tokens"], batch["attention_mask"], batch["pixel_values"],
-                                  batch["image_grid_thw"]), self.mesh)
-    metrics: dict[str, float] = {}
-    if loop.logprob_gap_every and self.step % loop.logprob_gap_every == 0:  # steps 1, 1 + every, ...
-      fwd = parallel.to_host(logprobs.sequence_logprobs(self.model, self.params, *forward, temperature=temperature,
-                                                        chunk_size=self.grpo_cfg.logprob_chunk))
-      metrics["logprob_gap_max"] = float(np.abs(fwd[act] - batch["old_logp"][act]).max()) if act.any() else 0.0
-    if self.ref_params is not None:
-      batch["ref_logp"] = parallel.to_host(logprobs.sequence_logprobs(self.model, self.ref_params, *forward,
-                                                                      temperature=temperature,
-                                                                      chunk_size=self.grpo_cfg.logprob_chunk))
-    times["prepare_s"] = time.perf_counter() - t0
+    rew, batch = prep.rewards, prep.batch
 
+    # The KL reference's log-probs and the log-prob check are taken inside the update's own
+    # program (grpo.train_step with ref_params): no second program per batch shape.
     t0 = time.perf_counter()
     self.params, self.opt_state, upd = grpo.update(self.model, self.grpo_cfg, self.params, self.opt_state, batch,
                                                    jax.random.fold_in(step_rng, 1), step_fn=self.step_fn,
                                                    patch_budget=loop.minibatch_patch_budget,
-                                                   image_slots=loop.minibatch_image_slots)
+                                                   image_slots=loop.minibatch_image_slots, ref_params=self.ref_params,
+                                                   image_bucket=self.batch_cfg.image_bucket,
+                                                   slot_patches=self.batch_cfg.image_patches)
     times["update_s"] = time.perf_counter() - t0
+    metrics: dict[str, float] = {}
+    gap = upd.pop("logprob_gap_max")
+    if loop.logprob_gap_every and self.step % loop.logprob_gap_every == 0:  # steps 1, 1 + every, ...
+      metrics["logprob_gap_max"] = float(gap)
     self.step += 1
 
     sampled = int(out["action_mask"].sum())

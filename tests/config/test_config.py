@@ -274,3 +274,13 @@ def test_multihost_runs_are_checked():
   with c.unlocked():
     c.rl.batch_size = 2
   schema.validate(c, num_processes=2)
+
+
+def test_validate_checks_that_grad_accum_divides_a_minibatch():
+  config = schema.get_config()
+  assert config.rl.grad_accum == 2
+  validate.validate(config)  # the default is valid
+  config.rl.grad_accum = 3
+  with pytest.raises(ValueError, match=r"config.rl.grad_accum=3 must divide the 16 rows of a minibatch"):
+    validate.validate(config)
+  assert build.grpo_config(schema.get_config()).grad_accum == 2  # reaches the GRPO config

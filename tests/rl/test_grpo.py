@@ -289,3 +289,83 @@ def test_the_loss_reports_the_policy_entropy_and_chunking_changes_nothing(env):
     np.testing.assert_allclose(float(m7[k]), float(m[k]), rtol=1e-5, atol=1e-6, err_msg=k)
   assert float(optax.tree.norm(grads)) > 0
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grads7, grads)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+def test_gradient_accumulation_gives_the_one_pass_update(env, loss_agg):
+  # One optimiser step over the whole batch, taken once in one pass and once as 2 and as 4
+  # micro-batches (each with its own images, cut to the slots it uses), with a KL reference given
+  # as parameters: the same loss, metrics and new params up to float summation order. The rows of
+  # the batch differ in loss tokens (a masked trajectory, a dropped group), so a plain mean of the
+  # micro-batches' losses would not be the whole batch's.
+  config, model, b = env["config"], env["model"], env["batch"]
+  ref = jax.tree_util.tree_map(lambda x: x * 0.9, env["params"])
+  base = dataclasses.replace(env["cfg"], num_minibatches=1, ppo_epochs=1, loss_agg=loss_agg, kl_coef=0.1)
+  results = {}
+  for k in (1, 2, 4):
+    cfg = dataclasses.replace(base, grad_accum=k)
+    opt = optim.make_optimizer(cfg).init(env["params"])
+    step = grpo.jit_train_step(model, cfg, jit_kwargs=FAST_COMPILE)
+    results[k] = grpo.update(model, cfg, env["params"], opt, dict(b, action_mask=b["loss_mask"] > 0),
+                             jax.random.key(3), step_fn=step, ref_params=ref, image_bucket=1,
+                             slot_patches=int(np.prod(IMAGES["B"])))
+  params1, _, m1 = results[1]
+  for k in (2, 4):
+    params_k, _, mk = results[k]
+    for key in ("loss", "pg_loss", "kl", "entropy", "approx_kl", "clip_fraction", "tokens", "grad_norm"):
+      np.testing.assert_allclose(float(mk[key]), float(m1[key]), rtol=2e-5, atol=1e-7, err_msg=f"{key}, k={k}")
+    np.testing.assert_allclose(float(mk["logprob_gap_max"]), float(m1["logprob_gap_max"]), atol=1e-5)
+    jax.tree_util.tree_map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-6, rtol=0),
+                           params_k, params1)
+  assert float(m1["kl"]) > 0 and float(m1["tokens"]) > 0
+  assert not _equal_trees(params1, env["params"])
+
+
+def test_stacked_micro_batches_and_their_sharded_step(env):
+  # stack_micro_batches cuts each piece's image slots to its own (rounded to the bucket) and pads
+  # to the largest; the sharded step puts the rows of the stacked layout (axis 1) over the devices
+  # and gives the unsharded step's result.
+  cfg = dataclasses.replace(env["cfg"], num_minibatches=1, ppo_epochs=1, grad_accum=2)
+  pieces = batch_lib.split_minibatches(env["batch"], 2, image_token_id=env["config"].image_token_id,
+                                       merge_unit=env["config"].vision.merge_unit)
+  slot = int(np.prod(IMAGES["B"]))
+  stacked = batch_lib.stack_micro_batches(pieces, image_bucket=2, slot_patches=slot)
+  # rows 0-3 own A, A, B+C, B+C (6 images), rows 4-7 own D, D (2): 6 slots, padded to the larger
+  assert stacked["tokens"].shape == (2, 4, SEQ)
+  assert stacked["image_grid_thw"].shape == (2, 6, 3) and stacked["pixel_values"].shape[:2] == (2, 6 * slot)
+  np.testing.assert_array_equal(stacked["image_grid_thw"][1], [IMAGES["D"]] * 2 + [(0, 0, 0)] * 4)
+  np.testing.assert_array_equal(stacked["pixel_values"][0][:len(pieces[0]["pixel_values"])][:10],
+                                pieces[0]["pixel_values"][:10])
+  shardings = parallel.batch_shardings(stacked, parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), row_axis=1)
+  assert shardings["tokens"].spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None)
+  assert shardings["pixel_values"].spec == jax.sharding.PartitionSpec(None, None, None)
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  step = grpo.sharded_train_step(env["model"], cfg, mesh, jit_kwargs=FAST_COMPILE)
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+  s_params, _, sm = step(jax.device_put(copy(env["params"]), step.param_shardings),
+                         jax.device_put(copy(env["opt_state"]), step.opt_state_shardings), stacked)
+  params, _, m = grpo.jit_train_step(env["model"], cfg, jit_kwargs=FAST_COMPILE)(env["params"], env["opt_state"], stacked)
+  np.testing.assert_allclose(float(sm["loss"]), float(m["loss"]), rtol=1e-5, atol=1e-7)
+  jax.tree_util.tree_map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=0),
+                         s_params, params)
+
+
+def test_the_reference_given_as_params_is_taken_in_the_step(env):
+  # ref_params: the step takes the KL reference's log-probs itself, equal to a separate
+  # reference pass given as batch['ref_logp']; giving both, or neither with a KL term, is an error.
+  cfg = dataclasses.replace(env["cfg"], kl_coef=0.1)
+  model, b = env["model"], env["split"](env["batch"])[0]
+  ref = jax.tree_util.tree_map(lambda x: x * 0.9, env["params"])
+  step = grpo.jit_train_step(model, cfg, jit_kwargs=FAST_COMPILE)
+  ref_logp = np.asarray(logprobs.sequence_logprobs(model, ref, b["tokens"], b["attention_mask"], b["pixel_values"],
+                                                   b["image_grid_thw"]))
+  p1, _, m1 = step(env["params"], env["opt_state"], dict(b, ref_logp=ref_logp))
+  p2, _, m2 = step(env["params"], env["opt_state"], b, ref)
+  assert float(m2["kl"]) > 1e-4
+  np.testing.assert_allclose(float(m2["kl"]), float(m1["kl"]), rtol=1e-5)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0), p1, p2)
+  assert float(m2["logprob_gap_max"]) < 1e-4  # on-policy: the step sees what the "rollout" sampled from
+  with pytest.raises(ValueError, match="not both"):
+    step(env["params"], env["opt_state"], dict(b, ref_logp=ref_logp), ref)
+  with pytest.raises(ValueError, match="needs the frozen reference"):
+    step(env["params"], env["opt_state"], b)

@@ -101,8 +101,18 @@ def test_aggregations_are_registered_by_name():
   assert losses.LOSS_AGGREGATIONS.names() == ("token_mean", "seq_mean")
   per_token = jnp.array([[1.0, 2.0, 4.0], [8.0, 0.0, 0.0]])
   mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-  assert float(losses.LOSS_AGGREGATIONS["token_mean"](per_token, mask)) == pytest.approx(11 / 3)
-  assert float(losses.LOSS_AGGREGATIONS["seq_mean"](per_token, mask)) == pytest.approx((1.5 + 8) / 2)
+  # Each is a (total, count) ratio, so micro-batches of rows add up to the whole (loss_normalizer).
+  assert [float(x) for x in losses.LOSS_AGGREGATIONS["token_mean"](per_token, mask)] == [11.0, 3.0]
+  assert [float(x) for x in losses.LOSS_AGGREGATIONS["seq_mean"](per_token, mask)] == [9.5, 2.0]
+  assert float(losses.aggregate("token_mean", per_token, mask)) == pytest.approx(11 / 3)
+  assert float(losses.aggregate("seq_mean", per_token, mask)) == pytest.approx((1.5 + 8) / 2)
+  # A part of a batch, normalised by the whole: its share; the shares of the rows sum to the mean.
+  stacked = mask.reshape(2, 1, 3)
+  assert [float(x) for x in losses.loss_normalizer("seq_mean", stacked)] == [2.0, 3.0]
+  count, _ = losses.loss_normalizer("token_mean", stacked)
+  shares = [float(losses.aggregate("token_mean", per_token[i:i + 1], mask[i:i + 1], count)) for i in range(2)]
+  assert shares == pytest.approx([3 / 3, 8 / 3]) and sum(shares) == pytest.approx(11 / 3)
+  assert float(losses.aggregate("seq_mean", per_token, jnp.zeros_like(mask))) == 0.0  # nothing to train on
   with pytest.raises(ValueError, match="already registered"):
     losses.LOSS_AGGREGATIONS.register("token_mean")(lambda p, m: p.sum())
 
