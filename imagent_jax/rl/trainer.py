@@ -206,8 +206,8 @@ class Trainer:
                                                    slot_patches=self.batch_cfg.image_patches)
     times["update_s"] = time.perf_counter() - t0
     metrics: dict[str, float] = {}
-    gap = upd.pop("logprob_gap_max")
-    if loop.logprob_gap_every and self.step % loop.logprob_gap_every == 0:  # steps 1, 1 + every, ...
+    gap = upd.pop("logprob_gap_max", None)  # the update's first step, before it changed anything
+    if gap is not None and loop.logprob_gap_every and self.step % loop.logprob_gap_every == 0:  # steps 1, 1 + every, ...
       metrics["logprob_gap_max"] = float(gap)
     self.step += 1
 

@@ -198,7 +198,8 @@ def test_prepare_batch_by_hand():
 
   b = prep.batch
   assert set(b) == {"tokens", "attention_mask", "loss_mask", "advantages", "old_logp", "pixel_values",
-                    "image_grid_thw", "images_per_row"}
+                    "image_grid_thw", "images_per_row", "action_mask"}  # action_mask: where the update checks log-probs
+  np.testing.assert_array_equal(b["action_mask"], prep.sampled)
   np.testing.assert_array_equal(b["images_per_row"], [3, 2, 1, 1])  # row 0: two inputs and its zoom
   used = np.flatnonzero(out["attention_mask"].any(0))
   width = -(-(used[-1] - used[0] + 1) // 8) * 8
