@@ -25,9 +25,13 @@ Model FLOPs per step (fwd + bwd = 3 × fwd; a multiply-add is 2 FLOPs):
             real patches; N_merger: the merger's two matmuls, applied per merged token; K_p: the
             patches patch ``p`` attends to (its window in window blocks, its frame in full
             blocks), counted exactly from the grids.
-  Biases, norms, rotary, softmax, the loss and the optimiser update are not counted. The vision
-  tower runs its windowed attention as a dense masked P×P product; the extra work that costs is
-  not model FLOPs and is not counted either (printed as ``vision_dense_attention_overhead``).
+  Biases, norms, rotary, softmax, the loss and the optimiser update are not counted. The model is
+  built as the stages build it (``stages.build.build_model`` with the default config: the
+  decoder's ``blocked`` attention, which skips the blocks above the causal diagonal, and one
+  vision slot per image, whose window blocks attend in bands of three windows); the attention
+  work done beyond the model FLOPs is printed as ``vision_attention_overhead``, not counted. With
+  ``--plain`` it is the bare module instead (dense decoder attention, and every vision block one
+  dense masked P×P product over all the batch's patches): what this script measured before.
 
 Usage::
 
@@ -54,6 +58,8 @@ from imagent_jax.models import get_preset
 from imagent_jax.models import qwen2_5_vl as qvl
 from imagent_jax.rl import advantages, grpo, optim
 from imagent_jax.rl import logprobs
+from imagent_jax.config import schema
+from imagent_jax.stages import build
 
 GROUP = 4
 # --quick compiles with LLVM's cheap pipeline: the smoke run is about compile time, not speed.
@@ -114,8 +120,11 @@ def _window_sizes(grid, cfg) -> list[int]:
   return sizes * t
 
 
-def model_flops(config, params, rows: int, seq: int, grids) -> dict[str, float]:
-  """Model FLOPs of one training step (fwd + bwd), by part; formula in the module docstring."""
+def model_flops(config, params, rows: int, seq: int, grids, frame_patches: int = 0) -> dict[str, float]:
+  """Model FLOPs of one training step (fwd + bwd), by part; formula in the module docstring.
+  ``frame_patches``: the module's ``max_frame_patches`` (one vision slot of that many patches per
+  image, windows in bands), or 0 (one dense attention over all patches); it sets only the
+  ``vision_attention_overhead`` figure, the attention work done beyond the model FLOPs."""
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.size(x)
           for path, x in jax.tree_util.tree_leaves_with_path(params)}
   dec = sum(n for k, n in flat.items() if k.endswith("kernel") and (k.startswith("layers_") or k.startswith("lm_head")))
@@ -136,8 +145,14 @@ def model_flops(config, params, rows: int, seq: int, grids) -> dict[str, float]:
   out["vision_dense"] = 6.0 * vis_blocks * patches + 6.0 * vis_merger * patches / v.merge_unit
   out["vision_attention"] = 12.0 * v.hidden_size * ((v.depth - n_full) * window + n_full * frame)
   out["total"] = sum(out.values())
-  executed = 12.0 * v.hidden_size * v.depth * patches * patches  # dense masked P x P in every block
-  out["vision_dense_attention_overhead"] = executed - out["vision_attention"]
+  if frame_patches:  # per image slot: window blocks in bands of 3 windows, full blocks over the slot
+    window_patches = (v.window_units * v.spatial_merge_size) ** 2
+    images = rows * len(grids)
+    executed = 12.0 * v.hidden_size * images * frame_patches * (
+        (v.depth - n_full) * 3 * window_patches + n_full * frame_patches)
+  else:
+    executed = 12.0 * v.hidden_size * v.depth * patches * patches  # dense masked P x P in every block
+  out["vision_attention_overhead"] = executed - out["vision_attention"]
   return out
 
 
@@ -166,6 +181,9 @@ def main():
   parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 512; quick 96)")
   parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5; quick 2)")
   parser.add_argument("--peak-n", type=int, default=None, help="matmul side for the peak (default 2048; quick 512)")
+  parser.add_argument("--plain", action="store_true",
+                      help="the bare module (dense decoder attention, one dense vision attention over all patches) "
+                           "instead of the model as the stages build it; what this script measured before session 18")
   args = parser.parse_args()
   q = args.quick
   rows = args.rows or (4 if q else 8)
@@ -181,8 +199,15 @@ def main():
   print(f"matmul_peak_before={peak_before / 1e9:.1f} GFLOP/s ({peak_n}x{peak_n} float32 jnp.dot)")
 
   config = model_config(q)
-  model = qvl.Qwen25VL(config)
+  if args.plain:  # the bare module: dense decoder attention, one dense attention over all patches
+    model = qvl.Qwen25VL(config)
+  else:  # as the stages build it: the default's decoder attention, one vision slot per image
+    model = build.build_model(schema.get_config(), config)
   params = qvl.init_params(config, jax.random.key(0))
+  vision = (f"one slot of {model.max_frame_patches} patches per image" if model.max_frame_patches
+            else "one dense attention over all patches")
+  print(f"model: {'bare module' if args.plain else 'as the stages build it'}; decoder attention={model.attention} "
+        f"(blocks of {model.attention_block}); vision: {vision}")
   n_params = qvl.count_params(params)
   cfg = grpo.GRPOConfig(group_size=GROUP, learning_rate=1e-6, warmup_steps=10, total_steps=1000)
   batch = synthetic_batch(config, rows, seq, grids)
@@ -193,7 +218,7 @@ def main():
   batch = jax.device_put(batch)
   opt_state = optim.make_optimizer(cfg).init(params)
   step = grpo.jit_train_step(model, cfg, donate=True, jit_kwargs=jit_kwargs)
-  flops = model_flops(config, params, rows, seq, grids)
+  flops = model_flops(config, params, rows, seq, grids, model.max_frame_patches)
   print(f"params={n_params / 1e6:.2f}M rows={rows} seq={seq} tokens/step={rows * seq} "
         f"loss_tokens/step={int(np.asarray(batch['loss_mask']).sum())} patches/step={len(batch['pixel_values'])}")
   print("model_flops/step: " + " ".join(f"{k}={v / 1e9:.1f}G" for k, v in flops.items()))
