@@ -64,6 +64,7 @@ from imagent_jax.agent import rollout as rl
 from imagent_jax.agent import tools as tools_lib
 from imagent_jax.agent import trajectory
 from imagent_jax.agent.turn_loop import HostTurnLoop
+from imagent_jax.config import schema
 from imagent_jax.data import synthetic
 from imagent_jax.models import get_preset
 from imagent_jax.models import hf_io
@@ -310,9 +311,23 @@ def scripted_policy(processor, config, prompts, images) -> tuple[np.ndarray, lis
   return forced, lengths
 
 
+def rollout_module(config, max_pixels: int, plain: bool = False):
+  """The module both loops of part (b) run: as the stages build it (``stages.build.build_model``:
+  the default config's decoder attention, one vision slot per image of at most ``max_pixels``),
+  or with ``plain`` the bare ``family.module(config)`` (dense decoder attention, one dense vision
+  attention over all the batch's patches)."""
+  family = family_of(config)
+  if plain:
+    return family.module(config)
+  model = schema.get_config().model
+  return family.module(config, max_frame_patches=family.geometry(config).patches(max_pixels),
+                       attention=model.attention, attention_block=model.attention_block)
+
+
 def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats: int,
-                  insert_wait: int = 0) -> dict[str, Any]:
-  """Part (b): the jitted rollout against the host turn loop, same prompts, script and weights."""
+                  insert_wait: int = 0, plain: bool = False) -> dict[str, Any]:
+  """Part (b): the jitted rollout against the host turn loop, same prompts, script and weights
+  (the module of ``rollout_module``)."""
   s = rollout_settings(quick, batch)
   pix = s["pix"]
   build_tiny_tokenizer(tok_dir, **pix)
@@ -329,7 +344,7 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
   pixels_per_patch = family.geometry(config).pixels_per_patch
   tool_config = tools_lib.ToolConfig(input_min_pixels=pix["min_pixels"], input_max_pixels=pix["max_pixels"],
                                      view_max_pixels=s["view_max_patches"] * pixels_per_patch)
-  ro = rl.Rollout(family.module(config), processor, cfg, tool_config)
+  ro = rl.Rollout(rollout_module(config, pix["max_pixels"], plain), processor, cfg, tool_config)
   forced, turn_lengths = scripted_policy(processor, config, prompts, images)
   # Decode steps at which some row closes a tool call: with insert_wait=0 each distinct step is
   # one in-graph observation insert (host callback + vision + a [R, obs_max_tokens] prefill).
@@ -417,6 +432,9 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--quick", action="store_true", help="tiny model and few tokens (a smoke test)")
   parser.add_argument("--only", choices=("decode", "rollout"), default=None, help="run one part only")
+  parser.add_argument("--plain", action="store_true",
+                      help="(b): the bare module (dense decoder and vision attention) instead of the model as the "
+                           "stages build it; what this script measured before session 18")
   parser.add_argument("--insert-wait", type=int, default=0,
                       help="(b): steps a row that closed a call may wait so one insert serves several calls")
   args = parser.parse_args(argv)
@@ -453,7 +471,7 @@ def main(argv=None):
       _print_decode(dec, new_tokens)
     if args.only in (None, "rollout"):
       rol = bench_rollout(config, params, os.path.join(tmp, "tok"), args.quick, args.batch, repeats,
-                          insert_wait=args.insert_wait)
+                          insert_wait=args.insert_wait, plain=args.plain)
       _print_rollout(rol)
 
   rows = []
