@@ -106,6 +106,7 @@ class Setting:
     remat: ``config.rl.remat`` (grpo only).
     scan_layers: ``config.model.scan_layers``.
     num_minibatches: ``config.rl.num_minibatches`` (grpo only): one step holds rows / this.
+    grad_accum: ``config.rl.grad_accum`` (grpo only): the step's rows as this many micro-batches.
     new_tokens: rollout only: tokens generated (and observations inserted) after the prompt.
     group_size: rollout only: trajectories per question.
     views: analyze only: tool views per row (after the prompt images), each of ``view_tokens`` tokens.
@@ -125,6 +126,7 @@ class Setting:
   remat: str = "full"
   scan_layers: bool = True
   num_minibatches: int = 1
+  grad_accum: int = 1
   new_tokens: int = 0
   group_size: int = 16
   views: int = 0
@@ -142,6 +144,7 @@ SETTINGS = (
     Setting("grpo_3b", "grpo", "3b", 16, 8192, 4),
     Setting("grpo_3b_32rows", "grpo", "3b", 32, 8192, 4),
     Setting("grpo_7b_32rows", "grpo", "7b", 32, 8192, 4),
+    Setting("grpo_7b_32rows_accum2", "grpo", "7b", 32, 8192, 4, grad_accum=2),
     Setting("rollout_3b", "rollout", "3b", 16, 8192, 4, new_tokens=2048),
     Setting("rollout_7b", "rollout", "7b", 16, 8192, 4, new_tokens=2048),
     Setting("grpo_7b", "grpo", "7b", 16, 8192, 4),
@@ -165,6 +168,7 @@ def run_config(s: Setting):
   c.rl.remat = s.remat
   c.model.scan_layers = s.scan_layers
   c.rl.num_minibatches = s.num_minibatches
+  c.rl.grad_accum = s.grad_accum
   return c
 
 
@@ -213,8 +217,11 @@ def plan_grpo(s: Setting, mesh) -> dict[str, float]:
     batch["ref_logp"] = ((rows, s.tokens), f32)
   if not patches:  # a text-only batch
     del batch["pixel_values"], batch["image_grid_thw"]
-  batch = {k: jax.ShapeDtypeStruct(*v) for k, v in batch.items()}
-  b_shard = parallel.batch_shardings(batch, mesh)
+  k = cfg.grad_accum  # micro-batches stacked on a leading axis (batch.stack_micro_batches)
+  if k > 1:
+    batch = {name: ((k, shape[0] // k) + shape[1:], dtype) for name, (shape, dtype) in batch.items()}
+  batch = {name: jax.ShapeDtypeStruct(*v) for name, v in batch.items()}
+  b_shard = parallel.batch_shardings(batch, mesh, row_axis=int(k > 1))
   replicated = NamedSharding(mesh, PartitionSpec())
   step = jax.jit(lambda p, o, b: grpo.train_step(model, cfg, p, o, b), in_shardings=(p_shard, o_shard, b_shard),
                  out_shardings=(p_shard, o_shard, replicated), donate_argnums=(0, 1))

@@ -63,6 +63,7 @@ def released_qwen_config(preset: str, arg: str | None = None) -> ml_collections.
     c.rollout.temperature = 1.0  # all three
     c.rl.batch_size = 8  # questions per step (the peers take 256-512 on 8+ GPUs; scale with the mesh)
     c.rl.num_minibatches = 4  # verl's example: 4 updates per batch (DeepEyes 1, Mini-o3 8)
+    c.rl.grad_accum = 1  # one pass per minibatch (the memory plan's); k > 1 keeps 1/k of its activations alive
     c.rl.learning_rate = 1e-6  # verl, DeepEyes, Mini-o3
     c.rl.warmup_steps = 0  # constant learning rate, as verl's default schedule
     c.rl.end_lr_ratio = 1.0
