@@ -131,9 +131,10 @@ def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Traject
 
   Returns:
     ``Prepared``. Its ``batch`` holds ``tokens``, ``attention_mask``, ``loss_mask``, ``old_logp``
-    ``[R, T']``, ``advantages [R]``, ``pixel_values [patch_budget, D]``,
-    ``image_grid_thw [image_slots, 3]`` and ``images_per_row [R]``: what ``grpo.update`` takes
-    (add ``ref_logp`` for a KL term).
+    and ``action_mask`` (the sampled tokens, where the update checks its log-probs) ``[R, T']``,
+    ``advantages [R]``, ``pixel_values [patch_budget, D]``, ``image_grid_thw [image_slots, 3]``
+    and ``images_per_row [R]``: what ``grpo.update`` takes (with ``ref_params``, or
+    ``ref_logp`` added, for a KL term).
   """
   g = mask_cfg.group_size
   if grpo_cfg.group_size != g:
