@@ -74,6 +74,7 @@ from imagent_jax.processing import Processor, build_tiny_tokenizer
 from imagent_jax.rl import logprobs
 from imagent_jax.rl import masks as masks_lib
 from imagent_jax.sampling import sampler
+from imagent_jax.stages import build
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -316,12 +317,11 @@ def rollout_module(config, max_pixels: int, plain: bool = False):
   the default config's decoder attention, one vision slot per image of at most ``max_pixels``),
   or with ``plain`` the bare ``family.module(config)`` (dense decoder attention, one dense vision
   attention over all the batch's patches)."""
-  family = family_of(config)
   if plain:
-    return family.module(config)
-  model = schema.get_config().model
-  return family.module(config, max_frame_patches=family.geometry(config).patches(max_pixels),
-                       attention=model.attention, attention_block=model.attention_block)
+    return family_of(config).module(config)
+  run = schema.get_config()
+  run.processor.max_pixels = max_pixels  # the bench's images: the vision slots' size
+  return build.build_model(run, config)
 
 
 def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats: int,

@@ -221,7 +221,7 @@ def plan_grpo(s: Setting, mesh) -> dict[str, float]:
   if k > 1:
     batch = {name: ((k, shape[0] // k) + shape[1:], dtype) for name, (shape, dtype) in batch.items()}
   batch = {name: jax.ShapeDtypeStruct(*v) for name, v in batch.items()}
-  b_shard = parallel.batch_shardings(batch, mesh, row_axis=int(k > 1))
+  b_shard = parallel.batch_shardings(batch, mesh, row_axis=grpo.batch_row_axis(cfg))
   replicated = NamedSharding(mesh, PartitionSpec())
   step = jax.jit(lambda p, o, b: grpo.train_step(model, cfg, p, o, b), in_shardings=(p_shard, o_shard, b_shard),
                  out_shardings=(p_shard, o_shard, replicated), donate_argnums=(0, 1))

@@ -92,6 +92,28 @@ def table(title, steps, order, skip):
   return step
 
 
+def profile_config(base: str = "", overrides=()):
+  """The README's first command's config for measuring steps in-process: no progress bars,
+  evaluations or checkpoints, synthetic data drawn on the fly (no tfds build), the model from
+  ``base`` (a trained base's folder; empty: random init), then ``overrides`` (``key=value``)."""
+  from imagent_jax.config import schema
+
+  config = schema.get_config()
+  for item in overrides:
+    key, _, value = item.partition("=")
+    section, _, name = key.rpartition(".")
+    target = config[section] if section else config
+    target[name] = type(target[name])(value) if not isinstance(target[name], bool) else value.lower() == "true"
+  config.warmup.progress_bar = False
+  config.rl.progress_bar = False
+  config.rl.eval_every = 0
+  config.rl.checkpoint_every = 0
+  config.data.source = "synthetic"
+  if base:
+    config.model.checkpoint = os.path.abspath(os.path.expanduser(base))
+  return config
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--warmup-steps", type=int, default=10)
@@ -106,25 +128,12 @@ def main(argv=None):
   from imagent_jax import compile_clock, parallel
   from imagent_jax.agent import rollout as rollout_lib
   from imagent_jax.agent import trajectory as trajectory_lib
-  from imagent_jax.config import schema
   from imagent_jax.rl import batch as batch_lib
   from imagent_jax.rl import grpo, masks, sft, trainer as trainer_lib, warmup_tasks
   from imagent_jax.stages import build
   from imagent_jax.stages import rl as rl_stage
 
-  config = schema.get_config()
-  for item in args.set:
-    key, _, value = item.partition("=")
-    section, _, name = key.rpartition(".")
-    target = config[section] if section else config
-    target[name] = type(target[name])(value) if not isinstance(target[name], bool) else value.lower() == "true"
-  config.warmup.progress_bar = False
-  config.rl.progress_bar = False
-  config.rl.eval_every = 0
-  config.rl.checkpoint_every = 0
-  config.data.source = "synthetic"  # on the fly: no tfds build in the profile
-  if args.base:
-    config.model.checkpoint = os.path.abspath(os.path.expanduser(args.base))
+  config = profile_config(args.base, args.set)
   workdir = tempfile.mkdtemp(prefix="profile_default_")
   t_start, cpu_start = time.perf_counter(), os.times()
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} devices, {os.cpu_count()} CPUs); "

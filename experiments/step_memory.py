@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,23 +40,12 @@ def measure(steps: int, base: str, overrides: list[str]) -> list[dict]:
   plus ``step`` (start and peak of the whole step) and ``compile_s``."""
   import jax
 
-  from imagent_jax.config import schema
+  import profile_default  # experiments/profile_default.py (the script's folder is on sys.path)
   from imagent_jax.rl import batch as batch_lib
   from imagent_jax.rl import grpo
   from imagent_jax.stages import rl as rl_stage
 
-  config = schema.get_config()
-  config.rl.progress_bar = False
-  config.rl.eval_every = 0
-  config.rl.checkpoint_every = 0
-  config.data.source = "synthetic"
-  if base:
-    config.model.checkpoint = os.path.abspath(os.path.expanduser(base))
-  for item in overrides:
-    key, _, value = item.partition("=")
-    section, _, name = key.rpartition(".")
-    target = config[section] if section else config
-    target[name] = type(target[name])(value) if not isinstance(target[name], bool) else value.lower() == "true"
+  config = profile_default.profile_config(base, overrides)
   trainer = rl_stage.build_trainer(config, tempfile.mkdtemp(prefix="step_memory_"))
   phases: dict[str, tuple[float, float]] = {}
 

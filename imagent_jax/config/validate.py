@@ -215,7 +215,7 @@ def _budget_errors(config, geometry, names: list[str]) -> list[str]:
                   "(rl.batch_size x rollout.group_size)")
     return errors
   minibatch_rows = rows // r.num_minibatches
-  if r.get("grad_accum", 1) < 1 or minibatch_rows % r.get("grad_accum", 1):
+  if r.grad_accum < 1 or minibatch_rows % r.grad_accum:
     errors.append(f"config.rl.grad_accum={r.grad_accum} must divide the {minibatch_rows} rows of a minibatch "
                   "(rl.batch_size x rollout.group_size / rl.num_minibatches)")
   row_prompt_patches = images * per_image * geometry.merge_unit

@@ -97,7 +97,11 @@ class Prepared(NamedTuple):
   mask_metrics: dict[str, np.ndarray]  # masks.loss_mask's counts, scalars
   advantages: np.ndarray  # [R] float32
   batch: dict[str, np.ndarray] | None  # grpo.update's batch ([R, T'] fields), None without a BatchConfig
-  sampled: np.ndarray | None  # [R, T'] bool: the tokens the policy sampled (the batch's columns)
+
+  @property
+  def sampled(self) -> np.ndarray | None:
+    """``[R, T']`` bool: the tokens the policy sampled (the batch's ``action_mask``), or None."""
+    return None if self.batch is None else np.asarray(self.batch["action_mask"]).astype(bool)
 
 
 def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Trajectory], examples: Sequence[dict], *,
@@ -146,7 +150,7 @@ def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Traject
   stats_rows = masks.group_stats_mask(out["status"], malformed, mask_cfg)
   advantages = compute_advantages(grpo_cfg, rew["total"], stats_rows, mask_cfg.zero_variance_tol)
   loss_mask, advantages, mask_metrics = jax.device_get((loss_mask, advantages, mask_metrics))
-  batch = sampled = None
+  batch = None
   if batch_cfg is not None:
     pv, grid, per_row = trajectory_lib.training_images(
         trajs, patch_budget=batch_cfg.patch_budget, image_slots=batch_cfg.image_slots,
@@ -158,8 +162,7 @@ def prepare_batch(out: Mapping[str, Any], trajs: Sequence[trajectory_lib.Traject
       batch = combine(batch)
     batch = trim_padding_columns(batch, batch_cfg.length_bucket)  # the used span only: less attention
     batch = trim_image_budget(batch, batch_cfg.image_bucket, batch_cfg.image_patches)  # no empty vision slots
-    sampled = np.asarray(batch["action_mask"]).astype(bool)  # kept in the batch: where the update checks its log-probs
-  return Prepared(rew, loss_mask, mask_metrics, advantages, batch, sampled)
+  return Prepared(rew, loss_mask, mask_metrics, advantages, batch)
 
 
 def gather_rows(batch: Batch, row_ids, *, patch_budget: int, image_slots: int) -> dict[str, np.ndarray]:
@@ -402,12 +405,12 @@ def stack_micro_batches(pieces: Sequence[Batch], *, image_bucket: int = 0, slot_
     with ``P``, ``N`` the largest piece's budgets after the cut.
   """
   pieces = [{key: np.asarray(v) for key, v in p.items() if v is not None} for p in pieces]
-  if "pixel_values" in pieces[0]:
-    if image_bucket > 0:
-      pieces = [trim_image_budget(p, image_bucket, slot_patches) for p in pieces]
-    slots = max(len(p["image_grid_thw"]) for p in pieces)
-    patches = max(len(p["pixel_values"]) for p in pieces)
-    pad = lambda x, n: np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)])
-    pieces = [{**p, "image_grid_thw": pad(p["image_grid_thw"], slots), "pixel_values": pad(p["pixel_values"], patches)}
-              for p in pieces]
-  return {key: np.stack([p[key] for p in pieces]) for key in pieces[0]}
+  if "pixel_values" in pieces[0] and image_bucket > 0:
+    pieces = [trim_image_budget(p, image_bucket, slot_patches) for p in pieces]  # views: nothing copied yet
+  out = {}
+  for key in pieces[0]:  # one copy per field: each piece into its slice, zero-padded to the largest
+    first = pieces[0][key]
+    out[key] = np.zeros((len(pieces), max(len(p[key]) for p in pieces)) + first.shape[1:], first.dtype)
+    for i, p in enumerate(pieces):
+      out[key][i, :len(p[key])] = p[key]
+  return out

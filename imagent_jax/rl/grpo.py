@@ -246,9 +246,7 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch, ref_para
   _check_batch(batch, cfg, with_ref_params=ref_params is not None)
   tx = make_optimizer(cfg)
   if cfg.grad_accum == 1:
-    if ref_params is not None:
-      batch = dict(batch, ref_logp=reference_logprobs(model, cfg, ref_params, batch))
-    (loss, metrics), grads = jax.value_and_grad(lambda p: grpo_loss(model, cfg, p, batch), has_aux=True)(params)
+    (loss, metrics), grads = _loss_and_grads(model, cfg, params, batch, ref_params)
   else:
     loss, metrics, grads = _accumulated_grads(model, cfg, params, batch, ref_params)
   grad_norm = optax.tree.norm(grads)
@@ -265,6 +263,15 @@ def train_step(model, cfg: GRPOConfig, params, opt_state, batch: Batch, ref_para
 _MAX_METRICS = ("ratio_max", "logprob_gap_max")  # combined over micro-batches by max; the rest are shares, summed
 
 
+def _loss_and_grads(model, cfg: GRPOConfig, params, batch: Batch, ref_params, normalizer=None):
+  """``((loss, metrics), grads)`` of ``grpo_loss`` on one batch (a minibatch, or one micro-batch
+  of it with the whole minibatch's ``normalizer``), the reference's log-probs taken first when
+  ``ref_params`` is given."""
+  if ref_params is not None:
+    batch = dict(batch, ref_logp=reference_logprobs(model, cfg, ref_params, batch))
+  return jax.value_and_grad(lambda p: grpo_loss(model, cfg, p, batch, normalizer), has_aux=True)(params)
+
+
 def _accumulated_grads(model, cfg: GRPOConfig, params, batch: Batch, ref_params):
   """``(loss, metrics, grads)`` of a minibatch given as ``cfg.grad_accum`` micro-batches stacked
   on a leading axis (``batch.stack_micro_batches``): a ``lax.scan`` over them, each part's loss
@@ -272,10 +279,7 @@ def _accumulated_grads(model, cfg: GRPOConfig, params, batch: Batch, ref_params)
   normalizer = loss_normalizer(cfg.loss_agg, batch["loss_mask"])
 
   def part(grads, micro):
-    if ref_params is not None:
-      micro = dict(micro, ref_logp=reference_logprobs(model, cfg, ref_params, micro))
-    (loss, metrics), g = jax.value_and_grad(lambda p: grpo_loss(model, cfg, p, micro, normalizer),
-                                            has_aux=True)(params)
+    (loss, metrics), g = _loss_and_grads(model, cfg, params, micro, ref_params, normalizer)
     return jax.tree_util.tree_map(jnp.add, grads, g), (loss, metrics)
 
   grads, (losses, metrics) = jax.lax.scan(part, jax.tree_util.tree_map(jnp.zeros_like, params), dict(batch))
@@ -337,7 +341,13 @@ def _train_step_for(model, cfg: GRPOConfig, mesh: Mesh, rules, jit_kwargs):
   return parallel.sharded_state_step(functools.partial(train_step, model, cfg), mesh,
                                      parallel.param_shardings(model.config, mesh, rules),
                                      opt_state_shardings(cfg, model.config, mesh, rules), jit_kwargs,
-                                     row_axis=0 if cfg.grad_accum == 1 else 1)
+                                     row_axis=batch_row_axis(cfg))
+
+
+def batch_row_axis(cfg: GRPOConfig) -> int:
+  """The axis of ``train_step``'s batch fields that holds rows: 0, or 1 when ``cfg.grad_accum > 1``
+  stacks micro-batches on a leading axis (``parallel.batch_shardings(row_axis=)``)."""
+  return int(cfg.grad_accum > 1)
 
 
 # ------------------------------------------------------------------------------------- update
@@ -380,9 +390,10 @@ def update(model, cfg: GRPOConfig, params, opt_state, batch: Batch, rng, *, step
   rows = int(np.shape(batch["tokens"])[0])
   family = family_of(model.config)
   history = []
+  k = cfg.grad_accum
+  extra = () if ref_params is None else (ref_params,)
   for epoch in range(cfg.ppo_epochs):
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), rows))
-    k = cfg.grad_accum
     minibatches = split_minibatches(batch, cfg.num_minibatches * k, image_token_id=family.image_token_id(model.config),
                                     merge_unit=family.geometry(model.config).merge_unit, perm=perm,
                                     patch_budget=patch_budget, image_slots=image_slots)
@@ -390,7 +401,6 @@ def update(model, cfg: GRPOConfig, params, opt_state, batch: Batch, rng, *, step
       minibatches = [stack_micro_batches(minibatches[i:i + k], image_bucket=image_bucket, slot_patches=slot_patches)
                      for i in range(0, len(minibatches), k)]
     for mb in minibatches:
-      extra = () if ref_params is None else (ref_params,)
       params, opt_state, metrics = step_fn(params, opt_state, mb, *extra)
       history.append(metrics)
   history = jax.device_get(history)
