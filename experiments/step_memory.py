@@ -7,10 +7,13 @@ starts from the same empty heap. Around each phase of a step (``rollout``: the j
 its split into minibatches) the peak RSS is reset (``/proc/self/clear_refs``) and read back
 (``VmHWM``), so the table shows what each phase adds on top of what the process held when it
 began. The default compares the default (``rl.grad_accum=2``) with one pass over the batch
-(``rl.grad_accum=1``) and prints the ratio of the peaks.
+(``rl.grad_accum=1``) and prints the ratio of the peaks. Both trim the heap after each compile, as
+``python -m imagent_jax.main`` does (``host_memory.trim_after_compiles``); ``--untrimmed-baseline``
+runs the baseline without that.
 
     python experiments/step_memory.py --base runs/default/base          # 16 steps each, ~4 min on 2 cores
     python experiments/step_memory.py --base runs/default/base --baseline rl.logprob_chunk=256 --candidate ''
+    python experiments/step_memory.py --base runs/default/base --baseline '' --untrimmed-baseline --candidate ''
 
 Without ``--base`` the rl stage starts from a random tiny model (shorter rollouts than a trained
 base's). Linux only (``/proc``).
@@ -35,10 +38,12 @@ def _reset_peak() -> None:
     f.write("5")  # resets VmHWM to the current RSS
 
 
-def measure(steps: int, base: str, overrides: list[str]) -> list[dict]:
+def measure(steps: int, base: str, overrides: list[str], trim_after_compiles: bool = True) -> list[dict]:
   """Runs ``steps`` RL steps in this process; returns per step ``{phase: (start_mb, peak_mb)}``,
   plus ``step`` (start and peak of the whole step) and ``compile_s``."""
   import jax
+
+  from imagent_jax import host_memory
 
   import profile_default  # experiments/profile_default.py (the script's folder is on sys.path)
   from imagent_jax.rl import batch as batch_lib
@@ -46,6 +51,7 @@ def measure(steps: int, base: str, overrides: list[str]) -> list[dict]:
   from imagent_jax.stages import rl as rl_stage
 
   config = profile_default.profile_config(base, overrides)
+  host_memory.trim_after_compiles(trim_after_compiles)
   trainer = rl_stage.build_trainer(config, tempfile.mkdtemp(prefix="step_memory_"))
   phases: dict[str, tuple[float, float]] = {}
 
@@ -74,9 +80,10 @@ def measure(steps: int, base: str, overrides: list[str]) -> list[dict]:
   return rows
 
 
-def _run_setting(steps: int, base: str, overrides: list[str]) -> list[dict]:
+def _run_setting(steps: int, base: str, overrides: list[str], trim_after_compiles: bool = True) -> list[dict]:
   """``measure`` in a fresh subprocess (its own heap and peak)."""
-  cmd = [sys.executable, __file__, "--_child", json.dumps({"steps": steps, "base": base, "overrides": overrides})]
+  spec = {"steps": steps, "base": base, "overrides": overrides, "trim_after_compiles": trim_after_compiles}
+  cmd = [sys.executable, __file__, "--_child", json.dumps(spec)]
   out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     sys.stderr.write(out.stderr[-5000:])
@@ -105,16 +112,21 @@ def main(argv=None) -> int:
   p.add_argument("--base", default="", help="a trained base (e.g. runs/default/base)")
   p.add_argument("--baseline", default="rl.grad_accum=1", help="comma list of config overrides (key=value)")
   p.add_argument("--candidate", default="", help="comma list of config overrides; empty: the default")
+  p.add_argument("--untrimmed-baseline", action="store_true",
+                 help="run the baseline without host_memory.trim_after_compiles (the code before session 19)")
   p.add_argument("--_child", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._child:
     spec = json.loads(args._child)
-    print(json.dumps(measure(spec["steps"], spec["base"], spec["overrides"])))
+    print(json.dumps(measure(spec["steps"], spec["base"], spec["overrides"], spec["trim_after_compiles"])))
     return 0
   split = lambda text: [s for s in text.split(",") if s]
-  settings = [("baseline: " + (args.baseline or "the default"), split(args.baseline)),
-              ("candidate: " + (args.candidate or "the default"), split(args.candidate))]
-  peaks = [_report(name, _run_setting(args.steps, args.base, overrides)) for name, overrides in settings]
+  untrimmed = " (no trim after compiles)" if args.untrimmed_baseline else ""
+  settings = [("baseline: " + (args.baseline or "the default") + untrimmed, split(args.baseline),
+               not args.untrimmed_baseline),
+              ("candidate: " + (args.candidate or "the default"), split(args.candidate), True)]
+  peaks = [_report(name, _run_setting(args.steps, args.base, overrides, trim))
+           for name, overrides, trim in settings]
   print(f"\npeak_rss_ratio candidate/baseline = {peaks[1] / peaks[0]:.2f}")
   return 0
 

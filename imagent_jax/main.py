@@ -96,6 +96,7 @@ def run(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   report = Report(workdir, "imagent_jax run report")
   metrics = MetricsWriter(workdir)
+  host_memory.trim_after_compiles()  # a compile's freed working memory goes back before its program runs
   run_fns = [(stage, stages.run_function(stage)) for stage in stages.configured(config.stages)]
   results = {}
   for stage, run_stage in run_fns:

@@ -53,3 +53,36 @@ def test_resident_bytes():
     assert 0 < host_memory.resident_bytes("RssAnon") <= rss <= host_memory.resident_bytes("VmHWM")
   else:
     assert rss is None
+
+
+def test_trim_after_compiles_trims_once_per_compile_until_turned_off(monkeypatch):
+  trims, compiles = [], []
+  monkeypatch.setattr(host_memory, "_malloc_trim", lambda: trims.append)  # malloc_trim(0) -> trims.append(0)
+
+  def count(event, duration_secs, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration_secs)
+
+  x, y = jnp.arange(3.0), jnp.arange(5.0)
+  f = jax.jit(lambda v: v * 3 - 1)
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    assert host_memory.trim_after_compiles()
+    assert host_memory.trim_after_compiles()  # a second call registers nothing more
+    f(x)
+    assert len(compiles) >= 1 and trims == [0] * len(compiles)
+    f(x)  # cached: no compile, no trim
+    f(y)  # a new shape compiles again
+    assert len(compiles) >= 2 and trims == [0] * len(compiles)
+    assert not host_memory.trim_after_compiles(False)
+    n = len(trims)
+    f(jnp.arange(7.0))
+    assert len(compiles) > n and len(trims) == n  # off: compiles go on, trims stop
+  finally:
+    host_memory.trim_after_compiles(False)
+    jax.monitoring.unregister_event_duration_listener(count)
+
+
+def test_trim_after_compiles_is_off_without_glibc(monkeypatch):
+  monkeypatch.setattr(host_memory, "_malloc_trim", lambda: None)
+  assert not host_memory.trim_after_compiles()
