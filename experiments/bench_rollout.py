@@ -325,7 +325,7 @@ def rollout_module(config, max_pixels: int, plain: bool = False):
 
 
 def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats: int,
-                  insert_wait: int = 0, plain: bool = False) -> dict[str, Any]:
+                  insert_wait: int = 0, plain: bool = False, insert_rows: int = 0) -> dict[str, Any]:
   """Part (b): the jitted rollout against the host turn loop, same prompts, script and weights
   (the module of ``rollout_module``)."""
   s = rollout_settings(quick, batch)
@@ -339,7 +339,7 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
   cfg = rl.RolloutConfig(group_size=1, max_prompt_len=max_prompt_len, prompt_patches=prompt_patches,
                          max_prompt_images=len(probe["image_grid_thw"]), max_new_tokens=s["max_new_tokens"],
                          max_tool_calls=3, obs_max_tokens=s["obs_max_tokens"], view_max_patches=s["view_max_patches"],
-                         temperature=1.0, insert_wait=insert_wait)
+                         temperature=1.0, insert_wait=insert_wait, insert_rows=insert_rows)
   family = family_of(config)
   pixels_per_patch = family.geometry(config).pixels_per_patch
   tool_config = tools_lib.ToolConfig(input_min_pixels=pix["min_pixels"], input_max_pixels=pix["max_pixels"],
@@ -418,7 +418,7 @@ def _print_rollout(rol: dict[str, Any]) -> None:
   print("(b) max |log-prob - teacher-forced forward| per row: ours "
         f"{[float(f'{x:.1e}') for x in rol['ours_gap']]}, host loop {[float(f'{x:.1e}') for x in rol['host_gap']]}")
   print(f"(b) ours: {rol['insert_events']} in-graph observation inserts (calls close on {rol['call_steps']} "
-        f"distinct steps; insert_wait {cfg.insert_wait}); host loop: "
+        f"distinct steps; insert_wait {cfg.insert_wait}, insert_rows {cfg.insert_rows}); host loop: "
         f"{rol['host_rounds']} rounds, compiled shapes {rol['host_shapes']}")
   print(f"(b) timed walls ours {[round(x, 3) for x in rol['ours_walls']]}, "
         f"host loop {[round(x, 3) for x in rol['host_walls']]}; first calls ours {rol['ours_first']:.1f} s, "
@@ -437,6 +437,9 @@ def main(argv=None):
                            "stages build it; what this script measured before session 18")
   parser.add_argument("--insert-wait", type=int, default=0,
                       help="(b): steps a row that closed a call may wait so one insert serves several calls")
+  parser.add_argument("--insert-rows", type=int, default=schema.get_config().rollout.insert_rows,
+                      help="(b): rows one observation insert computes (0: the whole batch); default: the "
+                           "embedded default's rollout.insert_rows")
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
 
@@ -471,7 +474,7 @@ def main(argv=None):
       _print_decode(dec, new_tokens)
     if args.only in (None, "rollout"):
       rol = bench_rollout(config, params, os.path.join(tmp, "tok"), args.quick, args.batch, repeats,
-                          insert_wait=args.insert_wait, plain=args.plain)
+                          insert_wait=args.insert_wait, plain=args.plain, insert_rows=args.insert_rows)
       _print_rollout(rol)
 
   rows = []
@@ -482,7 +485,7 @@ def main(argv=None):
               f"{'cuda' if torch_device() == 'cuda' else f'{torch.get_num_threads()} threads'}", dec["hf_wall"],
               dec["tokens"] / dec["hf_wall"], dec["hf_compile"])]
   if rol is not None:
-    rows += [(f"(b) ours: jitted rollout (one program, insert_wait {rol['cfg'].insert_wait})", rol["ours_wall"], rol["action_tokens"] / rol["ours_wall"],
+    rows += [(f"(b) ours: jitted rollout (one program, insert_wait {rol['cfg'].insert_wait}, insert_rows {rol['cfg'].insert_rows})", rol["ours_wall"], rol["action_tokens"] / rol["ours_wall"],
               rol["ours_compile"]),
              ("(b) host turn loop (jitted prefill+decode)", rol["host_wall"], rol["action_tokens"] / rol["host_wall"],
               rol["host_compile"])]

@@ -64,6 +64,13 @@ class RolloutConfig:
       that one observation insert (a host call, the vision tower and a prefill for the whole
       batch) serves several calls. 0 inserts at once; the wait ends early when every row still
       going is waiting. Sampling is unchanged: a waiting row samples nothing.
+    insert_rows: rows one observation insert computes. 0: all ``R`` rows of the batch, whether
+      or not they closed a call (one vision pass over ``R`` view slots and one ``[R,
+      obs_max_tokens]`` prefill). ``m > 0``: the rows that closed a call are gathered ``m`` at a
+      time, with their cache rows, and each group is one insert (host call, vision pass over
+      ``m`` view slots, ``[m, obs_max_tokens]`` prefill), one after another on the same decode
+      step; rows that need nothing cost nothing. Trajectories are the same either way (each row's
+      insert reads and writes only its own cache row).
   """
 
   group_size: int = 4
@@ -78,6 +85,7 @@ class RolloutConfig:
   top_k: int = 0
   top_p: float = 1.0
   insert_wait: int = 0
+  insert_rows: int = 0
 
   def __post_init__(self):
     for name, low in (("group_size", 1), ("max_prompt_len", 1), ("prompt_patches", 0), ("max_prompt_images", 0),
@@ -91,6 +99,8 @@ class RolloutConfig:
       raise ValueError(f"top_p must lie in (0, 1] (1: no nucleus filter), got {self.top_p}")
     if self.insert_wait < 0:
       raise ValueError(f"insert_wait must be >= 0, got {self.insert_wait}")
+    if self.insert_rows < 0:
+      raise ValueError(f"insert_rows must be >= 0 (0: every row in each insert), got {self.insert_rows}")
     if self.view_max_patches % 4:
       raise ValueError("view_max_patches must be a multiple of 4 (2x2 merge units)")
     if self.obs_max_tokens < self.view_max_patches // 4 + 16:
@@ -109,7 +119,7 @@ class _Carry:
   done: jax.Array  # [R] bool
   pending: jax.Array  # [R] bool: closed a tool call, waiting for its observation
   waited: jax.Array  # [] int32: steps the oldest pending call has waited
-  inserts: jax.Array  # [] int32: observation inserts so far
+  inserts: jax.Array  # [] int32: observation inserts so far (groups of ``insert_rows`` rows each)
   status: jax.Array  # [R] int32
   step: jax.Array  # [] int32
   rng: jax.Array
@@ -174,26 +184,38 @@ def _observation(ep: _Episode, row: int, turn_text: str, cursor: int):
   return list(ids), patches, grid, None
 
 
-def _host_step(episode_id, need, tokens, turn_start, cursor):
-  """io_callback target: observations for the rows in ``need``. Fixed-shape outputs."""
+def _host_step(episode_id, rows, valid, tokens, turn_start, cursor):
+  """io_callback target: observations for ``rows[j]`` where ``valid[j]``. Fixed-shape outputs.
+
+  Args:
+    episode_id: the ``_EPISODES`` key.
+    rows: ``[m]`` int32 batch rows of this insert, ascending (padding entries are not ``valid``).
+    valid: ``[m]`` bool.
+    tokens, turn_start, cursor: ``[m, S + K]``, ``[m]``, ``[m]``: those rows' sequence buffers,
+      the slot where their current assistant turn starts and their next free slot.
+
+  Returns:
+    ``obs [m, K]``, ``obs_len [m]``, ``pixels [m * P, patch_dim]`` (views packed in order,
+    padding last), ``grid [m, 3]`` (zero rows for no view), ``stop [m]``, ``stop_status [m]``.
+  """
   ep = _EPISODES[int(episode_id)]
-  r = need.shape[0]
+  m = rows.shape[0]
   k, p = ep.cfg.obs_max_tokens, ep.cfg.view_max_patches
-  obs = np.zeros((r, k), np.int32)
-  obs_len = np.zeros((r,), np.int32)
-  pixels = np.zeros((r * p, ep.patch_dim), np.float32)
-  grid = np.zeros((r, 3), np.int32)
-  stop = np.zeros((r,), bool)
-  stop_status = np.full((r,), RUNNING, np.int32)
+  obs = np.zeros((m, k), np.int32)
+  obs_len = np.zeros((m,), np.int32)
+  pixels = np.zeros((m * p, ep.patch_dim), np.float32)
+  grid = np.zeros((m, 3), np.int32)
+  stop = np.zeros((m,), bool)
+  stop_status = np.full((m,), RUNNING, np.int32)
   filled = n_views = 0
-  for row in np.flatnonzero(need):
-    text = ep.tokenizer.decode(tokens[row, turn_start[row]:cursor[row]].tolist())
-    ids, patches, g, status = _observation(ep, int(row), text, int(cursor[row]))
+  for j in np.flatnonzero(valid):
+    text = ep.tokenizer.decode(tokens[j, turn_start[j]:cursor[j]].tolist())
+    ids, patches, g, status = _observation(ep, int(rows[j]), text, int(cursor[j]))
     if ids is None:
-      stop[row], stop_status[row] = True, status
+      stop[j], stop_status[j] = True, status
       continue
-    obs[row, :len(ids)] = ids
-    obs_len[row] = len(ids)
+    obs[j, :len(ids)] = ids
+    obs_len[j] = len(ids)
     if patches is not None:
       # Views and their grids are packed in row order (the order their placeholders appear in
       # the batch, which is how the vision tower and mrope_positions read them); padding last.
@@ -208,16 +230,43 @@ def _host_step(episode_id, need, tokens, turn_start, cursor):
 
 
 def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: RolloutConfig, seq_len: int):
-  """Host call for the rows in ``need``, then prefill of their observations into the cache."""
-  r, k, p = need.shape[0], cfg.obs_max_tokens, cfg.view_max_patches
-  dec = carry.dec
+  """Host call for the rows in ``need [R]``, then prefill of their observations into the cache:
+  all rows in one insert (``cfg.insert_rows == 0``, or at least ``R``), else the rows in ``need``
+  in groups of ``cfg.insert_rows``, one insert each."""
+  r, m = need.shape[0], cfg.insert_rows
+  if m == 0 or m >= r:
+    return _insert_rows(model, params, carry, episode_id, jnp.arange(r, dtype=jnp.int32), need, cfg, seq_len)
+
+  def one_group(state):
+    c, left = state
+    rows = jnp.nonzero(left, size=m, fill_value=r)[0].astype(jnp.int32)  # the first m rows still waiting
+    valid = rows < r
+    c = _insert_rows(model, params, c, episode_id, rows, valid, cfg, seq_len)
+    return c, left & ~jnp.zeros((r,), bool).at[rows].set(valid, mode="drop")
+
+  carry, _ = jax.lax.while_loop(lambda state: jnp.any(state[1]), one_group, (carry, need))
+  return carry
+
+
+def _insert_rows(model, params, carry: _Carry, episode_id, rows, valid, cfg: RolloutConfig, seq_len: int):
+  """One insert: the host call for ``rows [m]`` where ``valid [m]``, the vision pass over their
+  views and the prefill of their observations into their cache rows. With ``m == R`` (``rows ==
+  arange(R)``) it works on the batch in place; with ``m < R`` it gathers those rows' decode
+  state, and scatters it back (padding rows, ``rows == R``, are dropped)."""
+  r = carry.tokens.shape[0]
+  m, k, p = rows.shape[0], cfg.obs_max_tokens, cfg.view_max_patches
+  whole = m == r  # rows is arange(R): no gather, no scatter
+  safe = jnp.minimum(rows, r - 1)
+  take = (lambda x: x) if whole else (lambda x: x[safe])
+  dec = carry.dec if whole else sampler.take_rows(carry.dec, safe)
+  tokens, turn_start = take(carry.tokens), take(carry.turn_start)
   family = family_of(model.config)
   patch_dim = family.geometry(model.config).patch_dim
-  shapes = (jax.ShapeDtypeStruct((r, k), jnp.int32), jax.ShapeDtypeStruct((r,), jnp.int32),
-            jax.ShapeDtypeStruct((r * p, patch_dim), jnp.float32), jax.ShapeDtypeStruct((r, 3), jnp.int32),
-            jax.ShapeDtypeStruct((r,), bool), jax.ShapeDtypeStruct((r,), jnp.int32))
+  shapes = (jax.ShapeDtypeStruct((m, k), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.int32),
+            jax.ShapeDtypeStruct((m * p, patch_dim), jnp.float32), jax.ShapeDtypeStruct((m, 3), jnp.int32),
+            jax.ShapeDtypeStruct((m,), bool), jax.ShapeDtypeStruct((m,), jnp.int32))
   obs, obs_len, pixels, grid, stop, stop_status = io_callback(
-      _host_step, shapes, episode_id, need, carry.tokens, carry.turn_start, dec.index, ordered=True)
+      _host_step, shapes, episode_id, rows, valid, tokens, turn_start, dec.index, ordered=True)
   obs_mask = jnp.arange(k)[None, :] < obs_len[:, None]
   features = model.apply({"params": params}, pixels, grid, p, method="encode_images")  # views: at most p patches each
   embeds = model.apply({"params": params}, obs, features, family.num_real_features(model.config, grid), method="embed")
@@ -226,17 +275,25 @@ def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: Ro
   new_slots = (slots >= dec.index[:, None]) & (slots < (dec.index + obs_len)[:, None])
   key_mask = dec.key_mask | new_slots
   last, cache = model.apply({"params": params}, embeds, pos, key_mask, dec.cache, dec.index,
-                            logits_at=jnp.maximum(obs_len - 1, 0), method="decode")  # [R, V]
+                            logits_at=jnp.maximum(obs_len - 1, 0), method="decode")  # [m, V]
   has = obs_len > 0
   next_pos = jnp.where(has, jnp.max(jnp.where(obs_mask[None], pos, -1), axis=(0, 2)) + 1, dec.next_pos)
   write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i,)))
-  tokens = jnp.where(has[:, None], write(carry.tokens, obs, dec.index), carry.tokens)
+  tokens = jnp.where(has[:, None], write(tokens, obs, dec.index), tokens)
   index = dec.index + obs_len
   dec = dec.replace(cache=cache, key_mask=key_mask, index=index, next_pos=next_pos,
                     logits=jnp.where(has[:, None], last, dec.logits))
-  return carry.replace(dec=dec, tokens=tokens, turn_start=jnp.where(has, index, carry.turn_start),
-                       done=carry.done | stop, status=jnp.where(stop, stop_status, carry.status),
-                       pending=carry.pending & ~need, waited=jnp.int32(0), inserts=carry.inserts + 1)
+  turn_start = jnp.where(has, index, turn_start)
+  stop_status = jnp.where(stop, stop_status, take(carry.status))
+  if whole:
+    put = lambda full, part: part
+  else:
+    dec = sampler.put_rows(carry.dec, rows, dec)
+    put = lambda full, part: full.at[rows].set(part, mode="drop")
+  return carry.replace(dec=dec, tokens=put(carry.tokens, tokens), turn_start=put(carry.turn_start, turn_start),
+                       done=carry.done | put(jnp.zeros((r,), bool), stop), status=put(carry.status, stop_status),
+                       pending=carry.pending & ~put(jnp.zeros((r,), bool), valid), waited=jnp.int32(0),
+                       inserts=carry.inserts + 1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "special"))
@@ -375,7 +432,8 @@ class Rollout:
     Returns:
       ``(arrays, trajectories)``: arrays with ``tokens``, ``attention_mask``, ``action_mask``,
       ``logprobs`` ``[R, S]``, ``status [R]``, ``length [R]`` and ``inserts []`` (observation
-      inserts: each one host call, one vision pass and one prefill for the batch) (numpy); one
+      inserts: each one host call, one vision pass and one prefill, of the batch or of
+      ``insert_rows`` rows) (numpy); one
       ``Trajectory`` per row.
     """
     cfg = self.cfg

@@ -61,6 +61,8 @@ def released_qwen_config(preset: str, arg: str | None = None) -> ml_collections.
     c.rollout.max_new_tokens = 8192
     c.rollout.group_size = 16  # DeepEyes, Mini-o3: n=16 (verl's example: 5)
     c.rollout.temperature = 1.0  # all three
+    c.rollout.insert_rows = 0  # inserts over the whole batch: rows are sharded over devices, and a gather
+    # of m rows would move their KV-cache rows (hundreds of MB each at 8k slots) between them
     c.rl.batch_size = 8  # questions per step (the peers take 256-512 on 8+ GPUs; scale with the mesh)
     c.rl.num_minibatches = 4  # verl's example: 4 updates per batch (DeepEyes 1, Mini-o3 8)
     c.rl.grad_accum = 1  # one pass per minibatch (the memory plan's); k > 1 keeps 1/k of its activations alive

@@ -145,6 +145,18 @@ def repeat_rows(state: DecodeState, group_size: int) -> DecodeState:
   return jax.tree_util.tree_map(rep, state)
 
 
+def take_rows(state: DecodeState, rows) -> DecodeState:
+  """The decode state of ``rows [m]`` (int indices into the ``B`` rows), cache rows included:
+  every leaf with a leading row axis, as ``repeat_rows`` reads them."""
+  return jax.tree_util.tree_map(lambda x: x[rows], state)
+
+
+def put_rows(state: DecodeState, rows, part: DecodeState) -> DecodeState:
+  """Writes ``part`` (``m`` rows, e.g. from ``take_rows``) back at ``rows [m]``; indices outside
+  ``0..B-1`` (padding) are dropped."""
+  return jax.tree_util.tree_map(lambda full, new: full.at[rows].set(new, mode="drop"), state, part)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "stop_token_ids", "pad_id", "group_size"))
 def _generate(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, rng, *, max_new_tokens,

@@ -164,3 +164,38 @@ def test_prompt_budgets_are_checked(env):
     small.prepare(prompt, images)
   with pytest.raises(ValueError, match="obs_max_tokens"):
     rl.RolloutConfig(obs_max_tokens=20, view_max_patches=256)
+
+
+@pytest.mark.parametrize("insert_rows", [1, 3])
+def test_insert_rows_gives_the_same_trajectories_with_one_insert_per_group(env, insert_rows):
+  """One prompt x 4 rows (R=4); rows 0 and 3 close calls on the same step, row 1 later, row 2
+  never. With ``insert_rows`` the inserts work on gathered groups of rows: the trajectories are
+  those of whole-batch inserts, and the count is one per group."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config, params, processor, ro, prompt, images = env
+  call = _call("confirm", image=1, bbox_2d=[0, 0, 60, 60])
+  scripts = [[call, "<answer>A</answer>"],
+             ["<think>a longer thought before the call</think>" + _call("reflect", image=2), "<answer>B</answer>"],
+             ["<answer>C</answer>"],
+             [call, "<think>and again</think>" + _call("confirm", image=2, bbox_2d=[5, 5, 50, 70]),
+              "<answer>D</answer>"]]
+  ids = [sum((processor.tokenizer.encode(t) for t in turns), []) + [config.eos_token_id] for turns in scripts]
+  forced = np.full((4, max(map(len, ids))), -1, np.int32)
+  for row, seq in enumerate(ids):
+    forced[row, :len(seq)] = seq
+  whole = rl.Rollout(ro.model, processor, dataclasses.replace(CFG, group_size=4), ro.tool_config)
+  grouped = rl.Rollout(ro.model, processor, dataclasses.replace(CFG, group_size=4, insert_rows=insert_rows),
+                       ro.tool_config)
+  out0, trajs0 = whole(params, prompt, images, jax.random.key(6), forced_tokens=forced)  # insert_rows 0
+  out1, trajs1 = grouped(params, prompt, images, jax.random.key(6), forced_tokens=forced)
+  # whole-batch inserts: rows 0 and 3 on one step, row 1 on a later one, row 3's second call later still
+  assert out0["inserts"] == 3
+  assert out1["inserts"] == (4 if insert_rows == 1 else 3)  # rows 0 and 3 are two groups of one, or one of 3
+  for key in ("tokens", "attention_mask", "action_mask", "status", "length"):
+    np.testing.assert_array_equal(out0[key], out1[key], err_msg=key)
+  np.testing.assert_allclose(out0["logprobs"], out1["logprobs"], atol=1e-5)
+  assert [t.answer for t in trajs1] == ["A", "B", "C", "D"]
+  assert [len(t.calls) for t in trajs1] == [1, 1, 0, 2] and all(c.entered for t in trajs1 for c in t.calls)
+  assert [[c.view_index for c in t.calls] for t in trajs1] == [[c.view_index for c in t.calls] for t in trajs0]
+  with pytest.raises(ValueError, match="insert_rows"):
+    rl.RolloutConfig(insert_rows=-1)

@@ -203,3 +203,23 @@ def test_generate_rejects_right_padding_and_mismatched_images(setup):
   with pytest.raises(qvl.ImageTokenMismatchError):
     sampler.generate(config, params, dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid),
                      max_new_tokens=2)
+
+
+def test_take_rows_and_put_rows_move_whole_rows_and_drop_padding():
+  b, s = 4, 6
+  rng = np.random.default_rng(0)
+  state = sampler.DecodeState(
+      cache=[{"k": jnp.asarray(rng.normal(size=(b, 2, s, 3)), jnp.float32),
+              "v": jnp.asarray(rng.normal(size=(b, 2, 3, s)), jnp.float32)}],
+      key_mask=jnp.asarray(rng.random((b, s)) < 0.5), index=jnp.arange(b, dtype=jnp.int32),
+      next_pos=jnp.arange(b, dtype=jnp.int32) + 10, logits=jnp.asarray(rng.normal(size=(b, 5)), jnp.float32))
+  part = sampler.take_rows(state, jnp.array([3, 1]))
+  np.testing.assert_array_equal(part.cache[0]["v"], np.asarray(state.cache[0]["v"])[[3, 1]])
+  np.testing.assert_array_equal(part.index, [3, 1])
+  changed = jax.tree_util.tree_map(lambda x: ~x if x.dtype == bool else x + 1, part)
+  out = sampler.put_rows(state, jnp.array([3, b]), changed)  # index b: padding, dropped
+  expect = jax.tree_util.tree_map(lambda x: np.asarray(x).copy(), state)
+  for leaf_out, leaf_new, leaf_old in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(changed),
+                                          jax.tree_util.tree_leaves(expect)):
+    leaf_old[3] = np.asarray(leaf_new)[0]
+    np.testing.assert_array_equal(leaf_out, leaf_old)
