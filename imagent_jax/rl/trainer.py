@@ -232,7 +232,7 @@ class Trainer:
     metrics["time/host_wait_fraction"] = (times["data_wait_s"] + rollout_host + times["batch_s"]) / max(step_s, 1e-9)
     metrics["time/step_s"] = step_s
     metrics["time/compile_s"] = compile_clock.seconds() - compiling  # new batch shapes: programs made this step
-    metrics["rollout_inserts"] = int(out["inserts"])  # see rollout.insert_wait
+    metrics["rollout_inserts"] = int(out["inserts"])  # groups of rollout.insert_rows rows; see also insert_wait
     if upd.get("skipped", 0):
       log.warning("step %d: %d update(s) skipped: non-finite loss or gradient", self.step, int(upd["skipped"]))
     return metrics
