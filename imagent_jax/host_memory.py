@@ -18,6 +18,7 @@ compile ends, before the program runs (``experiments/step_memory.py``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -102,7 +103,8 @@ def trim_after_compiles(enable: bool = True) -> bool:
   off the peak of every step that compiles a new shape (the embedded default's GRPO step:
   1.2-1.4 GB over the step's start without, 0.7-1.0 GB with; ``experiments/step_memory.py``).
   It changes no numerics and costs 1-50 ms per compile. Process-wide (a ``jax.monitoring``
-  listener); calling it twice registers it once. ``python -m imagent_jax.main`` turns it on.
+  listener); calling it twice registers it once. ``main.run`` turns it on for the run's
+  duration (``trimming_after_compiles``).
 
   Args:
     enable: False takes the listener off again.
@@ -120,3 +122,15 @@ def trim_after_compiles(enable: bool = True) -> bool:
     jax.monitoring.unregister_event_duration_listener(_trim_after_compile)
     _trimming_after_compiles = False
   return _trimming_after_compiles
+
+
+@contextlib.contextmanager
+def trimming_after_compiles():
+  """``trim_after_compiles`` inside a ``with`` block; the state before it is restored after it (so
+  a run started from a notebook or a test leaves the process as it found it)."""
+  before = _trimming_after_compiles
+  trim_after_compiles(True)
+  try:
+    yield
+  finally:
+    trim_after_compiles(before)

@@ -96,15 +96,15 @@ def run(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   report = Report(workdir, "imagent_jax run report")
   metrics = MetricsWriter(workdir)
-  host_memory.trim_after_compiles()  # a compile's freed working memory goes back before its program runs
   run_fns = [(stage, stages.run_function(stage)) for stage in stages.configured(config.stages)]
   results = {}
-  for stage, run_stage in run_fns:
-    t0 = time.perf_counter()
-    print(f"\n=== stage: {stage} ===")
-    results[stage] = run_stage(config, workdir, report, metrics)
-    host_memory.release()  # the stage's programs and freed heap pages (imagent_jax/host_memory.py)
-    print(f"=== stage {stage} done in {time.perf_counter() - t0:.1f}s ===")
+  with host_memory.trimming_after_compiles():  # a compile's freed working memory goes back before its program runs
+    for stage, run_stage in run_fns:
+      t0 = time.perf_counter()
+      print(f"\n=== stage: {stage} ===")
+      results[stage] = run_stage(config, workdir, report, metrics)
+      host_memory.release()  # the stage's programs and freed heap pages (imagent_jax/host_memory.py)
+      print(f"=== stage {stage} done in {time.perf_counter() - t0:.1f}s ===")
   if primary:
     path = report.write()
     print(f"\nReport: {path}\nMetrics: {metrics.path}")

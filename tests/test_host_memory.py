@@ -56,6 +56,9 @@ def test_resident_bytes():
 
 
 def test_trim_after_compiles_trims_once_per_compile_until_turned_off(monkeypatch):
+  host_memory.trim_after_compiles(False)  # an earlier main.run in this process may have turned it on
+  x, y = jnp.arange(3.0), jnp.arange(5.0)  # compiled here, before anything counts
+  f = jax.jit(lambda v: v * 3 - 1)
   trims, compiles = [], []
   monkeypatch.setattr(host_memory, "_malloc_trim", lambda: trims.append)  # malloc_trim(0) -> trims.append(0)
 
@@ -63,8 +66,6 @@ def test_trim_after_compiles_trims_once_per_compile_until_turned_off(monkeypatch
     if event == "/jax/core/compile/backend_compile_duration":
       compiles.append(duration_secs)
 
-  x, y = jnp.arange(3.0), jnp.arange(5.0)
-  f = jax.jit(lambda v: v * 3 - 1)
   jax.monitoring.register_event_duration_secs_listener(count)
   try:
     assert host_memory.trim_after_compiles()
@@ -84,5 +85,19 @@ def test_trim_after_compiles_trims_once_per_compile_until_turned_off(monkeypatch
 
 
 def test_trim_after_compiles_is_off_without_glibc(monkeypatch):
+  host_memory.trim_after_compiles(False)  # an earlier main.run in this process may have turned it on
   monkeypatch.setattr(host_memory, "_malloc_trim", lambda: None)
   assert not host_memory.trim_after_compiles()
+
+
+def test_trimming_after_compiles_restores_the_state_before_it():
+  host_memory.trim_after_compiles(False)
+  with host_memory.trimming_after_compiles():
+    assert host_memory._trimming_after_compiles is GLIBC  # pylint: disable=protected-access
+  assert not host_memory._trimming_after_compiles  # pylint: disable=protected-access
+  if GLIBC:
+    host_memory.trim_after_compiles(True)
+    with pytest.raises(RuntimeError), host_memory.trimming_after_compiles():
+      raise RuntimeError("a stage failed")
+    assert host_memory._trimming_after_compiles  # pylint: disable=protected-access
+    host_memory.trim_after_compiles(False)
