@@ -69,7 +69,7 @@ class RolloutConfig:
       obs_max_tokens]`` prefill). ``m > 0``: the rows that closed a call are gathered ``m`` at a
       time, with their cache rows, and each group is one insert (host call, vision pass over
       ``m`` view slots, ``[m, obs_max_tokens]`` prefill), one after another on the same decode
-      step; rows that need nothing cost nothing. Each row's insert reads and writes only its own
+      step; rows that need nothing cost nothing, and a lone row left over is a one-row insert. Each row's insert reads and writes only its own
       cache row, so the trajectories are those of whole-batch inserts up to the float rounding of
       dots over fewer rows (sampling log-probs within 4e-6 in the embedded default).
   """
@@ -233,17 +233,25 @@ def _host_step(episode_id, rows, valid, tokens, turn_start, cursor):
 def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: RolloutConfig):
   """Host call for the rows in ``need [R]``, then prefill of their observations into the cache:
   all rows in one insert (``cfg.insert_rows == 0``, or at least ``R``), else the rows in ``need``
-  in groups of ``cfg.insert_rows``, one insert each."""
+  in groups of ``cfg.insert_rows``, one insert each; a lone row left over is one single-row
+  insert (a second compiled branch), so it costs one row's vision pass and prefill, not ``m``."""
   r, m = need.shape[0], cfg.insert_rows
   if m == 0 or m >= r:
     return _insert_rows(model, params, carry, episode_id, jnp.arange(r, dtype=jnp.int32), need, cfg)
 
+  def group_of(size):
+    def insert(state):
+      c, left = state
+      rows = jnp.nonzero(left, size=size, fill_value=r)[0].astype(jnp.int32)  # the first rows still waiting
+      valid = rows < r
+      c = _insert_rows(model, params, c, episode_id, rows, valid, cfg)
+      return c, left & ~jnp.zeros((r,), bool).at[rows].set(valid, mode="drop")
+    return insert
+
   def one_group(state):
-    c, left = state
-    rows = jnp.nonzero(left, size=m, fill_value=r)[0].astype(jnp.int32)  # the first m rows still waiting
-    valid = rows < r
-    c = _insert_rows(model, params, c, episode_id, rows, valid, cfg)
-    return c, left & ~jnp.zeros((r,), bool).at[rows].set(valid, mode="drop")
+    if m == 1:
+      return group_of(1)(state)
+    return jax.lax.cond(jnp.sum(state[1]) == 1, group_of(1), group_of(m), state)
 
   carry, _ = jax.lax.while_loop(lambda state: jnp.any(state[1]), one_group, (carry, need))
   return carry

@@ -166,11 +166,12 @@ def test_prompt_budgets_are_checked(env):
     rl.RolloutConfig(obs_max_tokens=20, view_max_patches=256)
 
 
-@pytest.mark.parametrize("insert_rows", [1, 3])
-def test_insert_rows_gives_the_same_trajectories_with_one_insert_per_group(env, insert_rows):
+@pytest.mark.parametrize("insert_rows", [1, 2, 3])
+def test_insert_rows_gives_the_same_trajectories_with_one_insert_per_group(env, insert_rows, monkeypatch):
   """One prompt x 4 rows (R=4); rows 0 and 3 close calls on the same step, row 1 later, row 2
   never. With ``insert_rows`` the inserts work on gathered groups of rows: the trajectories are
-  those of whole-batch inserts, and the count is one per group."""
+  those of whole-batch inserts, the count is one per group, and a lone waiting row is a
+  one-row insert (the host call sees one row)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   config, params, processor, ro, prompt, images = env
   call = _call("confirm", image=1, bbox_2d=[0, 0, 60, 60])
@@ -187,10 +188,16 @@ def test_insert_rows_gives_the_same_trajectories_with_one_insert_per_group(env, 
   grouped = rl.Rollout(ro.model, processor, dataclasses.replace(CFG, group_size=4, insert_rows=insert_rows),
                        ro.tool_config)
   out0, trajs0 = whole(params, prompt, images, jax.random.key(6), forced_tokens=forced)  # insert_rows 0
+  sizes, host_step = [], rl._host_step  # pylint: disable=protected-access
+  def spy(episode_id, rows, *args):
+    sizes.append(len(rows))
+    return host_step(episode_id, rows, *args)
+  monkeypatch.setattr(rl, "_host_step", spy)  # read when the grouped config's program is traced
   out1, trajs1 = grouped(params, prompt, images, jax.random.key(6), forced_tokens=forced)
   # whole-batch inserts: rows 0 and 3 on one step, row 1 on a later one, row 3's second call later still
   assert out0["inserts"] == 3
-  assert out1["inserts"] == (4 if insert_rows == 1 else 3)  # rows 0 and 3 are two groups of one, or one of 3
+  assert out1["inserts"] == (4 if insert_rows == 1 else 3)  # rows 0 and 3: two groups of one, or one group
+  assert sizes == ([1, 1, 1, 1] if insert_rows == 1 else [insert_rows, 1, 1])  # row 1, then row 3, alone
   for key in ("tokens", "attention_mask", "action_mask", "status", "length"):
     np.testing.assert_array_equal(out0[key], out1[key], err_msg=key)
   np.testing.assert_allclose(out0["logprobs"], out1["logprobs"], atol=1e-5)
