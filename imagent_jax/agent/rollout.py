@@ -87,6 +87,7 @@ class RolloutConfig:
   top_p: float = 1.0
   insert_wait: int = 0
   insert_rows: int = 0
+  share_prefix: bool = True
 
   def __post_init__(self):
     for name, low in (("group_size", 1), ("max_prompt_len", 1), ("prompt_patches", 0), ("max_prompt_images", 0),
@@ -305,16 +306,17 @@ def _insert_rows(model, params, carry: _Carry, episode_id, rows, valid, cfg: Rol
                        inserts=carry.inserts + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg", "special"))
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "special", "shared_prefix"))
 def _rollout_program(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, forced, rng, episode_id,
-                     row_ids, *, cfg: RolloutConfig, special: tuple[int, int, int]):
+                     row_ids, *, cfg: RolloutConfig, special: tuple[int, int, int], shared_prefix: int = 0):
   eos_id, call_end_id, pad_id = special[:3]
   banned = special[3:]
   b, l = input_ids.shape
   seq_len = l + cfg.max_new_tokens
   k = cfg.obs_max_tokens
   dec = sampler.prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, seq_len + k,
-                        num_image_features=family_of(model.config).num_real_features(model.config, image_grid_thw))
+                        num_image_features=family_of(model.config).num_real_features(model.config, image_grid_thw),
+                        shared_prefix=shared_prefix)
   dec = sampler.repeat_rows(dec, cfg.group_size)
   r = b * cfg.group_size
   tokens = jnp.full((r, seq_len + k), pad_id, jnp.int32).at[:, :l].set(jnp.repeat(input_ids, cfg.group_size, 0))
@@ -400,6 +402,7 @@ class Rollout:
       raise ValueError(f"the tokenizer has no single token for {chat.TOOL_CALL_END}")
     self.pad_id = c.pad_token_id if c.pad_token_id is not None else tok.pad_id
     self.banned_token_ids = self.family.banned_token_ids(c)
+    self.turn_end_id = tok.token_to_id(chat.IM_END)
     self.last_host_s = 0.0  # the last call's host work outside the program (prompt preprocessing, records)
 
   def prepare(self, prompts: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]]) -> dict:
@@ -464,10 +467,11 @@ class Rollout:
     try:
       forced = None if forced_tokens is None else np.asarray(forced_tokens, np.int32)
       row_ids = np.arange(r, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32).reshape(r)
+      shared = self.shared_prefix(inputs)
       out = _rollout_program(self.model, params, inputs["input_ids"], inputs["attention_mask"],
                              inputs["pixel_values"], inputs["image_grid_thw"], forced, rng, np.int32(episode_id), row_ids,
                              cfg=cfg, special=(int(self.eos_id), int(self.call_end_id), int(self.pad_id))
-                             + self.banned_token_ids)
+                             + self.banned_token_ids, shared_prefix=shared)
       out = {k: np.asarray(v) for k, v in out.items()}
     finally:
       with _LOCK:
@@ -476,6 +480,14 @@ class Rollout:
     trajs = self._records(out, ep)
     self.last_host_s = host + time.perf_counter() - t0  # prompt preprocessing + decoding the records
     return out, trajs
+
+  def shared_prefix(self, inputs: dict) -> int:
+    """Tokens of the system turn every prompt of ``prepare``'s ``inputs`` opens with, prefilled
+    once for the batch (``cfg.share_prefix``); 0 when they do not share one (or it is off)."""
+    if not self.cfg.share_prefix or self.turn_end_id is None:
+      return 0
+    return sampler.shared_prefix_length(inputs["input_ids"], inputs["attention_mask"], self.turn_end_id,
+                                        self.banned_token_ids)
 
   def _records(self, out: dict, ep: _Episode) -> list[Trajectory]:
     tok = self.processor.tokenizer

@@ -110,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.top_k = 0
   c.rollout.top_p = 1.0
   c.rollout.insert_wait = 0  # steps a row that closed a tool call may wait so one insert serves several calls
+  c.rollout.share_prefix = True  # prefill the prompts' common system turn (tool schemas) once per batch, not per row
   c.rollout.insert_rows = 2  # rows one observation insert computes: those that closed a call, 2 at a time (0: the whole batch)
   c.rollout.scripted_rows = -1  # rollout stage: rows per group that follow a demo script; -1: 1 with random weights
 

@@ -138,6 +138,11 @@ class VLMFamily(abc.ABC):
     """An empty KV cache pytree for ``batch`` rows of ``max_len`` slots."""
 
   @abc.abstractmethod
+  def place_prefix(self, config, cache, prefix, starts) -> Any:
+    """``cache`` (``B`` rows) with the 1-row ``prefix`` cache's ``K`` slots copied into every row
+    ``b`` at slots ``starts[b] ..`` (``starts [B]``): a prompt prefix prefilled once for all rows."""
+
+  @abc.abstractmethod
   def positions(self, config, input_ids, attention_mask, image_grid_thw, *, offset=None):
     """``(positions, deltas [B])`` of a (padded) batch, in-graph; ``offset [B]`` continues rows.
 

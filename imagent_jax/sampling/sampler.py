@@ -86,7 +86,7 @@ def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: 
 
 
 def prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw,
-            cache_len: int, num_image_features=None) -> DecodeState:
+            cache_len: int, num_image_features=None, shared_prefix: int = 0) -> DecodeState:
   """Runs the prompt through the model into a fresh cache of ``cache_len`` slots.
 
   Args:
@@ -98,6 +98,12 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_t
     image_grid_thw: ``[N, 3]`` or None.
     cache_len: ``S >= L`` slots; slots ``L..S-1`` are left for generated (or inserted) tokens.
     num_image_features: real merged features when ``pixel_values`` is padded to a static budget.
+    shared_prefix: ``K > 0`` when every row's first ``K`` real tokens are the same text (a
+      system prompt; no image tokens; the caller checks, e.g. ``shared_prefix_length``): they
+      are prefilled once, as one row, and their keys and values written into every row's
+      slots; then each row's slots ``K..L-1`` are prefilled over that cache (a row whose
+      prompt starts after slot ``K`` recomputes the prefix tokens it has there). The state is
+      the whole prefill's up to float rounding, for ``1/B`` of the prefix's compute.
 
   Only each row's last real position goes through the vocabulary projection.
   """
@@ -107,15 +113,53 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_t
   features = None
   if pixel_values is not None:
     features = model.apply({"params": params}, pixel_values, image_grid_thw, method="encode_images")
-  embeds = model.apply({"params": params}, input_ids, features, num_image_features, method="embed")
-  positions, deltas = family.positions(c, input_ids, attention_mask, image_grid_thw)
+  mask = jnp.asarray(attention_mask).astype(bool)
+  key_mask = jnp.zeros((b, cache_len), bool).at[:, :l].set(mask)
+  last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # [B] last real position
   cache = family.init_cache(c, b, cache_len, model.dtype)
-  key_mask = jnp.zeros((b, cache_len), bool).at[:, :l].set(attention_mask.astype(bool))
-  last = l - 1 - jnp.argmax(jnp.asarray(attention_mask)[:, ::-1] > 0, axis=1)  # [B] last real position
-  logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0, logits_at=last,
+  start = 0
+  offset = None
+  if shared_prefix:
+    k = int(shared_prefix)
+    if not 0 < k < l:
+      raise ValueError(f"shared_prefix={k} must lie in (0, {l}) for prompts of {l} slots")
+    first = jnp.argmax(mask, axis=1).astype(jnp.int32)  # [B] slot of each row's first real token
+    ids = jax.lax.dynamic_slice(jnp.asarray(input_ids)[0], (first[0],), (k,))[None]  # [1, K] row 0's prefix
+    one = family.init_cache(c, 1, k, model.dtype)
+    pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (3, 1, k))  # text only: all streams at 0..K-1
+    embeds = model.apply({"params": params}, ids, None, method="embed")
+    _, one = model.apply({"params": params}, embeds, pos, jnp.ones((1, k), bool), one, 0, logits_at=jnp.zeros((1,), jnp.int32),
+                         method="decode")
+    cache = family.place_prefix(c, cache, one, first)
+    start = k
+    offset = jnp.maximum(k - first, 0)  # real tokens of each row before slot K: the prefix's first ones
+  ids, window = jnp.asarray(input_ids)[:, start:], mask[:, start:]
+  embeds = model.apply({"params": params}, ids, features, num_image_features, method="embed")
+  positions, deltas = family.positions(c, ids, window, image_grid_thw, offset=offset)
+  logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, start, logits_at=last - start,
                               method="decode")
-  return DecodeState(cache=cache, key_mask=key_mask, index=jnp.full((b,), l, jnp.int32), next_pos=l + deltas,
-                     logits=logits)
+  return DecodeState(cache=cache, key_mask=key_mask, index=jnp.full((b,), l, jnp.int32),
+                     next_pos=(l - start) + deltas, logits=logits)
+
+
+def shared_prefix_length(input_ids, attention_mask, end_id: int, image_ids: Sequence[int]) -> int:
+  """The prefix ``sampler.prefill(..., shared_prefix=K)`` may share: every row's real tokens up
+  to and including the first ``end_id`` (the system turn's ``<|im_end|>``), when all rows of
+  ``input_ids [B, L]`` (left-padded, ``attention_mask [B, L]``; numpy) start with the same such
+  turn and it holds no token of ``image_ids``; else 0 (also for ``B == 1``: nothing to share).
+  Depends only on the prompts' common opening, so every batch of a config gets the same ``K``."""
+  ids, mask = np.asarray(input_ids), np.asarray(attention_mask).astype(bool)
+  if ids.shape[0] < 2:
+    return 0
+  rows = [r[m] for r, m in zip(ids, mask)]
+  ends = np.flatnonzero(rows[0] == end_id)
+  if not len(ends):
+    return 0
+  k = int(ends[0]) + 1
+  head = rows[0][:k]
+  if k >= ids.shape[1] or np.isin(head, list(image_ids)).any():
+    return 0
+  return k if all(len(r) > k and np.array_equal(r[:k], head) for r in rows[1:]) else 0
 
 
 def decode_step(model, params, state: DecodeState, tokens, active=None) -> DecodeState:

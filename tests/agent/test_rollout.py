@@ -17,7 +17,7 @@ from imagent_jax.agent import tools, trajectory
 from imagent_jax.data import synthetic
 from imagent_jax.models import get_preset
 from imagent_jax.models import qwen2_5_vl as qvl
-from imagent_jax.processing import Processor, build_tiny_tokenizer
+from imagent_jax.processing import Processor, build_tiny_tokenizer, chat
 
 PIX = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
 CFG = rl.RolloutConfig(group_size=2, max_prompt_len=900, prompt_patches=768, max_prompt_images=3, max_new_tokens=700,
@@ -206,3 +206,32 @@ def test_insert_rows_gives_the_same_trajectories_with_one_insert_per_group(env, 
   assert [[c.view_index for c in t.calls] for t in trajs1] == [[c.view_index for c in t.calls] for t in trajs0]
   with pytest.raises(ValueError, match="insert_rows"):
     rl.RolloutConfig(insert_rows=-1)
+
+
+def test_shared_system_turn_is_prefilled_once_with_the_same_trajectories(env):
+  """Two prompts (other questions, other image counts) open with the same system turn: with
+  ``share_prefix`` it is prefilled once for the batch, and the trajectories are those of
+  per-row prefills (tokens, masks, statuses; log-probs up to float rounding)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config, params, processor, ro, prompt, images = env
+  prompts = [protocol.build_prompt_messages("Which image has the most red shapes?", 2, tools=tools.tool_schemas()),
+             protocol.build_prompt_messages("Is the circle blue?", 1, tools=tools.tool_schemas())]
+  imgs = [images[0][:2], images[0][2:]]
+  turns = [_call("confirm", image=1, bbox_2d=[0, 0, 60, 60]), "<answer>A</answer>"]
+  seq = sum((processor.tokenizer.encode(t) for t in turns), []) + [config.eos_token_id]
+  forced = np.full((4, len(seq)), -1, np.int32)
+  forced[0], forced[3] = seq, seq
+  cfg = dataclasses.replace(CFG, share_prefix=True)
+  shared = rl.Rollout(ro.model, processor, cfg, ro.tool_config)
+  plain = rl.Rollout(ro.model, processor, dataclasses.replace(cfg, share_prefix=False), ro.tool_config)
+  inputs = shared.prepare(prompts, imgs)
+  k = shared.shared_prefix(inputs)
+  opening = processor.tokenizer.encode(chat.apply_chat_template(prompts[0][:1], add_generation_prompt=False))
+  assert k == len(opening) - 1 > 100  # the system turn up to its <|im_end|>, without the newline after it
+  assert plain.shared_prefix(inputs) == 0 and shared.shared_prefix(shared.prepare(prompts[:1], imgs[:1])) == 0
+  out0, trajs0 = plain(params, prompts, imgs, jax.random.key(4), forced_tokens=forced)
+  out1, trajs1 = shared(params, prompts, imgs, jax.random.key(4), forced_tokens=forced)
+  for key in ("tokens", "attention_mask", "action_mask", "status", "length"):
+    np.testing.assert_array_equal(out0[key], out1[key], err_msg=key)
+  np.testing.assert_allclose(out0["logprobs"], out1["logprobs"], atol=1e-5)
+  assert [t.answer for t in trajs1][::3] == ["A", "A"] and trajs1[3].calls[0].entered

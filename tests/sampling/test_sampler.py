@@ -167,6 +167,56 @@ def test_prefill_logits_are_the_forward_logits_at_each_rows_last_token(setup):
   np.testing.assert_allclose(np.asarray(picked), full[np.arange(3), first], atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["dense", "blocked"])
+def test_shared_prefix_prefill_equals_the_whole_prefill(setup, attention):
+  """Rows that open with the same text (a system turn) may prefill it once: the decode state (cache
+  at every real slot, logits, positions) is the whole prefill's, for rows whose prompt starts
+  before, at and after the window's first slot, with images after the prefix; then decoding on
+  from it gives the same tokens."""
+  config, params, _, pv, grid = setup
+  rng = np.random.RandomState(5)
+  end = config.eos_token_id  # stands for <|im_end|>, the system turn's last token
+  head = list(rng.randint(0, 400, size=9)) + [end]
+  rows = [head + list(rng.randint(0, 400, size=3)) + [config.vision_start_token_id]
+          + [config.image_token_id] * (int(grid[0].prod()) // 4) + [config.vision_end_token_id, 7],
+          head + [5, 6],
+          head + list(rng.randint(0, 400, size=4)) + [config.vision_start_token_id]
+          + [config.image_token_id] * (int(grid[2].prod()) // 4) + [config.vision_end_token_id]]
+  width = max(map(len, rows))
+  ids = np.array([[config.pad_token_id] * (width - len(r)) + r for r in rows], np.int32)
+  mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
+  pv2 = np.concatenate([pv[:int(grid[0].prod())], pv[-int(grid[2].prod()):]])
+  grid2 = np.stack([grid[0], grid[2]])
+  k = sampler.shared_prefix_length(ids, mask, end, [config.image_token_id, config.vision_start_token_id])
+  assert k == 10
+  first = np.argmax(mask, axis=1)
+  assert first.min() < k < first.max()  # one row's prompt starts inside the window
+  model = qvl.Qwen25VL(config, attention=attention, attention_block=8)
+  run = jax.jit(lambda p, i, m, x, g, shared: sampler.prefill(model, p, i, m, x, g, width + 6, shared_prefix=shared),
+                static_argnums=5)
+  whole, shared = run(params, ids, mask, pv2, grid2, 0), run(params, ids, mask, pv2, grid2, k)
+  np.testing.assert_allclose(np.asarray(shared.logits), np.asarray(whole.logits), atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(shared.next_pos), np.asarray(whole.next_pos))
+  np.testing.assert_array_equal(np.asarray(shared.key_mask), np.asarray(whole.key_mask))
+  real = np.asarray(whole.key_mask)
+  for a, b in zip(whole.cache, shared.cache):
+    np.testing.assert_allclose(np.asarray(b["k"]).transpose(0, 2, 1, 3)[real], np.asarray(a["k"]).transpose(0, 2, 1, 3)[real],
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(b["v"]).transpose(0, 3, 1, 2)[real], np.asarray(a["v"]).transpose(0, 3, 1, 2)[real],
+                               atol=1e-4)
+  step = jax.jit(lambda p, st, t: sampler.decode_step(model, p, st, t))
+  tok = jnp.argmax(whole.logits, -1).astype(jnp.int32)
+  np.testing.assert_allclose(np.asarray(step(params, shared, tok).logits), np.asarray(step(params, whole, tok).logits),
+                             atol=1e-4)
+  # No shared opening: another first turn, a single row, images in the prefix, no end token.
+  other = ids.copy()
+  other[1, first[1] + 2] += 1
+  assert sampler.shared_prefix_length(other, mask, end, [config.image_token_id]) == 0
+  assert sampler.shared_prefix_length(ids[:1], mask[:1], end, [config.image_token_id]) == 0
+  assert sampler.shared_prefix_length(ids, mask, end, [int(head[3])]) == 0
+  assert sampler.shared_prefix_length(ids, mask, 401, [config.image_token_id]) == 0
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(setup):
   config, params, _, _, _ = setup
   ids, mask = _batch(config, np.random.RandomState(5), [[6]])

@@ -34,6 +34,9 @@ class Qwen25VLFamily(VLMFamily):
   def init_cache(self, config, batch: int, max_len: int, dtype: Any):
     return model_lib.init_cache(config, batch, max_len, dtype)
 
+  def place_prefix(self, config, cache, prefix, starts):
+    return model_lib.place_prefix(cache, prefix, starts)
+
   def positions(self, config, input_ids, attention_mask, image_grid_thw, *, offset=None):
     return mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id=config.image_token_id,
                            spatial_merge_size=config.vision.spatial_merge_size, offset=offset)

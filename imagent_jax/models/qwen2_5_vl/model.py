@@ -711,3 +711,25 @@ def write_cache(cache, k, v, index):
   k_new = jnp.transpose(k, (0, 2, 1, 3)).astype(cache["k"].dtype)  # [B, Hkv, L, hd]
   v_new = jnp.transpose(v, (0, 2, 3, 1)).astype(cache["v"].dtype)  # [B, Hkv, hd, L]
   return {"k": put(1)(cache["k"], k_new, idx), "v": put(2)(cache["v"], v_new, idx)}
+
+
+def place_prefix(cache, prefix, starts):
+  """Writes one row's cached prefix into every row of ``cache`` (``init_cache`` layout).
+
+  Args:
+    cache: the ``B``-row cache, one ``{'k', 'v'}`` per layer.
+    prefix: a 1-row cache of ``K`` slots (the shared prefix's keys and values).
+    starts: ``[B]`` slot where each row's copy begins.
+
+  Returns:
+    ``cache`` with slots ``starts[b] .. starts[b] + K - 1`` of row ``b`` holding the prefix.
+  """
+  b = starts.shape[0]
+  out = []
+  for layer, pre in zip(cache, prefix):
+    k = jnp.transpose(pre["k"], (0, 2, 1, 3))  # [1, K, Hkv, hd]: write_cache's input layout
+    v = jnp.transpose(pre["v"], (0, 3, 1, 2))
+    out.append(write_cache(layer, jnp.broadcast_to(k, (b,) + k.shape[1:]), jnp.broadcast_to(v, (b,) + v.shape[1:]),
+                           starts))
+  return out
+
