@@ -14,8 +14,8 @@ Two comparisons, both on the same random Qwen2.5-VL weights (created once in JAX
 
 (b) Multi-turn rollout with image tools. ``Rollout.__call__`` (the whole agent loop as one
     jitted program, tool calls through ``io_callback``, observations prefilled into the KV
-    cache) against ``agent.turn_loop.HostTurnLoop``, the host turn loop built from the same
-    jitted pieces the way host-driven stacks do it without cache surgery: a jitted prefill of the
+    cache, the prompts' common system turn prefilled once: ``RolloutConfig.share_prefix``)
+    against ``agent.turn_loop.HostTurnLoop``, the host turn loop built from the same jitted pieces the way host-driven stacks do it without cache surgery: a jitted prefill of the
     whole sequence so far (prompt, earlier turns and observations, every image re-encoded), a
     jitted ``while_loop`` that decodes until every row closed a tool call or ended, the tools on
     the host (the rollout's own host step), and again until every row answered. Both are driven
@@ -325,7 +325,8 @@ def rollout_module(config, max_pixels: int, plain: bool = False):
 
 
 def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats: int,
-                  insert_wait: int = 0, plain: bool = False, insert_rows: int = 0) -> dict[str, Any]:
+                  insert_wait: int = 0, plain: bool = False, insert_rows: int = 0,
+                  share_prefix: bool = True) -> dict[str, Any]:
   """Part (b): the jitted rollout against the host turn loop, same prompts, script and weights
   (the module of ``rollout_module``)."""
   s = rollout_settings(quick, batch)
@@ -339,7 +340,8 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
   cfg = rl.RolloutConfig(group_size=1, max_prompt_len=max_prompt_len, prompt_patches=prompt_patches,
                          max_prompt_images=len(probe["image_grid_thw"]), max_new_tokens=s["max_new_tokens"],
                          max_tool_calls=3, obs_max_tokens=s["obs_max_tokens"], view_max_patches=s["view_max_patches"],
-                         temperature=1.0, insert_wait=insert_wait, insert_rows=insert_rows)
+                         temperature=1.0, insert_wait=insert_wait, insert_rows=insert_rows,
+                         share_prefix=share_prefix)
   family = family_of(config)
   pixels_per_patch = family.geometry(config).pixels_per_patch
   tool_config = tools_lib.ToolConfig(input_min_pixels=pix["min_pixels"], input_max_pixels=pix["max_pixels"],
@@ -390,7 +392,7 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
               host_gap=host_gap, answered=answered, rows=s["batch"], image_calls=image_calls,
               insert_events=int(out["inserts"]), call_steps=len(call_steps), host_rounds=host_rounds,
               host_shapes=sorted(host.shapes), cfg=cfg, prompt_tokens=probe["attention_mask"].sum(1).tolist(),
-              prompt_patches=len(probe["pixel_values"]))
+              prompt_patches=len(probe["pixel_values"]), shared_prefix=ro.shared_prefix(ro.prepare(prompts, images)))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -418,7 +420,8 @@ def _print_rollout(rol: dict[str, Any]) -> None:
   print("(b) max |log-prob - teacher-forced forward| per row: ours "
         f"{[float(f'{x:.1e}') for x in rol['ours_gap']]}, host loop {[float(f'{x:.1e}') for x in rol['host_gap']]}")
   print(f"(b) ours: {rol['insert_events']} in-graph observation inserts (calls close on {rol['call_steps']} "
-        f"distinct steps; insert_wait {cfg.insert_wait}, insert_rows {cfg.insert_rows}); host loop: "
+        f"distinct steps; insert_wait {cfg.insert_wait}, insert_rows {cfg.insert_rows}; shared system turn "
+        f"{rol['shared_prefix']} tokens, prefilled once); host loop: "
         f"{rol['host_rounds']} rounds, compiled shapes {rol['host_shapes']}")
   print(f"(b) timed walls ours {[round(x, 3) for x in rol['ours_walls']]}, "
         f"host loop {[round(x, 3) for x in rol['host_walls']]}; first calls ours {rol['ours_first']:.1f} s, "
@@ -440,6 +443,10 @@ def main(argv=None):
   parser.add_argument("--insert-rows", type=int, default=schema.get_config().rollout.insert_rows,
                       help="(b): rows one observation insert computes (0: the whole batch); default: the "
                            "embedded default's rollout.insert_rows")
+  parser.add_argument("--no-share-prefix", action="store_true",
+                      default=not schema.get_config().rollout.share_prefix,
+                      help="(b): prefill every prompt whole in our rollout (default: the embedded default's "
+                           "rollout.share_prefix, the common system turn prefilled once)")
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
 
@@ -474,7 +481,8 @@ def main(argv=None):
       _print_decode(dec, new_tokens)
     if args.only in (None, "rollout"):
       rol = bench_rollout(config, params, os.path.join(tmp, "tok"), args.quick, args.batch, repeats,
-                          insert_wait=args.insert_wait, plain=args.plain, insert_rows=args.insert_rows)
+                          insert_wait=args.insert_wait, plain=args.plain, insert_rows=args.insert_rows,
+                          share_prefix=not args.no_share_prefix)
       _print_rollout(rol)
 
   rows = []

@@ -5,7 +5,8 @@ every image re-encoded) with the sampler's ``prefill``, then decodes with ``deco
 every row closed a tool call, ended its turn or filled its sequence. The host then runs each call
 exactly as the jitted rollout's callback does (``rollout._observation``: parse, tool, view,
 observation tokens) and appends the observation to the row's tokens. No cache surgery, no
-in-graph inserts: positions and image features come from one prefill of the plain sequence.
+in-graph inserts, no shared system turn (the rollout's ``share_prefix``): positions and image
+features come from one prefill of every row's plain sequence.
 
 It is
 
