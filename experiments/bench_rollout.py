@@ -15,8 +15,9 @@ Two comparisons, both on the same random Qwen2.5-VL weights (created once in JAX
 (b) Multi-turn rollout with image tools. ``Rollout.__call__`` (the whole agent loop as one
     jitted program, tool calls through ``io_callback``, observations prefilled into the KV
     cache, the prompts' common system turn prefilled once: ``RolloutConfig.share_prefix``)
-    against ``agent.turn_loop.HostTurnLoop``, the host turn loop built from the same jitted pieces the way host-driven stacks do it without cache surgery: a jitted prefill of the
-    whole sequence so far (prompt, earlier turns and observations, every image re-encoded), a
+    against ``agent.turn_loop.HostTurnLoop``, the host turn loop built from the same jitted pieces
+    the way host-driven stacks do it without cache surgery: a jitted prefill of the whole
+    sequence so far (prompt, earlier turns and observations, every image re-encoded), a
     jitted ``while_loop`` that decodes until every row closed a tool call or ended, the tools on
     the host (the rollout's own host step), and again until every row answered. Both are driven
     by the same scripted policy (forced tokens: two tool calls, then an answer), so they produce

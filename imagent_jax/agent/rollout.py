@@ -69,9 +69,10 @@ class RolloutConfig:
       obs_max_tokens]`` prefill). ``m > 0``: the rows that closed a call are gathered ``m`` at a
       time, with their cache rows, and each group is one insert (host call, vision pass over
       ``m`` view slots, ``[m, obs_max_tokens]`` prefill), one after another on the same decode
-      step; rows that need nothing cost nothing, and a lone row left over is a one-row insert. Each row's insert reads and writes only its own
-      cache row, so the trajectories are those of whole-batch inserts up to the float rounding of
-      dots over fewer rows (sampling log-probs within 4e-6 in the embedded default).
+      step; rows that need nothing cost nothing, and a lone row left over is a one-row insert.
+      Each row's insert reads and writes only its own cache row, so the trajectories are those
+      of whole-batch inserts up to the float rounding of dots over fewer rows (sampling
+      log-probs within 4e-6 in the embedded default).
   """
 
   group_size: int = 4

@@ -128,8 +128,8 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_t
     one = family.init_cache(c, 1, k, model.dtype)
     pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (3, 1, k))  # text only: all streams at 0..K-1
     embeds = model.apply({"params": params}, ids, None, method="embed")
-    _, one = model.apply({"params": params}, embeds, pos, jnp.ones((1, k), bool), one, 0, logits_at=jnp.zeros((1,), jnp.int32),
-                         method="decode")
+    _, one = model.apply({"params": params}, embeds, pos, jnp.ones((1, k), bool), one, 0,
+                         logits_at=jnp.zeros((1,), jnp.int32), method="decode")
     cache = family.place_prefix(c, cache, one, first)
     start = k
     offset = jnp.maximum(k - first, 0)  # real tokens of each row before slot K: the prefix's first ones

@@ -199,11 +199,11 @@ def test_shared_prefix_prefill_equals_the_whole_prefill(setup, attention):
   np.testing.assert_array_equal(np.asarray(shared.next_pos), np.asarray(whole.next_pos))
   np.testing.assert_array_equal(np.asarray(shared.key_mask), np.asarray(whole.key_mask))
   real = np.asarray(whole.key_mask)
+  slots_first = {"k": (0, 2, 1, 3), "v": (0, 3, 1, 2)}  # [B, S, Hkv, hd] from the cache layouts
   for a, b in zip(whole.cache, shared.cache):
-    np.testing.assert_allclose(np.asarray(b["k"]).transpose(0, 2, 1, 3)[real], np.asarray(a["k"]).transpose(0, 2, 1, 3)[real],
-                               atol=1e-4)
-    np.testing.assert_allclose(np.asarray(b["v"]).transpose(0, 3, 1, 2)[real], np.asarray(a["v"]).transpose(0, 3, 1, 2)[real],
-                               atol=1e-4)
+    for name, axes in slots_first.items():
+      np.testing.assert_allclose(np.asarray(b[name]).transpose(axes)[real], np.asarray(a[name]).transpose(axes)[real],
+                                 atol=1e-4, err_msg=name)
   step = jax.jit(lambda p, st, t: sampler.decode_step(model, p, st, t))
   tok = jnp.argmax(whole.logits, -1).astype(jnp.int32)
   np.testing.assert_allclose(np.asarray(step(params, shared, tok).logits), np.asarray(step(params, whole, tok).logits),
