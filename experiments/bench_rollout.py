@@ -393,7 +393,7 @@ def bench_rollout(config, params, tok_dir: str, quick: bool, batch: int, repeats
               host_gap=host_gap, answered=answered, rows=s["batch"], image_calls=image_calls,
               insert_events=int(out["inserts"]), call_steps=len(call_steps), host_rounds=host_rounds,
               host_shapes=sorted(host.shapes), cfg=cfg, prompt_tokens=probe["attention_mask"].sum(1).tolist(),
-              prompt_patches=len(probe["pixel_values"]), shared_prefix=ro.shared_prefix(ro.prepare(prompts, images)))
+              prompt_patches=len(probe["pixel_values"]), shared_prefix=ro.shared_prefix(probe))  # K reads the rows, not their padding
 
 
 # ------------------------------------------------------------------------------------------ main

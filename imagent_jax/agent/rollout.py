@@ -250,11 +250,8 @@ def _insert_observations(model, params, carry: _Carry, episode_id, need, cfg: Ro
       return c, left & ~jnp.zeros((r,), bool).at[rows].set(valid, mode="drop")
     return insert
 
-  def one_group(state):
-    if m == 1:
-      return group_of(1)(state)
-    return jax.lax.cond(jnp.sum(state[1]) == 1, group_of(1), group_of(m), state)
-
+  one_group = group_of(1) if m == 1 else (
+      lambda state: jax.lax.cond(jnp.sum(state[1]) == 1, group_of(1), group_of(m), state))
   carry, _ = jax.lax.while_loop(lambda state: jnp.any(state[1]), one_group, (carry, need))
   return carry
 
@@ -483,8 +480,9 @@ class Rollout:
     return out, trajs
 
   def shared_prefix(self, inputs: dict) -> int:
-    """Tokens of the system turn every prompt of ``prepare``'s ``inputs`` opens with, prefilled
-    once for the batch (``cfg.share_prefix``); 0 when they do not share one (or it is off)."""
+    """Tokens of the system turn every prompt of ``inputs`` (``prepare``'s, or any left-padded
+    processor output of the batch: the padding does not matter) opens with, prefilled once for
+    the batch (``cfg.share_prefix``); 0 when they do not share one (or it is off)."""
     if not self.cfg.share_prefix or self.turn_end_id is None:
       return 0
     return sampler.shared_prefix_length(inputs["input_ids"], inputs["attention_mask"], self.turn_end_id,

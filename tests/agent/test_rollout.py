@@ -226,6 +226,7 @@ def test_shared_system_turn_is_prefilled_once_with_the_same_trajectories(env):
   plain = rl.Rollout(ro.model, processor, dataclasses.replace(cfg, share_prefix=False), ro.tool_config)
   inputs = shared.prepare(prompts, imgs)
   k = shared.shared_prefix(inputs)
+  assert shared.shared_prefix(processor(prompts, imgs)) == k  # the unpadded processor output: the same K
   opening = processor.tokenizer.encode(chat.apply_chat_template(prompts[0][:1], add_generation_prompt=False))
   assert k == len(opening) - 1 > 100  # the system turn up to its <|im_end|>, without the newline after it
   assert plain.shared_prefix(inputs) == 0 and shared.shared_prefix(shared.prepare(prompts[:1], imgs[:1])) == 0
