@@ -262,7 +262,11 @@ def plan_rollout(s: Setting, mesh) -> dict[str, float]:
   special = (model_config.eos_token_id, model_config.eos_token_id + 1, model_config.pad_token_id or 0)
   special += family.banned_token_ids(model_config)
   with _activation_rules(mesh):
-    lowered = rollout_lib._rollout_program.lower(model, params, *args, cfg=cfg, special=special)  # pylint: disable=protected-access
+    # The plan is an accelerator's: the CPU-only decode form (attention over the used cache
+    # prefix, family.for_decoding) is left out although this lowers on CPU.
+    extra = dict(decode_backend="gpu") if "decode_backend" in inspect.signature(
+        rollout_lib._rollout_program).parameters else {}  # pylint: disable=protected-access
+    lowered = rollout_lib._rollout_program.lower(model, params, *args, cfg=cfg, special=special, **extra)  # pylint: disable=protected-access
   return _report(lowered.compile())
 
 

@@ -304,9 +304,10 @@ def _insert_rows(model, params, carry: _Carry, episode_id, rows, valid, cfg: Rol
                        inserts=carry.inserts + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg", "special", "shared_prefix"))
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "special", "shared_prefix", "decode_backend"))
 def _rollout_program(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, forced, rng, episode_id,
-                     row_ids, *, cfg: RolloutConfig, special: tuple[int, int, int], shared_prefix: int = 0):
+                     row_ids, *, cfg: RolloutConfig, special: tuple[int, int, int], shared_prefix: int = 0,
+                     decode_backend: str | None = None):
   eos_id, call_end_id, pad_id = special[:3]
   banned = special[3:]
   b, l = input_ids.shape
@@ -316,6 +317,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
                         num_image_features=family_of(model.config).num_real_features(model.config, image_grid_thw),
                         shared_prefix=shared_prefix)
   dec = sampler.repeat_rows(dec, cfg.group_size)
+  model, params = sampler.decode_model(model, params, decode_backend)  # decode steps and inserts
   r = b * cfg.group_size
   tokens = jnp.full((r, seq_len + k), pad_id, jnp.int32).at[:, :l].set(jnp.repeat(input_ids, cfg.group_size, 0))
   carry = _Carry(dec=dec, tokens=tokens, action=jnp.zeros((r, seq_len + k), bool),

@@ -179,12 +179,27 @@ def _gqa_softmax_attention(q, k, v, mask, scale: float, k_axes: str, v_axes: str
   return weighted_values(attention_weights(q, k, mask, scale=scale, k_axes=k_axes), v, v_axes=v_axes)
 
 
-def cached_attention(q, k, v, mask, *, scale: float):
+def cache_windows(slots: int, windows: int, multiple: int = 8) -> tuple[int, ...]:
+  """The cache prefixes ``cached_attention`` chooses from: ``windows`` lengths spread evenly up
+  to ``slots`` (rounded up to ``multiple``, duplicates dropped), increasing, the last ``slots``."""
+  windows = max(int(windows), 1)
+  step = -(-slots // windows)
+  round_up = lambda n: -(-n // multiple) * multiple
+  return tuple(sorted({min(slots, round_up(step * (i + 1))) for i in range(windows)} | {slots}))
+
+
+def cached_attention(q, k, v, mask, *, scale: float, windows: int = 1, used=None):
   """``masked_softmax_attention`` over a KV cache kept in the layouts the two dots read.
 
   Keys are stored ``[B, Hkv, S, hd]`` and values ``[B, Hkv, hd, S]`` (the layout of
   ``qwen2_5_vl.init_cache``). With ``[B, S, Hkv, hd]`` XLA:CPU transposes every layer's whole
   cache on every decode step to feed its dot kernels; in these layouts it reads them as they are.
+
+  With ``windows > 1`` and ``used`` given, only the first ``w`` slots are read, ``w`` the smallest
+  of ``cache_windows(S, windows)`` that is at least ``used`` (one ``lax.switch`` branch per
+  length): a decode loop's cache fills from the left, so early steps skip the empty slots
+  (``mask`` must be False from slot ``used`` on). The result is the whole cache's up to the
+  rounding of sums over fewer terms: masked keys take exactly zero weight either way.
 
   Args:
     q: ``[B, Lq, Hkv, G, hd]`` queries (``G`` query heads share one kv head).
@@ -192,11 +207,19 @@ def cached_attention(q, k, v, mask, *, scale: float):
     v: ``[B, Hkv, hd, S]`` cached values.
     mask: ``[B, Lq, S]`` boolean; True where query may attend to key.
     scale: logit multiplier (``hd ** -0.5``).
+    windows: how many cache prefixes to choose from (1: always the whole cache).
+    used: scalar int, the slots in use (may be traced): every key at or past it is masked.
 
   Returns:
     ``[B, Lq, Hkv, G, hd]`` in the dtype of ``q``.
   """
-  return _gqa_softmax_attention(q, k, v, mask, scale, "bksd", "bkds")
+  attend = lambda w, q, k, v, mask: _gqa_softmax_attention(q, k[:, :, :w], v[..., :w], mask[..., :w], scale,
+                                                           "bksd", "bkds")
+  sizes = cache_windows(k.shape[2], windows)
+  if used is None or len(sizes) == 1:
+    return attend(k.shape[2], q, k, v, mask)
+  branch = jnp.sum(jnp.asarray(used, jnp.int32) > jnp.asarray(sizes[:-1], jnp.int32))  # first size >= used
+  return jax.lax.switch(branch, [functools.partial(attend, w) for w in sizes], q, k, v, mask)
 
 
 def masked_softmax_attention(q, k, v, mask, *, scale: float):

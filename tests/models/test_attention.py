@@ -315,3 +315,50 @@ def test_scanned_vision_blocks_equal_the_loop():
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads["visual"]),
                           jax.tree_util.tree_leaves(ref_grads["visual"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_cache_windows_spread_evenly_and_end_at_the_cache():
+  assert layers.cache_windows(192, 6) == (32, 64, 96, 128, 160, 192)
+  assert layers.cache_windows(100, 3) == (40, 72, 100)  # steps of 34, rounded up to 8, capped
+  assert layers.cache_windows(20, 6) == (8, 16, 20)  # duplicates dropped
+  assert layers.cache_windows(192, 1) == (192,)
+
+
+@pytest.mark.parametrize("used", [1, 31, 32, 33, 100, 191, 192])
+def test_decode_step_over_the_used_cache_prefix_equals_the_whole_cache(used):
+  """``cached_attention(windows=6, used=)`` (the CPU decode step) picks the smallest prefix that
+  holds ``used`` slots and gives the whole cache's output; what the slots past ``used`` hold
+  (stale keys of another row, huge values) cannot leak in."""
+  rng = np.random.RandomState(used)
+  b, s, hkv, g, hd = 3, 192, 2, 3, 8
+  q = jnp.asarray(rng.randn(b, 1, hkv, g, hd), jnp.float32)
+  k = rng.randn(b, hkv, s, hd).astype(np.float32)
+  v = rng.randn(b, hkv, hd, s).astype(np.float32)
+  k[:, :, used:] = 1e4  # masked slots: must take no weight
+  v[:, :, :, used:] = 1e4
+  mask = np.zeros((b, 1, s), bool)
+  mask[0, 0, :used] = True
+  mask[1, 0, max(used - 5, 0):used] = True  # a row with fewer real keys, all before used
+  mask[2, 0, used - 1] = True
+  ref = layers.cached_attention(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), scale=hd ** -0.5)
+  run = jax.jit(lambda u, *a: layers.cached_attention(*a, scale=hd ** -0.5, windows=6, used=u))
+  ours = run(jnp.int32(used), q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(ours)).max() < 100  # nothing of the 1e4 slots
+  text = jax.jit(lambda u, *a: layers.cached_attention(*a, scale=1.0, windows=6, used=u)).lower(
+      jnp.int32(used), q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask)).as_text()
+  assert text.count("stablehlo.case") == 1  # one switch over the prefixes
+
+
+def test_the_cpu_decode_loop_attends_over_the_used_cache_only():
+  """``family.for_decoding`` (what ``sampler.decode_model`` calls before a decode loop) turns the
+  windows on for CPU and nowhere else, and keeps the parameters."""
+  config, params, _ = _toy()
+  family = registry.family_of(config)
+  model = family.module(config)
+  assert model.decode_windows == 1
+  cpu_model, cpu_params = family.for_decoding(model, params, "cpu")
+  assert cpu_model.decode_windows > 1 and cpu_params is params
+  assert family.for_decoding(cpu_model, params, "cpu")[0] is cpu_model  # already in decode form
+  for backend in ("gpu", "tpu"):
+    assert family.for_decoding(model, params, backend) == (model, params)

@@ -217,6 +217,27 @@ def test_shared_prefix_prefill_equals_the_whole_prefill(setup, attention):
   assert sampler.shared_prefix_length(ids, mask, 401, [config.image_token_id]) == 0
 
 
+def test_decode_model_steps_like_the_model(setup):
+  """``sampler.decode_model`` (the form decode loops step with; on CPU attention over the used
+  cache prefix) gives the plain model's logits step after step, and is the model itself off CPU."""
+  config, params, _, _, _ = setup
+  ids, mask = _batch(config, np.random.RandomState(5), [[9], [3, 4], [17]])
+  model = family_of(config).module(config)
+  fast, fast_params = sampler.decode_model(model, params, "cpu")
+  assert fast.decode_windows > 1
+  assert sampler.decode_model(model, params, "gpu") == (model, params)
+  state = sampler.prefill(model, params, ids, mask, None, None, ids.shape[1] + 40)
+  step = jax.jit(lambda m, p, st, tok, active: sampler.decode_step(m, p, st, tok, active), static_argnums=0)
+  ref = got = state
+  active = jnp.asarray([True, False, True])  # a paused row keeps its slot
+  for i in range(36):  # the used slots cross several of the cache's prefixes
+    tok = jnp.argmax(ref.logits, -1).astype(jnp.int32)
+    ref = step(model, params, ref, tok, active)
+    got = step(fast, fast_params, got, tok, active)
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got.index), np.asarray(ref.index))
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(setup):
   config, params, _, _, _ = setup
   ids, mask = _batch(config, np.random.RandomState(5), [[6]])

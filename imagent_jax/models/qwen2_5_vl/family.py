@@ -14,6 +14,11 @@ from imagent_jax.models.qwen2_5_vl.config import ModelConfig
 from imagent_jax.models.qwen2_5_vl.positions import mrope_positions
 
 
+# Cache prefixes a CPU decode step chooses from (``Qwen25VL.decode_windows``, one ``lax.switch``
+# branch each): a decode loop then reads on average about half of the cache slots it would.
+CPU_DECODE_WINDOWS = 6
+
+
 class Qwen25VLFamily(VLMFamily):
   """Qwen2.5-VL: ViT with window attention and a 2x2 merger, M-RoPE decoder (``model.Qwen25VL``)."""
 
@@ -36,6 +41,14 @@ class Qwen25VLFamily(VLMFamily):
 
   def place_prefix(self, config, cache, prefix, starts):
     return model_lib.place_prefix(cache, prefix, starts)
+
+  def for_decoding(self, model, params, backend: str):
+    """On CPU, decode steps attend over the used prefix of the cache (``CPU_DECODE_WINDOWS``).
+    Elsewhere the model is unchanged: on an accelerator a ``lax.switch`` in every layer may cost
+    a host sync a layer, which no lent device has measured yet."""
+    if backend != "cpu" or model.decode_windows > 1:
+      return model, params
+    return model.clone(decode_windows=CPU_DECODE_WINDOWS), params
 
   def positions(self, config, input_ids, attention_mask, image_grid_thw, *, offset=None):
     return mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id=config.image_token_id,

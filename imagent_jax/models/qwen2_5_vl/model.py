@@ -305,7 +305,8 @@ class Attention(nn.Module):
   ``attention_block`` is the block of ``"blocked"``). With a KV cache, a prefill of several tokens
   attends over the cache with ``"blocked"`` when ``attention`` is ``"blocked"`` or ``"cudnn"``
   (cuDNN's causal mask cannot place queries at a cache offset) and with ``"xla"`` when it is
-  ``"xla"``; single-token decode steps always use ``layers.cached_attention``.
+  ``"xla"``; single-token decode steps always use ``layers.cached_attention``, over the smallest
+  of ``decode_windows`` cache prefixes that holds every row's tokens.
   """
 
   cfg: ModelConfig
@@ -314,6 +315,7 @@ class Attention(nn.Module):
   attention: str = "dense"
   attention_block: int = 512
   record_probs: bool = False  # sow the softmax probabilities (dense math) as intermediates/attention_probs
+  decode_windows: int = 1  # cache prefixes a decode step may attend over (layers.cached_attention)
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, key_segments=None):
@@ -343,7 +345,10 @@ class Attention(nn.Module):
     else:
       new_cache = write_cache(cache, k, v, cache_index)
       ck, cv = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
-      if self.attention == "dense" or l == 1:
+      if l == 1:  # a decode step: keys past the last row's slot are all masked out
+        out = cached_attention(q, ck, cv, mask, scale=hd ** -0.5, windows=self.decode_windows,
+                               used=jnp.max(cache_index) + 1)
+      elif self.attention == "dense":
         out = cached_attention(q, ck, cv, mask, scale=hd ** -0.5)
       else:  # a prefill: keys and values as [B, S, Hkv, hd]
         impl = "xla" if self.attention == "xla" else "blocked"
@@ -360,13 +365,15 @@ class DecoderLayer(nn.Module):
   attention: str = "dense"
   attention_block: int = 512
   record_probs: bool = False
+  decode_windows: int = 1
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, key_segments=None):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h, new_cache = Attention(c, attention=self.attention, attention_block=self.attention_block,
-                             record_probs=self.record_probs, name="self_attn", **kw)(
+                             record_probs=self.record_probs, decode_windows=self.decode_windows,
+                             name="self_attn", **kw)(
         RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, cache, cache_index, key_segments)
     x = x + h
     mlp = GatedMLP(c.hidden_size, c.intermediate_size, use_bias=False, name="mlp", **kw)
@@ -483,6 +490,9 @@ class Qwen25VL(nn.Module):
       probabilities ``[B, Hkv, G, L, L]`` (dense math, whatever ``attention`` says) are sown as
       ``intermediates/layers_<i>/self_attn/attention_probs``; layers loop. Off (the default), the
       program is the normal one.
+    decode_windows: a decode step (one new token a row) attends over the smallest of this many
+      cache prefixes that holds every row's tokens instead of the whole cache (one
+      ``lax.switch`` per layer; ``layers.cached_attention``). 1: the whole cache.
   """
 
   config: ModelConfig
@@ -494,6 +504,7 @@ class Qwen25VL(nn.Module):
   attention_block: int = 512
   scan_layers: bool = False
   record_attention: bool = False
+  decode_windows: int = 1
 
   def setup(self):
     c = self.config
@@ -513,7 +524,8 @@ class Qwen25VL(nn.Module):
     if remat != "none":
       layer = nn.remat(DecoderLayer, static_argnums=(5,), policy=REMAT_POLICIES[remat])
     self.layers = [layer(c, attention=self.attention, attention_block=self.attention_block,
-                         record_probs=self.record_attention, **kw) for _ in range(c.num_hidden_layers)]
+                         record_probs=self.record_attention, decode_windows=self.decode_windows, **kw)
+                   for _ in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_word_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
