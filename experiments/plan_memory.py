@@ -264,9 +264,8 @@ def plan_rollout(s: Setting, mesh) -> dict[str, float]:
   with _activation_rules(mesh):
     # The plan is an accelerator's: the CPU-only decode form (attention over the used cache
     # prefix, family.for_decoding) is left out although this lowers on CPU.
-    extra = dict(decode_backend="gpu") if "decode_backend" in inspect.signature(
-        rollout_lib._rollout_program).parameters else {}  # pylint: disable=protected-access
-    lowered = rollout_lib._rollout_program.lower(model, params, *args, cfg=cfg, special=special, **extra)  # pylint: disable=protected-access
+    lowered = rollout_lib._rollout_program.lower(model, params, *args, cfg=cfg, special=special,  # pylint: disable=protected-access
+                                                  decode_backend="gpu")
   return _report(lowered.compile())
 
 

@@ -317,7 +317,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
                         num_image_features=family_of(model.config).num_real_features(model.config, image_grid_thw),
                         shared_prefix=shared_prefix)
   dec = sampler.repeat_rows(dec, cfg.group_size)
-  model, params = sampler.decode_model(model, params, decode_backend)  # decode steps and inserts
+  model = sampler.decode_model(model, decode_backend)  # decode steps and inserts
   r = b * cfg.group_size
   tokens = jnp.full((r, seq_len + k), pad_id, jnp.int32).at[:, :l].set(jnp.repeat(input_ids, cfg.group_size, 0))
   carry = _Carry(dec=dec, tokens=tokens, action=jnp.zeros((r, seq_len + k), bool),

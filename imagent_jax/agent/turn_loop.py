@@ -70,7 +70,7 @@ def _decode_turn(model, params, state: sampler.DecodeState, forced, num_sampled,
   eos_id, call_end_id, pad_id = special[:3]
   banned = special[3:]
   r = done.shape[0]
-  model, params = sampler.decode_model(model, params)  # the decode layout the jitted rollout steps with
+  model = sampler.decode_model(model)  # the decode form the jitted rollout steps with
 
   def cond(c):
     return (c[0] < budget) & ~jnp.all(c[5])

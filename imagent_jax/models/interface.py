@@ -142,14 +142,13 @@ class VLMFamily(abc.ABC):
     """``cache`` (``B`` rows) with the 1-row ``prefix`` cache's ``K`` slots copied into every row
     ``b`` at slots ``starts[b] ..`` (``starts [B]``): a prompt prefix prefilled once for all rows."""
 
-  def for_decoding(self, model, params, backend: str):
-    """``(module, params)`` that decode steps (and the observation inserts between them) run
-    with on ``backend`` ("cpu", "gpu", "tpu"): the same model and weights, in whatever form that
-    backend steps fastest (Qwen2.5-VL on CPU: attention over the used part of the cache).
-    Called inside ``jit`` once before a decode loop (``sampler.decode_model``), so that anything
-    it derives from ``params`` is computed once. Default: ``(model, params)``."""
+  def for_decoding(self, model, backend: str):
+    """The module that decode steps (and the observation inserts between them) run with on
+    ``backend`` ("cpu", "gpu", "tpu"): the same model over the same parameters, in whatever form
+    that backend steps fastest (Qwen2.5-VL on CPU: attention over the used part of the cache;
+    ``sampler.decode_model``). Default: ``model``."""
     del backend
-    return model, params
+    return model
 
   @abc.abstractmethod
   def positions(self, config, input_ids, attention_mask, image_grid_thw, *, offset=None):

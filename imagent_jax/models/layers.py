@@ -185,7 +185,7 @@ def cache_windows(slots: int, windows: int, multiple: int = 8) -> tuple[int, ...
   windows = max(int(windows), 1)
   step = -(-slots // windows)
   round_up = lambda n: -(-n // multiple) * multiple
-  return tuple(sorted({min(slots, round_up(step * (i + 1))) for i in range(windows)} | {slots}))
+  return tuple(sorted({min(slots, round_up(step * (i + 1))) for i in range(windows)}))  # the last is slots
 
 
 def cached_attention(q, k, v, mask, *, scale: float, windows: int = 1, used=None):

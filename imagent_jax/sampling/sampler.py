@@ -162,12 +162,11 @@ def shared_prefix_length(input_ids, attention_mask, end_id: int, image_ids: Sequ
   return k if all(len(r) > k and np.array_equal(r[:k], head) for r in rows[1:]) else 0
 
 
-def decode_model(model, params, backend: str | None = None):
-  """The ``(module, params)`` decode steps run with: the family's ``for_decoding`` on ``backend``
-  (default ``jax.default_backend()``; on CPU Qwen2.5-VL's steps attend over the used part of the
-  cache). Call it inside ``jit``, once, before the decode loop; the prompt's prefill keeps
-  ``(model, params)``."""
-  return family_of(model.config).for_decoding(model, params, backend or jax.default_backend())
+def decode_model(model, backend: str | None = None):
+  """The module decode steps run with, over the same parameters: the family's ``for_decoding`` on
+  ``backend`` (default ``jax.default_backend()``; on CPU Qwen2.5-VL's steps attend over the used
+  part of the cache). The prompt's prefill keeps ``model``."""
+  return family_of(model.config).for_decoding(model, backend or jax.default_backend())
 
 
 def decode_step(model, params, state: DecodeState, tokens, active=None) -> DecodeState:
@@ -216,7 +215,7 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, image_grid
   l = input_ids.shape[1]
   state = prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, l + max_new_tokens)
   state = repeat_rows(state, group_size)
-  model, params = decode_model(model, params)
+  model = decode_model(model)
   rows = input_ids.shape[0] * group_size
   stops = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
 

@@ -9,6 +9,7 @@ the whole model (text, images, M-RoPE positions, a left-padded batch, a prefill 
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -352,13 +353,16 @@ def test_decode_step_over_the_used_cache_prefix_equals_the_whole_cache(used):
 
 def test_the_cpu_decode_loop_attends_over_the_used_cache_only():
   """``family.for_decoding`` (what ``sampler.decode_model`` calls before a decode loop) turns the
-  windows on for CPU and nowhere else, and keeps the parameters."""
+  windows on for CPU and nowhere else, and reads the same parameters."""
   config, params, _ = _toy()
   family = registry.family_of(config)
   model = family.module(config)
   assert model.decode_windows == 1
-  cpu_model, cpu_params = family.for_decoding(model, params, "cpu")
-  assert cpu_model.decode_windows > 1 and cpu_params is params
-  assert family.for_decoding(cpu_model, params, "cpu")[0] is cpu_model  # already in decode form
+  cpu_model = family.for_decoding(model, "cpu")
+  assert cpu_model.decode_windows > 1
+  shapes = lambda m: jax.tree_util.tree_map(jnp.shape, nn.unbox(jax.eval_shape(
+      lambda: m.init(jax.random.key(0), **qmodel._dummy_inputs(config))["params"])))
+  assert shapes(cpu_model) == shapes(model) == jax.tree_util.tree_map(jnp.shape, params)  # same parameter tree
+  assert family.for_decoding(cpu_model, "cpu") is cpu_model  # already in decode form
   for backend in ("gpu", "tpu"):
-    assert family.for_decoding(model, params, backend) == (model, params)
+    assert family.for_decoding(model, backend) is model

@@ -42,13 +42,13 @@ class Qwen25VLFamily(VLMFamily):
   def place_prefix(self, config, cache, prefix, starts):
     return model_lib.place_prefix(cache, prefix, starts)
 
-  def for_decoding(self, model, params, backend: str):
+  def for_decoding(self, model, backend: str):
     """On CPU, decode steps attend over the used prefix of the cache (``CPU_DECODE_WINDOWS``).
     Elsewhere the model is unchanged: on an accelerator a ``lax.switch`` in every layer may cost
     a host sync a layer, which no lent device has measured yet."""
     if backend != "cpu" or model.decode_windows > 1:
-      return model, params
-    return model.clone(decode_windows=CPU_DECODE_WINDOWS), params
+      return model
+    return model.clone(decode_windows=CPU_DECODE_WINDOWS)
 
   def positions(self, config, input_ids, attention_mask, image_grid_thw, *, offset=None):
     return mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id=config.image_token_id,
