@@ -63,7 +63,8 @@ class Trajectory:
     return list(range(self.context.num_inputs)) + [c.view_index - 1 for c in self.calls if c.entered]
 
 
-def trajectory_images(trajectory: Trajectory, image_settings: Mapping[str, Any], view_max_pixels: int):
+def trajectory_images(trajectory: Trajectory, image_settings: Mapping[str, Any], view_max_pixels: int,
+                      inputs_cache: dict | None = None):
   """``(patches, grids)`` of one trajectory's images in the order of its image placeholders.
 
   The prompt images, then the returned views in order. Views are re-rendered from their
@@ -73,6 +74,9 @@ def trajectory_images(trajectory: Trajectory, image_settings: Mapping[str, Any],
     trajectory: the record.
     image_settings: ``Processor.image_settings`` (min/max pixels of inputs, patch geometry).
     view_max_pixels: the pixel budget of a returned view.
+    inputs_cache: a dict shared by calls with the same ``image_settings``: each prompt image
+      object is preprocessed once (the trajectories of a group share their question's images),
+      keyed by ``id`` (the caller keeps the images alive while the dict lives). None: no cache.
 
   Returns:
     ``patches`` a list of ``[P_i, patch_dim]`` arrays and ``grids`` a list of ``[3]`` grids.
@@ -81,7 +85,13 @@ def trajectory_images(trajectory: Trajectory, image_settings: Mapping[str, Any],
   patches, grids = [], []
   for v in trajectory.views_in_context:
     if v < ctx.num_inputs:
-      pv, g = images_lib.preprocess_image(ctx.views[v], **image_settings)
+      image = ctx.views[v]
+      if inputs_cache is None:
+        pv, g = images_lib.preprocess_image(image, **image_settings)
+      else:
+        if id(image) not in inputs_cache:  # the image is kept too, so its id cannot be reused meanwhile
+          inputs_cache[id(image)] = (image, images_lib.preprocess_image(image, **image_settings))
+        pv, g = inputs_cache[id(image)][1]
     else:
       ref = ctx.refs[v]
       view = ctx.render(ref.root, ref.root_box, ctx.shown_sizes[v])
@@ -101,8 +111,9 @@ def training_images(trajectories: Sequence[Trajectory], *, patch_budget: int, im
   says which images are whose, so nobody has to recount placeholders.
   """
   patches, grids, per_row = [], [], []
+  cache = {}  # a group's trajectories share their prompt images: each is preprocessed once
   for t in trajectories:
-    p, g = trajectory_images(t, image_settings, view_max_pixels)
+    p, g = trajectory_images(t, image_settings, view_max_pixels, cache)
     patches += p
     grids += g
     per_row.append(len(g))

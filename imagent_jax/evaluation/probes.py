@@ -30,7 +30,8 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
     examples: synthetic examples with ``target_image`` / ``target_box`` (``data.synthetic``).
     tool_config: the tools (the zoom is made by ``confirm``).
     system: the system prompt.
-    batch_size: questions per ``generate`` call.
+    batch_size: questions per ``generate`` call. Every call gets the same shapes (rows, prompt
+      length, patches, images), so ``generate`` compiles once.
     max_new_tokens: response budget.
 
   Returns:
@@ -39,21 +40,52 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
   """
   read_zoom = warmup_tasks.TASKS["read_zoom"]
   right = answered = 0
-  for i in range(0, len(examples), batch_size):
-    chunk = examples[i:i + batch_size]
+  chunks = []
+  rows = min(batch_size, len(examples))  # every chunk's row count (one compiled program)
+  for i in range(0, len(examples), rows):
+    chunk = examples[i:i + rows]
     messages, images = [], []
-    for e in chunk:
+    for e in chunk + [chunk[-1]] * (rows - len(chunk)):  # full chunks; the copies' answers are not read
       imgs, turns, _ = read_zoom(e, tools.ToolContext(e["images"], tool_config), None, warmup_tasks.TaskOptions())
       messages.append([{"role": "system", "content": system}] + turns)
       images.append(imgs)
-    out = sampler.generate(model_config, params, processor(messages, images), max_new_tokens=max_new_tokens,
-                           stop_token_ids=[model_config.eos_token_id])
+    chunks.append((chunk, processor(messages, images)))
+  padded, max_image_patches = _same_shapes([c[1] for c in chunks], model_config.pad_token_id or 0)
+  for (chunk, _), inputs in zip(chunks, padded):  # one shape: one compiled program for every chunk
+    out = sampler.generate(model_config, params, inputs, max_new_tokens=max_new_tokens,
+                           stop_token_ids=[model_config.eos_token_id], max_image_patches=max_image_patches)
     for e, toks, n in zip(chunk, np.asarray(out["tokens"]), np.asarray(out["lengths"])):
       answer = answers.extract_answer(processor.tokenizer.decode(toks[:n], skip_special_tokens=True))
       answered += answer is not None
       right += answer is not None and answers.match_answer(answer, e["answer"], e.get("options"))
   n = max(len(examples), 1)
   return {"read_zoom_accuracy": right / n, "read_zoom_format": answered / n}
+
+
+def _same_shapes(batches, pad_id: int):
+  """Processor outputs of equal row counts (left-padded ``input_ids`` / ``attention_mask
+  [B, L_i]``, packed ``pixel_values [P_i, D]``, ``image_grid_thw [N_i, 3]``) brought to one shape,
+  so that ``sampler.generate`` compiles once for all of them: the longest ``L`` (more left
+  padding), the most patches and images (zero patches and all-zero grid rows: unused slots).
+
+  Returns:
+    ``(padded batches, max_image_patches)``: the patches of the largest image of any batch (the
+    vision tower's slot size for every call).
+  """
+  length = max(b["input_ids"].shape[1] for b in batches)
+  grids = [np.asarray(b["image_grid_thw"]).reshape(-1, 3) for b in batches]
+  slots = max(len(g) for g in grids)
+  patches = max(b["pixel_values"].shape[0] for b in batches)
+  largest = max(int(np.prod(g, axis=-1).max(initial=0)) for g in grids)
+  out = []
+  for b, grid in zip(batches, grids):
+    more = length - b["input_ids"].shape[1]
+    pv = np.asarray(b["pixel_values"])
+    out.append(dict(input_ids=np.pad(np.asarray(b["input_ids"]), ((0, 0), (more, 0)), constant_values=pad_id),
+                    attention_mask=np.pad(np.asarray(b["attention_mask"]), ((0, 0), (more, 0))),
+                    pixel_values=np.pad(pv, ((0, patches - len(pv)), (0, 0))),
+                    image_grid_thw=np.pad(grid, ((0, slots - len(grid)), (0, 0)))))
+  return out, largest
 
 
 def image_choice_probe(model, params, processor, examples, tool_config: tools.ToolConfig,

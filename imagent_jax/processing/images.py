@@ -359,13 +359,18 @@ def pack_patches(patches: Sequence[np.ndarray], grids: Sequence[np.ndarray], *, 
   Raises:
     ValueError: the images need more patches or slots than the budgets.
   """
-  pv = np.concatenate([np.asarray(p, np.float32).reshape(-1, patch_dim) for p in patches]) if len(patches) else (
-      np.zeros((0, patch_dim), np.float32))
+  parts = [np.asarray(p, np.float32).reshape(-1, patch_dim) for p in patches]
   grid = np.concatenate([np.asarray(g, np.int64).reshape(-1, 3) for g in grids]) if len(grids) else (
       np.zeros((0, 3), np.int64))
-  if len(pv) > patch_budget or len(grid) > image_slots:
-    raise ValueError(f"{what} need {len(pv)} patches in {len(grid)} images; the budgets are "
+  used = sum(len(p) for p in parts)
+  if used > patch_budget or len(grid) > image_slots:
+    raise ValueError(f"{what} need {used} patches in {len(grid)} images; the budgets are "
                      f"patch_budget={patch_budget}, image_slots={image_slots}")
-  pv = np.concatenate([pv, np.zeros((patch_budget - len(pv), patch_dim), np.float32)])
+  # One copy of the real patches into a zeroed buffer: the padding is never written (np.zeros'
+  # pages are mapped on first touch), and callers that cut the budget (rl.batch.trim_image_budget)
+  # never touch it. The budget of an RL batch is ~115 MB, most of it padding.
+  pv = np.zeros((patch_budget, patch_dim), np.float32)
+  if parts:
+    np.concatenate(parts, out=pv[:used])
   grid = np.concatenate([grid, np.zeros((image_slots - len(grid), 3), np.int64)]).astype(np.int32)
   return pv, grid

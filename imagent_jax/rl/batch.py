@@ -376,12 +376,14 @@ def split_minibatches(batch: Batch, num_minibatches: int, *, image_token_id: int
   out = []
   for k, idx in enumerate(chunks):
     mb = {key: v[idx] for key, v in host.items() if key not in ("pixel_values", "image_grid_thw")}
-    mb_pv = np.concatenate([pv[:0]] + [pv[spans[r][2]:spans[r][3]] for r in idx])
+    mb_pv = [pv[spans[r][2]:spans[r][3]] for r in idx]
+    used = sum(len(p) for p in mb_pv)
     mb_grid = np.concatenate([grid[:0]] + [grid[spans[r][0]:spans[r][1]] for r in idx])
-    if len(mb_pv) > patch_budget or len(mb_grid) > image_slots:
-      raise ValueError(f"minibatch {k} needs {len(mb_pv)} patches in {len(mb_grid)} images; the budgets are "
+    if used > patch_budget or len(mb_grid) > image_slots:
+      raise ValueError(f"minibatch {k} needs {used} patches in {len(mb_grid)} images; the budgets are "
                        f"patch_budget={patch_budget}, image_slots={image_slots}")
-    mb["pixel_values"] = np.concatenate([mb_pv, np.zeros((patch_budget - len(mb_pv), pv.shape[1]), pv.dtype)])
+    mb["pixel_values"] = np.zeros((patch_budget, pv.shape[1]), pv.dtype)  # the padding is never written
+    np.concatenate([pv[:0]] + mb_pv, out=mb["pixel_values"][:used])
     mb["image_grid_thw"] = np.concatenate([mb_grid, np.zeros((image_slots - len(mb_grid), 3), grid.dtype)])
     out.append(mb)
   return out

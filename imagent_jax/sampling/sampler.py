@@ -213,7 +213,9 @@ def put_rows(state: DecodeState, rows, part: DecodeState) -> DecodeState:
 def _generate(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, rng, *, max_new_tokens,
               temperature, top_k, top_p, stop_token_ids, pad_id, group_size):
   l = input_ids.shape[1]
-  state = prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, l + max_new_tokens)
+  real = None if image_grid_thw is None else family_of(model.config).num_real_features(model.config, image_grid_thw)
+  state = prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, l + max_new_tokens,
+                  num_image_features=real)  # patches and grid rows may be padded to a budget
   state = repeat_rows(state, group_size)
   model = decode_model(model)
   rows = input_ids.shape[0] * group_size
@@ -253,7 +255,8 @@ def generate(config, params, inputs, *, max_new_tokens: int, temperature: float 
     config: model config (of any registered family).
     params: parameters (any sharding).
     inputs: dict as the model takes it: ``input_ids [B, L]``, ``attention_mask [B, L]`` (left
-      padding), optional ``pixel_values [P, C*T*p*p]`` and ``image_grid_thw [N, 3]``.
+      padding), optional ``pixel_values [P, C*T*p*p]`` and ``image_grid_thw [N, 3]`` (either may
+      be padded to a static budget: zero patches after the images', all-zero grid rows).
     max_new_tokens: ``N``.
     temperature: 0 = greedy, which equals transformers' ``generate(do_sample=False)``.
     top_k: 0 = off.

@@ -25,8 +25,8 @@ def test_read_zoom_probe_scores_scripted_answers(tmp_path, monkeypatch):
   examples = [synthetic.generate_example(0, i, build.difficulty(config)) for i in range(3)]
   seen = {}
 
-  def scripted(cfg, params, inputs, *, max_new_tokens, stop_token_ids):
-    seen["images"] = len(inputs["image_grid_thw"])
+  def scripted(cfg, params, inputs, *, max_new_tokens, stop_token_ids, max_image_patches):
+    seen["images"] = int((np.prod(inputs["image_grid_thw"], axis=-1) > 0).sum())
     texts = [f"<think>x</think><answer>{examples[0]['answer']}</answer>", "<answer>(Z)</answer>", "no answer"]
     ids = [processor.tokenizer.encode(t) + [cfg.eos_token_id] for t in texts]
     width = max(map(len, ids))
@@ -39,6 +39,44 @@ def test_read_zoom_probe_scores_scripted_answers(tmp_path, monkeypatch):
   out = probes.read_zoom_probe(model_config, params, processor, examples, tcfg, system)
   assert out == {"read_zoom_accuracy": 1 / 3, "read_zoom_format": 2 / 3}
   assert seen["images"] == sum(len(e["images"]) + 1 for e in examples)  # every question got its zoom
+
+
+def test_read_zoom_probe_compiles_one_shape_and_reads_each_chunk(tmp_path, monkeypatch):
+  """Chunks of different prompt lengths and image counts reach ``generate`` with one shape (one
+  compiled program), the last chunk filled with copies whose answers are not counted; the
+  padding is left padding, zero patches and empty grid rows, so each row keeps its own images."""
+  config = schema.get_config("smoke")
+  config.data.images_per_question = "1,3"
+  model_config = get_preset("tiny")
+  build_tiny_tokenizer(str(tmp_path), vocab_size=model_config.vocab_size, max_pixels=config.processor.max_pixels)
+  processor = Processor.from_pretrained(str(tmp_path))
+  tcfg = build.tool_config(config)
+  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
+  examples = [synthetic.generate_example(0, i, build.difficulty(config)) for i in range(5)]
+  assert len({len(e["images"]) for e in examples}) > 1
+  calls = []
+
+  def scripted(cfg, params, inputs, *, max_new_tokens, stop_token_ids, max_image_patches):
+    calls.append(dict(shapes={k: np.shape(v) for k, v in inputs.items()}, slot=max_image_patches,
+                      images=int((np.prod(inputs["image_grid_thw"], axis=-1) > 0).sum()),
+                      real_tokens=np.asarray(inputs["attention_mask"]).sum(-1)))
+    first = len(calls) * 2 - 2  # chunk k answers its questions right only when they are its own
+    texts = [f"<answer>{examples[min(first + r, 4)]['answer']}</answer>" for r in range(len(inputs["input_ids"]))]
+    ids = [processor.tokenizer.encode(t) + [cfg.eos_token_id] for t in texts]
+    width = max(map(len, ids))
+    tokens = np.array([r + [cfg.pad_token_id] * (width - len(r)) for r in ids])
+    return {"tokens": tokens, "lengths": np.array([len(r) for r in ids])}
+
+  from imagent_jax.sampling import sampler
+  monkeypatch.setattr(sampler, "generate", scripted)
+  out = probes.read_zoom_probe(model_config, None, processor, examples, tcfg, system, batch_size=2)
+  assert out == {"read_zoom_accuracy": 1.0, "read_zoom_format": 1.0}
+  assert len(calls) == 3 and all(c["shapes"] == calls[0]["shapes"] for c in calls)
+  assert len({c["slot"] for c in calls}) == 1
+  assert calls[0]["shapes"]["input_ids"][0] == 2  # the last chunk: example 4 and its copy
+  assert [c["images"] for c in calls] == [sum(len(examples[i]["images"]) + 1 for i in rows)
+                                          for rows in ([0, 1], [2, 3], [4, 4])]
+  assert len({tuple(c["real_tokens"]) for c in calls}) > 1  # the chunks' prompts differ in length
 
 
 def test_image_choice_probe_matches_per_question_softmax(tmp_path):

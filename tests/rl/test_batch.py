@@ -12,6 +12,7 @@ from PIL import Image
 
 from imagent_jax.agent import protocol, tools
 from imagent_jax.agent.trajectory import Call, Trajectory, trajectory_images
+from imagent_jax.agent import trajectory as trajectory_lib
 from imagent_jax.processing import images as images_lib
 from imagent_jax.rl import batch as batch_lib
 from imagent_jax.rl import grpo, masks, rewards
@@ -246,3 +247,22 @@ def test_trim_image_budget_keeps_the_used_images_in_bucketed_slots():
   assert full["image_grid_thw"].shape == (12, 3) and full["pixel_values"].shape == (192, 2)
   with pytest.raises(ValueError, match="more than"):
     trim_image_budget({"image_grid_thw": grid, "pixel_values": pv}, 1, 8)  # 16-patch images in 8-patch slots
+
+
+def test_training_images_preprocess_each_prompt_image_once(monkeypatch):
+  """A group's trajectories share their question's images: ``training_images`` preprocesses each
+  image object once (the views of each trajectory are still rendered), and lays out the same
+  pixels as ``trajectory_images`` row by row."""
+  trajs = _trajectories()  # 2 questions x 2 rows: images (red, blue) and (green); row 0 has a zoom
+  expected = [trajectory_images(t, SETTINGS, TOOLS.view_max_pixels) for t in trajs]
+  calls = []
+  real = images_lib.preprocess_image
+  monkeypatch.setattr(images_lib, "preprocess_image", lambda image, **kw: calls.append(image) or real(image, **kw))
+  pv, grid, per_row = trajectory_lib.training_images(trajs, patch_budget=4 * 64 * 2 + 16 + 8, image_slots=8,
+                                                     image_settings=SETTINGS, view_max_pixels=TOOLS.view_max_pixels)
+  assert len(calls) == 3 + 1  # red, blue, green, and row 0's zoom
+  np.testing.assert_array_equal(per_row, [3, 2, 1, 1])
+  patches = np.concatenate([p for ps, _ in expected for p in ps])
+  np.testing.assert_array_equal(pv[:len(patches)], patches)
+  assert not pv[len(patches):].any()
+  np.testing.assert_array_equal(grid[:7], np.concatenate([np.stack(g) for _, g in expected]))

@@ -103,6 +103,22 @@ def test_per_image_vision_slots_equal_one_slot(setup):
   assert temp_bytes(side * side) * 4 < temp_bytes(0)
 
 
+def test_padded_image_budgets_sample_what_the_exact_images_do(setup):
+  """Patches and grid rows padded to a static budget (zero patches, all-zero grid rows, as
+  ``images.pack_patches`` lays them out) sample the same tokens and log-probs as the exact images:
+  callers with batches of several sizes compile one program."""
+  config, params, _, pv, grid = setup
+  ids, mask = _batch(config, np.random.RandomState(2), [[3, grid[0], 4, grid[1], 2], [2, grid[2], 2]])
+  exact = sampler.generate(config, params, dict(input_ids=ids, attention_mask=mask, pixel_values=pv,
+                                                image_grid_thw=grid), max_new_tokens=N_NEW)
+  padded = dict(input_ids=ids, attention_mask=mask, pixel_values=np.pad(pv, ((0, 64), (0, 0))),
+                image_grid_thw=np.pad(grid, ((0, 2), (0, 0))))
+  ours = sampler.generate(config, params, padded, max_new_tokens=N_NEW,
+                          max_image_patches=int(np.prod(grid, axis=-1).max()))
+  np.testing.assert_array_equal(np.asarray(ours["tokens"]), np.asarray(exact["tokens"]))
+  np.testing.assert_allclose(np.asarray(ours["logprobs"]), np.asarray(exact["logprobs"]), atol=1e-5)
+
+
 def test_logprobs_equal_the_forward_pass_and_stop_tokens(setup):
   config, params, _, pv, grid = setup
   ids, mask = _batch(config, np.random.RandomState(3), [[3, grid[2], 4], [6]])
