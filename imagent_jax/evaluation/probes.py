@@ -38,6 +38,8 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
     ``{"read_zoom_accuracy", "read_zoom_format"}``: the share answered right, and the share
     with an ``<answer>`` block.
   """
+  if not examples:
+    return {"read_zoom_accuracy": 0.0, "read_zoom_format": 0.0}
   read_zoom = warmup_tasks.TASKS["read_zoom"]
   right = answered = 0
   chunks = []
@@ -58,7 +60,7 @@ def read_zoom_probe(model_config, params, processor, examples, tool_config: tool
       answer = answers.extract_answer(processor.tokenizer.decode(toks[:n], skip_special_tokens=True))
       answered += answer is not None
       right += answer is not None and answers.match_answer(answer, e["answer"], e.get("options"))
-  n = max(len(examples), 1)
+  n = len(examples)
   return {"read_zoom_accuracy": right / n, "read_zoom_format": answered / n}
 
 

@@ -77,6 +77,9 @@ def test_read_zoom_probe_compiles_one_shape_and_reads_each_chunk(tmp_path, monke
   assert [c["images"] for c in calls] == [sum(len(examples[i]["images"]) + 1 for i in rows)
                                           for rows in ([0, 1], [2, 3], [4, 4])]
   assert len({tuple(c["real_tokens"]) for c in calls}) > 1  # the chunks' prompts differ in length
+  calls.clear()
+  assert probes.read_zoom_probe(model_config, None, processor, [], tcfg, system) == {
+      "read_zoom_accuracy": 0.0, "read_zoom_format": 0.0} and not calls
 
 
 def test_image_choice_probe_matches_per_question_softmax(tmp_path):
