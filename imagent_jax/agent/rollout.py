@@ -314,8 +314,7 @@ def _rollout_program(model, params, input_ids, attention_mask, pixel_values, ima
   seq_len = l + cfg.max_new_tokens
   k = cfg.obs_max_tokens
   dec = sampler.prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, seq_len + k,
-                        num_image_features=family_of(model.config).num_real_features(model.config, image_grid_thw),
-                        shared_prefix=shared_prefix)
+                        shared_prefix=shared_prefix)  # the prompt patches' budget padding: counted out by prefill
   dec = sampler.repeat_rows(dec, cfg.group_size)
   model = sampler.decode_model(model, decode_backend)  # decode steps and inserts
   r = b * cfg.group_size

@@ -35,7 +35,6 @@ from imagent_jax.agent import rollout as rollout_lib
 from imagent_jax.agent import tools as tools_lib
 from imagent_jax.agent import trajectory as trajectory_lib
 from imagent_jax.agent.trajectory import Trajectory
-from imagent_jax.models.registry import family_of
 from imagent_jax.processing import images as images_lib
 from imagent_jax.rl.logprobs import logprobs_of
 from imagent_jax.sampling import sampler
@@ -44,10 +43,7 @@ from imagent_jax.sampling import sampler
 @functools.partial(jax.jit, static_argnames=("model", "cache_len"))
 def _prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, *, cache_len: int):
   """``sampler.prefill`` of left-padded rows ``[R, L]`` into a cache of ``cache_len`` slots."""
-  features = None if image_grid_thw is None else family_of(model.config).num_real_features(model.config,
-                                                                                           image_grid_thw)
-  return sampler.prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, cache_len,
-                         num_image_features=features)
+  return sampler.prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, cache_len)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "budget", "temperature", "top_k", "top_p", "special"))

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from imagent_jax.agent import answers, protocol, tools
+from imagent_jax.processing import images as images_lib
 from imagent_jax.rl import sft, warmup_tasks
 from imagent_jax.sampling import sampler
 
@@ -83,10 +84,10 @@ def _same_shapes(batches, pad_id: int):
   for b, grid in zip(batches, grids):
     more = length - b["input_ids"].shape[1]
     pv = np.asarray(b["pixel_values"])
+    pv, grid = images_lib.pack_patches([pv], [grid], patch_budget=patches, image_slots=slots, patch_dim=pv.shape[1])
     out.append(dict(input_ids=np.pad(np.asarray(b["input_ids"]), ((0, 0), (more, 0)), constant_values=pad_id),
                     attention_mask=np.pad(np.asarray(b["attention_mask"]), ((0, 0), (more, 0))),
-                    pixel_values=np.pad(pv, ((0, patches - len(pv)), (0, 0))),
-                    image_grid_thw=np.pad(grid, ((0, slots - len(grid)), (0, 0)))))
+                    pixel_values=pv, image_grid_thw=grid))
   return out, largest
 
 

@@ -97,7 +97,9 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_t
     pixel_values: ``[P, C*T*p*p]`` or None.
     image_grid_thw: ``[N, 3]`` or None.
     cache_len: ``S >= L`` slots; slots ``L..S-1`` are left for generated (or inserted) tokens.
-    num_image_features: real merged features when ``pixel_values`` is padded to a static budget.
+    num_image_features: real merged features; default: counted from ``image_grid_thw``, so
+      ``pixel_values`` and the grid may be padded to a static budget (zero patches after the
+      images', all-zero grid rows).
     shared_prefix: ``K > 0`` when every row's first ``K`` real tokens are the same text (a
       system prompt; no image tokens; the caller checks, e.g. ``shared_prefix_length``): they
       are prefilled once, as one row, and their keys and values written into every row's
@@ -113,6 +115,8 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_t
   features = None
   if pixel_values is not None:
     features = model.apply({"params": params}, pixel_values, image_grid_thw, method="encode_images")
+    if num_image_features is None:  # padded patches are not features
+      num_image_features = family.num_real_features(c, image_grid_thw)
   mask = jnp.asarray(attention_mask).astype(bool)
   key_mask = jnp.zeros((b, cache_len), bool).at[:, :l].set(mask)
   last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # [B] last real position
@@ -213,9 +217,7 @@ def put_rows(state: DecodeState, rows, part: DecodeState) -> DecodeState:
 def _generate(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, rng, *, max_new_tokens,
               temperature, top_k, top_p, stop_token_ids, pad_id, group_size):
   l = input_ids.shape[1]
-  real = None if image_grid_thw is None else family_of(model.config).num_real_features(model.config, image_grid_thw)
-  state = prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, l + max_new_tokens,
-                  num_image_features=real)  # patches and grid rows may be padded to a budget
+  state = prefill(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, l + max_new_tokens)
   state = repeat_rows(state, group_size)
   model = decode_model(model)
   rows = input_ids.shape[0] * group_size

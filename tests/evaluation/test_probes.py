@@ -15,23 +15,33 @@ from imagent_jax.rl import warmup_tasks
 from imagent_jax.stages import build
 
 
+def _probe_setup(tmp_path, config, preset="tiny"):
+  """``(model_config, processor, tool_config, system)`` of a tiny model with its tokenizer in ``tmp_path``."""
+  model_config = get_preset(preset)
+  build_tiny_tokenizer(str(tmp_path), vocab_size=model_config.vocab_size, max_pixels=config.processor.max_pixels)
+  tcfg = build.tool_config(config)
+  return (model_config, Processor.from_pretrained(str(tmp_path)), tcfg,
+          protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact"))
+
+
+def _generated(processor, cfg, texts):
+  """What ``sampler.generate`` returns for rows that answered ``texts`` (each closed by eos)."""
+  ids = [processor.tokenizer.encode(t) + [cfg.eos_token_id] for t in texts]
+  width = max(map(len, ids))
+  tokens = np.array([r + [cfg.pad_token_id] * (width - len(r)) for r in ids])
+  return {"tokens": tokens, "lengths": np.array([len(r) for r in ids])}
+
+
 def test_read_zoom_probe_scores_scripted_answers(tmp_path, monkeypatch):
   config = schema.get_config("smoke")
-  model_config = get_preset("tiny")
-  build_tiny_tokenizer(str(tmp_path), vocab_size=model_config.vocab_size, max_pixels=config.processor.max_pixels)
-  processor = Processor.from_pretrained(str(tmp_path))
-  tcfg = build.tool_config(config)
-  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
+  model_config, processor, tcfg, system = _probe_setup(tmp_path, config)
   examples = [synthetic.generate_example(0, i, build.difficulty(config)) for i in range(3)]
   seen = {}
 
   def scripted(cfg, params, inputs, *, max_new_tokens, stop_token_ids, max_image_patches):
     seen["images"] = int((np.prod(inputs["image_grid_thw"], axis=-1) > 0).sum())
     texts = [f"<think>x</think><answer>{examples[0]['answer']}</answer>", "<answer>(Z)</answer>", "no answer"]
-    ids = [processor.tokenizer.encode(t) + [cfg.eos_token_id] for t in texts]
-    width = max(map(len, ids))
-    tokens = np.array([r + [cfg.pad_token_id] * (width - len(r)) for r in ids])
-    return {"tokens": tokens, "lengths": np.array([len(r) for r in ids])}
+    return _generated(processor, cfg, texts)
 
   from imagent_jax.sampling import sampler
   monkeypatch.setattr(sampler, "generate", scripted)
@@ -47,11 +57,7 @@ def test_read_zoom_probe_compiles_one_shape_and_reads_each_chunk(tmp_path, monke
   padding is left padding, zero patches and empty grid rows, so each row keeps its own images."""
   config = schema.get_config("smoke")
   config.data.images_per_question = "1,3"
-  model_config = get_preset("tiny")
-  build_tiny_tokenizer(str(tmp_path), vocab_size=model_config.vocab_size, max_pixels=config.processor.max_pixels)
-  processor = Processor.from_pretrained(str(tmp_path))
-  tcfg = build.tool_config(config)
-  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
+  model_config, processor, tcfg, system = _probe_setup(tmp_path, config)
   examples = [synthetic.generate_example(0, i, build.difficulty(config)) for i in range(5)]
   assert len({len(e["images"]) for e in examples}) > 1
   calls = []
@@ -62,10 +68,7 @@ def test_read_zoom_probe_compiles_one_shape_and_reads_each_chunk(tmp_path, monke
                       real_tokens=np.asarray(inputs["attention_mask"]).sum(-1)))
     first = len(calls) * 2 - 2  # chunk k answers its questions right only when they are its own
     texts = [f"<answer>{examples[min(first + r, 4)]['answer']}</answer>" for r in range(len(inputs["input_ids"]))]
-    ids = [processor.tokenizer.encode(t) + [cfg.eos_token_id] for t in texts]
-    width = max(map(len, ids))
-    tokens = np.array([r + [cfg.pad_token_id] * (width - len(r)) for r in ids])
-    return {"tokens": tokens, "lengths": np.array([len(r) for r in ids])}
+    return _generated(processor, cfg, texts)
 
   from imagent_jax.sampling import sampler
   monkeypatch.setattr(sampler, "generate", scripted)
@@ -87,13 +90,9 @@ def test_image_choice_probe_matches_per_question_softmax(tmp_path):
   response log-prob computed alone (unpadded, one row per forward); one-image questions are skipped."""
   config = schema.get_config("smoke")
   config.data.images_per_question = "1,3"
-  model_config = get_preset("micro")
-  build_tiny_tokenizer(str(tmp_path), vocab_size=model_config.vocab_size, max_pixels=config.processor.max_pixels)
-  processor = Processor.from_pretrained(str(tmp_path))
+  model_config, processor, tcfg, system = _probe_setup(tmp_path, config, "micro")
   model = qvl.Qwen25VL(model_config)
   params = qvl.init_params(model_config, jax.random.key(3))
-  tcfg = build.tool_config(config)
-  system = protocol.system_prompt(tools.tool_schemas(tcfg.enabled()), "compact")
   examples = [synthetic.generate_example(0, i, build.difficulty(config)) for i in range(8)]
   multi = [e for e in examples if len(e["images"]) > 1]
   assert 0 < len(multi) < len(examples)
